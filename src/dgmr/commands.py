@@ -1,0 +1,78 @@
+"""The ``prune`` and ``stats`` sub-commands."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .errors import DgmrError
+
+
+def model_kwargs_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def add_width_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--mlp-ratio", type=float, help="keep round(R * embed_dim) hidden neurons per MLP (the paper's r)")
+    g.add_argument("--hidden", type=int, help="keep N hidden neurons per MLP")
+    g.add_argument("--keep-fraction", type=float, help="keep this fraction of each MLP's hidden neurons")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="timm:NAME, open_clip:ARCH[:TAG], hf:REPO_OR_DIR, or a dgmr directory")
+    p.add_argument("--model-kwargs", type=model_kwargs_arg, default=None, metavar="JSON",
+                   help="extra architecture arguments (timm create_model kwargs, open_clip create_model kwargs, "
+                        "HF config overrides), e.g. '{\"img_size\": 64}'")
+
+
+def _prune(args: argparse.Namespace) -> dict[str, Any]:
+    from .pipeline import prune_to_dir
+
+    if args.mlp_ratio is None and args.hidden is None and args.keep_fraction is None:
+        raise DgmrError("say how wide to keep the MLPs: --mlp-ratio R, --hidden N or --keep-fraction F")
+    return prune_to_dir(args.model, args.out, mlp_ratio=args.mlp_ratio, hidden=args.hidden,
+                        keep_fraction=args.keep_fraction, criterion=args.criterion, seed=args.seed,
+                        random_init=args.random_init, dtype=args.dtype, overwrite=args.overwrite,
+                        model_kwargs=args.model_kwargs, native=not args.no_native, progress=not args.json)
+
+
+def _stats(args: argparse.Namespace) -> dict[str, Any]:
+    from .stats import stats
+
+    return stats(args.model, mlp_ratio=args.mlp_ratio, hidden=args.hidden, keep_fraction=args.keep_fraction,
+                 image_size=args.image_size, model_kwargs=args.model_kwargs)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .criteria import CRITERIA
+    from .pipeline import DTYPES
+
+    p = sub.add_parser("prune", help="prune every MLP of a vision tower (weights-only, no data)",
+                       description="Keep the most diverse hidden neurons of every MLP (greedy Gram-Schmidt on "
+                                   "fc1) and save the smaller model as model.safetensors + config.json, plus the "
+                                   "source library's own format.")
+    add_model_args(p)
+    add_width_args(p)
+    p.add_argument("--criterion", default="diversity", choices=sorted(CRITERIA), help="neuron selection (default: diversity)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random criterion")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--random-init", action="store_true", help="build the architecture with random weights (no download)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the saved weights (default: as loaded)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-native", action="store_true", help="skip the export in the source library's own format")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_prune)
+
+    p = sub.add_parser("stats", help="params and FLOPs before/after pruning (meta device: no weights, no download)")
+    add_model_args(p)
+    add_width_args(p)
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_stats)

@@ -1,0 +1,251 @@
+"""Where the MLPs are, and the one surgery routine that shrinks them.
+
+An MLP "kind" says how one library lays out an MLP module: which Linear's rows are hidden
+neurons, whether gate and up projections are separate or packed in one Linear, which norms
+run over the hidden dimension, and which Linear's columns read the hidden layer. Kinds are
+registered with :func:`register_mlp_kind`; :func:`find_mlps` walks a module tree and returns
+one :class:`MlpSite` per MLP. :func:`shrink_mlp` is the only code that changes weights.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import DgmrError
+
+
+@dataclass
+class MlpSite:
+    """One MLP of a model.
+
+    ``up`` holds one row per hidden neuron (for ``packed`` gated MLPs it holds the gate
+    rows and the up rows stacked: ``"gate_first"`` = [gate; up], ``"gate_last"`` = [up;
+    gate]). ``gate`` is a separate gate Linear, if any. ``norms`` normalise over the hidden
+    dimension. ``down`` reads the hidden layer (its columns are hidden neurons).
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    up: nn.Linear
+    down: nn.Linear
+    gate: nn.Linear | None = None
+    packed: str | None = None
+    norms: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def hidden(self) -> int:
+        return self.down.in_features
+
+    @property
+    def in_features(self) -> int:
+        return self.up.in_features
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.packed is not None
+
+    def scoring_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(w1, w_gate): the up weight and the gate weight (None when not gated)."""
+        w = self.up.weight
+        h = self.hidden
+        if self.packed == "gate_first":
+            return w[h:], w[:h]
+        if self.packed == "gate_last":
+            return w[:h], w[h:]
+        return w, (self.gate.weight if self.gate is not None else None)
+
+
+# ---------------------------------------------------------------------------------------
+# kinds registry
+MlpKind = Callable[[str, nn.Module], "MlpSite | None"]
+MLP_KINDS: dict[str, MlpKind] = {}
+
+
+def register_mlp_kind(name: str) -> Callable[[MlpKind], MlpKind]:
+    """Register ``fn(path, module) -> MlpSite | None``; kinds are tried in registration order."""
+
+    def deco(fn: MlpKind) -> MlpKind:
+        MLP_KINDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _linear(module: nn.Module, attr: str) -> nn.Linear | None:
+    m = getattr(module, attr, None)
+    return m if isinstance(m, nn.Linear) else None
+
+
+def _hidden_norms(module: nn.Module, attrs: tuple[str, ...], hidden: int, path: str) -> list[nn.Module]:
+    norms = []
+    for attr in attrs:
+        m = getattr(module, attr, None)
+        if m is None or isinstance(m, nn.Identity):
+            continue
+        w = getattr(m, "weight", None)
+        if w is None or tuple(w.shape) != (hidden,):
+            raise DgmrError(f"{path}.{attr}: {type(m).__name__} over the hidden dim has no weight of shape ({hidden},); cannot slice it")
+        norms.append(m)
+    return norms
+
+
+@register_mlp_kind("timm_glu_packed")
+def _timm_glu(path: str, m: nn.Module) -> MlpSite | None:
+    """timm GluMlp / SwiGLUPacked: fc1 = [x1; x2] chunked on the last dim, gate_last picks the gate half."""
+    up, down = _linear(m, "fc1"), _linear(m, "fc2")
+    if up is None or down is None or not hasattr(m, "gate_last") or not hasattr(m, "chunk_dim"):
+        return None
+    if up.out_features != 2 * down.in_features:
+        return None
+    return MlpSite(path, m, "timm_glu_packed", up, down, packed="gate_last" if m.gate_last else "gate_first",
+                   norms=_hidden_norms(m, ("norm",), down.in_features, path))
+
+
+@register_mlp_kind("swiglu_split")
+def _swiglu_split(path: str, m: nn.Module) -> MlpSite | None:
+    """timm SwiGLU (EVA02): fc1_g (gate), fc1_x (up), optional hidden norm, fc2."""
+    gate, up, down = _linear(m, "fc1_g"), _linear(m, "fc1_x"), _linear(m, "fc2")
+    if gate is None or up is None or down is None:
+        return None
+    return MlpSite(path, m, "swiglu_split", up, down, gate=gate, norms=_hidden_norms(m, ("norm",), down.in_features, path))
+
+
+@register_mlp_kind("gate_up_down")
+def _gate_up_down(path: str, m: nn.Module) -> MlpSite | None:
+    """Hugging Face gated MLPs (Dinov2SwiGLUFFN and LLaMA-style): gate_proj, up_proj, down_proj."""
+    gate, up, down = _linear(m, "gate_proj"), _linear(m, "up_proj"), _linear(m, "down_proj")
+    if gate is None or up is None or down is None:
+        return None
+    return MlpSite(path, m, "gate_up_down", up, down, gate=gate)
+
+
+@register_mlp_kind("fc1_fc2")
+def _fc1_fc2(path: str, m: nn.Module) -> MlpSite | None:
+    """timm Mlp (ViT, DeiT, DINOv2, Swin, EVA) and HF ViT/CLIP/SigLIP/Dinov2 MLPs: fc1, act, [norm], fc2."""
+    up, down = _linear(m, "fc1"), _linear(m, "fc2")
+    if up is None or down is None or up.out_features != down.in_features:
+        return None
+    return MlpSite(path, m, "fc1_fc2", up, down, norms=_hidden_norms(m, ("norm",), down.in_features, path))
+
+
+@register_mlp_kind("open_clip")
+def _open_clip(path: str, m: nn.Module) -> MlpSite | None:
+    """open_clip ResidualAttentionBlock.mlp: Sequential(c_fc, gelu, [ln], c_proj)."""
+    up, down = _linear(m, "c_fc"), _linear(m, "c_proj")
+    if up is None or down is None or up.out_features != down.in_features:
+        return None
+    return MlpSite(path, m, "open_clip", up, down, norms=_hidden_norms(m, ("ln",), down.in_features, path))
+
+
+GENERIC_NAME = re.compile(r"(mlp|ffn|feed_?forward)", re.I)
+
+
+def _generic_pair(path: str, m: nn.Module) -> MlpSite | None:
+    """Fallback: a module named like an MLP whose only Linear children are d->h then h->d."""
+    if not GENERIC_NAME.search(path.rsplit(".", 1)[-1]):
+        return None
+    linears = [c for c in m.children() if isinstance(c, nn.Linear)]
+    if len(linears) != 2:
+        return None
+    a, b = linears
+    if a.out_features != b.in_features or a.in_features != b.out_features:
+        return None
+    return MlpSite(path, m, "generic", a, b)
+
+
+def _walk(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    yield prefix, root
+    for name, child in root.named_children():
+        yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+
+
+def find_mlps(root: nn.Module, exclude: re.Pattern | None = None, prefix: str = "") -> list[MlpSite]:
+    """All MLPs under ``root`` (names relative to the model when ``prefix`` is its path).
+
+    Registered kinds are tried first; the generic Linear->act->Linear fallback only runs
+    when no registered kind matched anything. Modules whose path matches ``exclude``
+    (pooling heads, say) are skipped with everything below them.
+    """
+
+    def collect(kinds: list[MlpKind]) -> list[MlpSite]:
+        sites: list[MlpSite] = []
+        skip: list[str] = []
+        for path, m in _walk(root, prefix):
+            if any(path == s or path.startswith(s + ".") for s in skip):
+                continue
+            if exclude is not None and path and exclude.search(path):
+                skip.append(path)
+                continue
+            for kind in kinds:
+                site = kind(path, m)
+                if site is not None:
+                    sites.append(site)
+                    skip.append(path)
+                    break
+        return sites
+
+    sites = collect(list(MLP_KINDS.values())) or collect([_generic_pair])
+    if not sites:
+        found = [f"{p or '<root>'} ({type(m).__name__}: {sum(isinstance(c, nn.Linear) for c in m.children())} Linear)"
+                 for p, m in _walk(root, prefix) if any(isinstance(c, nn.Linear) for c in m.children())]
+        listing = "; ".join(found[:12]) + (f"; ... {len(found) - 12} more" if len(found) > 12 else "")
+        raise DgmrError(f"no MLP found in {type(root).__name__} (known kinds: {', '.join(MLP_KINDS)}, generic "
+                        f"Linear->act->Linear named mlp/ffn); modules holding Linear layers: {listing or 'none'}")
+    return sites
+
+
+# ---------------------------------------------------------------------------------------
+# surgery
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def _take_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    rows = rows.to(linear.weight.device)
+    _set_param(linear, "weight", linear.weight.detach()[rows])
+    if linear.bias is not None:
+        _set_param(linear, "bias", linear.bias.detach()[rows])
+    linear.out_features = rows.numel()
+
+
+def _take_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
+    _set_param(linear, "weight", linear.weight.detach()[:, cols.to(linear.weight.device)])
+    linear.in_features = cols.numel()
+
+
+def _take_norm(norm: nn.Module, keep: torch.Tensor) -> None:
+    for pname in ("weight", "bias"):
+        p = getattr(norm, pname, None)
+        if isinstance(p, nn.Parameter):
+            _set_param(norm, pname, p.detach()[keep.to(p.device)])
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (keep.numel(),)
+
+
+def shrink_mlp(site: MlpSite, keep: torch.Tensor) -> None:
+    """Keep hidden neurons ``keep`` (ascending indices) of ``site``, in place.
+
+    Slices the up/gate rows (and biases), every hidden-dim norm and the down columns from
+    the ORIGINAL values, on the weights' own device and dtype. Works on ``meta`` tensors
+    too, which is how shapes are rebuilt without weights.
+    """
+    h = site.hidden
+    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+    k = keep.numel()
+    if k == 0 or k > h or keep.min() < 0 or keep.max() >= h or torch.unique(keep).numel() != k:
+        raise DgmrError(f"{site.name}: invalid kept indices for hidden size {h} (k={k})")
+    if site.packed is not None:
+        _take_rows(site.up, torch.cat([keep, keep + h]))
+    else:
+        _take_rows(site.up, keep)
+    if site.gate is not None:
+        _take_rows(site.gate, keep)
+    for norm in site.norms:
+        _take_norm(norm, keep)
+    _take_cols(site.down, keep)

@@ -1,0 +1,118 @@
+"""``dgmr.prune``: score every MLP of a vision tower and cut it to the requested width."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .criteria import select_neurons
+from .errors import DgmrError
+from .families import Family, family_of
+from .mlp import MlpSite, shrink_mlp
+from .sources import Source
+
+
+@dataclass
+class PruneRecord:
+    """What was cut: per-layer widths and kept indices, plus how they were chosen."""
+
+    criterion: str
+    seed: int
+    request: dict[str, Any]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {layer["name"]: layer["hidden_after"] for layer in self.layers}
+
+    @property
+    def kept(self) -> dict[str, torch.Tensor]:
+        return {layer["name"]: layer["kept"] for layer in self.layers}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "seed": self.seed, **self.request,
+                "layers": [{k: v for k, v in layer.items() if k != "kept"} for layer in self.layers]}
+
+
+def resolve_widths(
+    sites: Sequence[MlpSite],
+    *,
+    mlp_ratio: float | None = None,
+    hidden: int | None = None,
+    keep_fraction: float | None = None,
+    widths: Mapping[str, int] | Sequence[int] | None = None,
+) -> list[int]:
+    """Target width per MLP. Exactly one of: ``mlp_ratio`` r (k = round(r * d), the paper's
+    convention), absolute ``hidden``, ``keep_fraction`` of the current width, or per-layer
+    ``widths`` (a name -> k map or a list in layer order). Validates 0 < k <= current."""
+    given = [n for n, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction),
+                            ("widths", widths)) if v is not None]
+    if len(given) != 1:
+        raise DgmrError("give exactly one of mlp_ratio, hidden, keep_fraction, widths" +
+                        (f" (got {', '.join(given)})" if given else ""))
+    if mlp_ratio is not None:
+        if not mlp_ratio > 0:
+            raise DgmrError(f"mlp ratio must be > 0, got {mlp_ratio}")
+        ks = [int(round(mlp_ratio * s.in_features)) for s in sites]
+    elif hidden is not None:
+        ks = [int(hidden)] * len(sites)
+    elif keep_fraction is not None:
+        if not 0 < keep_fraction <= 1:
+            raise DgmrError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+        ks = [max(1, int(round(keep_fraction * s.hidden))) for s in sites]
+    elif isinstance(widths, Mapping):
+        names = {s.name for s in sites}
+        unknown = sorted(set(widths) - names)
+        if unknown:
+            raise DgmrError(f"widths name unknown MLP {unknown[0]!r}; MLPs are e.g. {sites[0].name!r}")
+        ks = [int(widths.get(s.name, s.hidden)) for s in sites]
+    else:
+        ks = [int(w) for w in widths]
+        if len(ks) != len(sites):
+            raise DgmrError(f"got {len(ks)} widths for {len(sites)} MLPs")
+    for s, k in zip(sites, ks):
+        if not 0 < k <= s.hidden:
+            raise DgmrError(f"{s.name}: cannot keep {k} of {s.hidden} hidden neurons (need 0 < k <= {s.hidden}); "
+                            f"an mlp ratio of at most {s.hidden / s.in_features:g} fits this model")
+    return ks
+
+
+def prune(
+    model: nn.Module,
+    mlp_ratio: float | None = None,
+    hidden: int | None = None,
+    keep_fraction: float | None = None,
+    widths: Mapping[str, int] | Sequence[int] | None = None,
+    criterion: str = "diversity",
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    source: Source | None = None,
+    family: Family | None = None,
+) -> tuple[nn.Module, PruneRecord]:
+    """Prune the hidden layer of every MLP of ``model``'s vision tower, in place.
+
+    Returns ``(model, record)``: the same model object (same class, same forward, smaller
+    MLPs) and a :class:`PruneRecord` with the per-layer kept indices. Selection uses the
+    original weights of each layer; the kept rows/columns are copied from them unchanged.
+    """
+    family = family or family_of(model)
+    sites = family.mlps(model)
+    ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
+    request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction)) if v is not None}
+    record = PruneRecord(criterion, seed, request)
+    bar = tqdm(list(zip(sites, ks)), desc=f"prune ({criterion})", unit="layer", disable=not progress, leave=False)
+    for i, (site, k) in enumerate(bar):
+        w1, w_gate = site.scoring_weights()
+        h = site.hidden
+        with torch.no_grad():
+            keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed + i)
+            shrink_mlp(site, keep)
+        record.layers.append({"name": site.name, "kind": site.kind, "in_features": site.in_features,
+                              "hidden_before": h, "hidden_after": k, "kept": keep})
+    record.config_updates = family.update_config(model, source)
+    return model, record

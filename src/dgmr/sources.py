@@ -1,0 +1,156 @@
+"""Model sources, parsed in one place.
+
+A model spec is ``timm:NAME``, ``open_clip:ARCH[:PRETRAINED_TAG]``, ``hf:REPO_ID_OR_DIR``,
+or a directory written by dgmr. :class:`Source` records everything needed to rebuild the
+architecture later without a network: timm kwargs, the open_clip model config, the
+Hugging Face config.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DgmrError
+
+LIBRARIES = ("timm", "open_clip", "hf")
+
+
+@dataclass
+class Source:
+    library: str
+    name: str
+    tag: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # what rebuilds the architecture offline: open_clip model_cfg, HF config dict + class name
+    model_cfg: dict[str, Any] | None = None
+    hf_class: str | None = None
+
+    @property
+    def spec(self) -> str:
+        return f"{self.library}:{self.name}" + (f":{self.tag}" if self.tag else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Source":
+        return cls(**{k: d.get(k) for k in ("library", "name", "tag", "model_cfg", "hf_class")}, kwargs=d.get("kwargs") or {})
+
+
+def is_dgmr_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    try:
+        return json.loads((p / "config.json").read_text()).get("format") == "dgmr"
+    except (OSError, ValueError):
+        return False
+
+
+def parse_spec(spec: str, kwargs: dict[str, Any] | None = None) -> Source:
+    """Parse ``timm:NAME``, ``open_clip:ARCH[:TAG]`` or ``hf:ID_OR_DIR`` (dgmr dirs: see :func:`dgmr.load`)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise DgmrError(f"unknown model spec {spec!r}: use timm:NAME, open_clip:ARCH[:TAG], hf:REPO_OR_DIR or a directory dgmr wrote")
+    library, _, rest = spec.partition(":")
+    library = library.lower().replace("-", "_")
+    if library in ("openclip",):
+        library = "open_clip"
+    if library not in LIBRARIES or not rest:
+        raise DgmrError(f"unknown model spec {spec!r}: use timm:NAME, open_clip:ARCH[:TAG], hf:REPO_OR_DIR or a directory dgmr wrote")
+    tag = None
+    if library == "open_clip" and ":" in rest and not rest.startswith(("hf-hub:", "local-dir:")):
+        rest, _, tag = rest.partition(":")
+    return Source(library, rest, tag or None, dict(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _device_ctx(meta: bool):
+    if meta:
+        with torch.device("meta"):
+            yield
+    else:
+        yield
+
+
+def _build_timm(src: Source, pretrained: bool, meta: bool) -> nn.Module:
+    import timm
+
+    if not timm.is_model(src.name):
+        raise DgmrError(f"unknown timm model {src.name!r} (see timm.list_models())")
+    return timm.create_model(src.name, pretrained=pretrained, **src.kwargs)
+
+
+def _register_open_clip_cfg(name: str, cfg: dict[str, Any]) -> None:
+    import open_clip
+
+    if open_clip.get_model_config(name) is not None:
+        return
+    d = Path(tempfile.mkdtemp(prefix="dgmr-open_clip-"))
+    (d / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d / f"{name}.json")
+
+
+def _build_open_clip(src: Source, pretrained: bool, meta: bool) -> nn.Module:
+    import open_clip
+
+    if src.model_cfg is not None:
+        _register_open_clip_cfg(src.name, src.model_cfg)
+    if not src.name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(src.name) is None:
+        raise DgmrError(f"unknown open_clip architecture {src.name!r} (see open_clip.list_models())")
+    if pretrained and not src.tag and not src.name.startswith(("hf-hub:", "local-dir:")):
+        raise DgmrError(f"open_clip:{src.name} needs a pretrained tag (open_clip:{src.name}:TAG, see "
+                        "open_clip.list_pretrained()) or --random-init")
+    tag = src.tag if pretrained else None
+    model = open_clip.create_model(src.name, pretrained=tag, load_weights=pretrained,
+                                   device="meta" if meta else "cpu", **src.kwargs)
+    if src.model_cfg is None:
+        src.model_cfg = open_clip.get_model_config(src.name)
+    return model
+
+
+def _build_hf(src: Source, pretrained: bool, meta: bool) -> nn.Module:
+    import transformers
+
+    if src.model_cfg is not None:
+        cfg = dict(src.model_cfg)
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    else:
+        config = transformers.AutoConfig.from_pretrained(src.name)
+    for k, v in src.kwargs.items():
+        setattr(config, k, v)
+    cls = getattr(transformers, src.hf_class) if src.hf_class else transformers.AutoModel
+    if pretrained:
+        model = cls.from_pretrained(src.name, config=config)
+    else:
+        model = cls.from_config(config) if cls is transformers.AutoModel else cls._from_config(config)
+    src.hf_class = type(model).__name__
+    src.model_cfg = model.config.to_diff_dict() | {"model_type": model.config.model_type}
+    return model
+
+
+BUILDERS = {"timm": _build_timm, "open_clip": _build_open_clip, "hf": _build_hf}
+
+
+def build_model(src: Source, *, pretrained: bool = True, meta: bool = False) -> nn.Module:
+    """Build the architecture of ``src``: with its published weights (``pretrained``), randomly
+    initialised, or with shapes only on the ``meta`` device (no memory, no download)."""
+    if meta:
+        pretrained = False
+    try:
+        with _device_ctx(meta):
+            model = BUILDERS[src.library](src, pretrained, meta)
+    except DgmrError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        hint = " (no network? pass --random-init, or a local directory)" if pretrained else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DgmrError(f"could not build {src.spec}: {first}{hint}") from e
+    return model.eval()
