@@ -61,12 +61,13 @@ def ratio_for(d: int, target: int) -> float:
 def _ratio_candidates(d: int, k: int) -> Iterable[float]:
     """mlp_ratio values that may give width k: r*d = k (plain, split SwiGLU), 2k (packed GLU),
     or about 1.5k (HF Dinov2 SwiGLU keeps 2/3 of int(d*r), rounded up to a multiple of 8)."""
-    seen = set()
+    seen: set[float] = set()
     for t in [k, 2 * k, *range(max(1, (3 * k) // 2 - 12), (3 * k) // 2 + 13)]:
-        r = ratio_for(d, t)
-        if r not in seen:
-            seen.add(r)
-            yield r
+        # some configs type mlp_ratio as int (transformers 5 Dinov2Config): try the int first
+        for r in ([t // d] if t % d == 0 else []) + [ratio_for(d, t)]:
+            if r not in seen:
+                seen.add(r)
+                yield r
 
 
 def site_widths(sites: list[MlpSite]) -> list[int]:
@@ -88,9 +89,11 @@ class Family:
         """(path prefix, module) of the image tower: what is pruned, counted and timed."""
         return "", model
 
+    exclude: re.Pattern = HEAD_EXCLUDE
+
     def mlps(self, model: nn.Module) -> list[MlpSite]:
         prefix, root = self.vision_root(model)
-        return find_mlps(root, exclude=HEAD_EXCLUDE, prefix=prefix)
+        return find_mlps(root, exclude=self.exclude, prefix=prefix)
 
     def image_forward(self, model: nn.Module, x: torch.Tensor) -> Any:
         """Run the vision tower on a batch of images (B, 3, H, W)."""
@@ -187,14 +190,21 @@ class OpenClipFamily(Family):
             return {"skipped": "no open_clip model config recorded"}
         sites = self.mlps(model)
         if self._is_timm_tower(model):
-            # open_clip's timm towers take no MLP width in their JSON: export the trunk for timm
-            trunk_src = Source("timm", src.model_cfg["vision_cfg"]["timm_model_name"],
-                               kwargs={"num_classes": model.visual.trunk.num_classes,
-                                       "global_pool": getattr(model.visual.trunk, "global_pool", "token")})
-            note = TimmFamily()._export_timm(model.visual.trunk, out / "timm_trunk", trunk_src, "visual.trunk.")
+            # open_clip's timm towers take no MLP width in their JSON: export the trunk for timm,
+            # built the way open_clip's TimmModel builds it
+            vc = src.model_cfg["vision_cfg"]
+            pool, proj = vc.get("timm_pool", "avg"), vc.get("timm_proj", "linear")
+            trunk = model.visual.trunk
+            if proj in ("linear", "mlp") or pool in ("abs_attn", "rot_attn"):
+                kwargs = {"num_classes": 0}
+                reset = {"num_classes": 0, "global_pool": "" if pool in ("abs_attn", "rot_attn") else pool} if pool else None
+            else:
+                kwargs, reset = {"num_classes": trunk.num_classes, "global_pool": pool}, None
+            note = TimmFamily()._export_timm(trunk, out / "timm_trunk", Source("timm", vc["timm_model_name"], kwargs=kwargs),
+                                             separate_weights=True, reset=reset)
             if "skipped" not in note:
-                note["load"] += ("  # then: m = open_clip.create_model(ARCH); m.visual.trunk = trunk; "
-                                 "m.visual.head.load_state_dict(...) from model.safetensors keys visual.head.*")
+                note["load"] += ("; then m = open_clip.create_model(ARCH) and m.visual.trunk = that trunk; "
+                                 "visual.head weights are in DIR/model.safetensors (or use dgmr.load(DIR))")
             return note
         def build(r: float):
             cfg = json.loads(json.dumps(src.model_cfg))
@@ -221,6 +231,10 @@ class HFFamily(Family):
     @classmethod
     def detect(cls, model):
         return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+    # transformers builds SigLIP's pooling-head MLP from the same intermediate_size as the blocks,
+    # so it is pruned with them: otherwise no config could describe the pruned model
+    exclude = re.compile(r"(^|\.)(text_model|text)(\.|$)")
 
     def vision_root(self, model):
         if hasattr(model, "vision_model"):
@@ -257,14 +271,17 @@ class HFFamily(Family):
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
-    def _width_fields(self, model, sites) -> dict[str, Any] | None:
-        """The config fields that rebuild these widths, or None if no uniform setting does."""
+    def _width_fields(self, model, sites) -> tuple[dict[str, Any] | None, str]:
+        """(config fields that rebuild these widths, or None with the reason why none do)."""
         import transformers
 
         vc = self._vision_config(model.config)
         widths = site_widths(sites)
+        name = type(vc).__name__
+        if len(set(widths)) != 1:
+            return None, f"per-layer MLP widths differ ({min(widths)}..{max(widths)}); {name} holds one width"
         if hasattr(vc, "intermediate_size"):
-            return {"intermediate_size": widths[0]} if len(set(widths)) == 1 else None
+            return {"intermediate_size": widths[0]}, ""
         if hasattr(vc, "mlp_ratio"):
             cls = type(model)
 
@@ -275,24 +292,25 @@ class HFFamily(Family):
                     return cls._from_config(cfg) if hasattr(cls, "_from_config") else transformers.AutoModel.from_config(cfg)
 
             r = _uniform_ratio(sites, build, self)
-            return None if r is None else {"mlp_ratio": r}
-        return None
+            if r is None:
+                return None, (f"no {name}.mlp_ratio (of type {type(vc.mlp_ratio).__name__}) builds hidden width "
+                              f"{widths[0]} for embed dim {sites[0].in_features}; pick another width")
+            return {"mlp_ratio": r}, ""
+        return None, f"{name} has no intermediate_size or mlp_ratio field"
 
     def update_config(self, model, src):
-        fields = self._width_fields(model, self.mlps(model))
+        fields, _ = self._width_fields(model, self.mlps(model))
         if fields is None:
             return {}
         vc = self._vision_config(model.config)
         for k, v in fields.items():
             setattr(vc, k, v)
-        if src is not None:
-            src.model_cfg = model.config.to_diff_dict() | {"model_type": model.config.model_type}
         return fields
 
     def export_native(self, model, out, src):
-        if self._width_fields(model, self.mlps(model)) is None:
-            return {"skipped": "per-layer MLP widths differ (or no width field in the config); "
-                               "transformers configs hold one width"}
+        fields, why = self._width_fields(model, self.mlps(model))
+        if fields is None:
+            return {"skipped": why}
         self.update_config(model, src)
         model.save_pretrained(out / "hf", safe_serialization=True)
         return {"format": "transformers save_pretrained", "files": ["hf/"],
@@ -329,7 +347,11 @@ class TimmFamily(Family):
         pooled = model.forward_head(tokens, pre_logits=True)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
-    def _export_timm(self, model, out: Path, src: Source, prefix: str = "") -> dict[str, Any]:
+    def _export_timm(self, model, out: Path, src: Source, separate_weights: bool = False,
+                     reset: dict[str, Any] | None = None) -> dict[str, Any]:
+        """timm's convention: ``timm_config.json`` (name + create_model kwargs incl. mlp_ratio) beside
+        a state dict that ``pretrained_cfg_overlay=dict(file=...)`` loads; ``separate_weights`` writes
+        the state dict of ``model`` (a sub-module, e.g. an open_clip trunk) into ``out`` too."""
         import timm
 
         sites = self.mlps(model)
@@ -344,18 +366,20 @@ class TimmFamily(Family):
         out.mkdir(parents=True, exist_ok=True)
         kwargs = {**src.kwargs, "mlp_ratio": r}
         files = ["timm_config.json"]
-        if prefix:
+        if separate_weights:
             from safetensors.torch import save_file
 
             sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
             save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
             files.append("model.safetensors")
-        (out / "timm_config.json").write_text(json.dumps({"model_name": src.name, "kwargs": kwargs}, indent=2))
-        where = "DIR/timm_trunk" if prefix else "DIR"
-        return {"format": "timm pretrained_cfg_overlay", "files": files, "mlp_ratio": r,
-                "load": (f"timm.create_model({src.name!r}, pretrained=True, "
-                         f"pretrained_cfg_overlay=dict(file='{where}/model.safetensors'), "
-                         + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")}
+        (out / "timm_config.json").write_text(json.dumps(
+            {"model_name": src.name, "kwargs": kwargs, **({"reset_classifier": reset} if reset else {})}, indent=2))
+        where = "DIR/timm_trunk" if separate_weights else "DIR"
+        load = (f"timm.create_model({src.name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='{where}/model.safetensors'), "
+                + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+        if reset:
+            load += ".reset_classifier(" + ", ".join(f"{k}={v!r}" for k, v in reset.items()) + ")"
+        return {"format": "timm pretrained_cfg_overlay", "files": files, "mlp_ratio": r, "load": load}
 
     def export_native(self, model, out, src):
         if src is None:

@@ -1,0 +1,138 @@
+"""Tiny random-init configurations of the real architecture classes of every supported family.
+
+Each case builds a :class:`dgmr.Source` (writing an HF config dir or an open_clip model config
+into ``tmp`` when needed) so the same spec can be rebuilt by ``dgmr.load``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dgmr.sources import Source
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_OPEN_CLIP_TIMM = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False,
+                   "timm_pool": "token", "timm_proj": "linear"},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def register_open_clip(tmp: Path, name: str, cfg: dict[str, Any]) -> None:
+    import open_clip
+
+    if open_clip.get_model_config(name) is None:
+        p = tmp / f"{name}.json"
+        p.write_text(json.dumps(cfg))
+        open_clip.add_model_config(p)
+
+
+def hf_dir(tmp: Path, name: str, make_config: Callable[[], Any]) -> str:
+    d = tmp / name
+    if not (d / "config.json").exists():
+        make_config().save_pretrained(d)
+    return f"hf:{d}"
+
+
+class GenericNet(nn.Module):
+    """A model from no known library: blocks with an `mlp` Sequential(Linear, GELU, Linear)."""
+
+    def __init__(self, d: int = 16, h: int = 64, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(3 * 8 * 8, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(d), "mlp": nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))})
+            for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.unfold(x, 8, stride=8).transpose(1, 2)
+        x = self.embed(x)
+        for b in self.blocks:
+            x = x + b["mlp"](b["norm"](x))
+        return x
+
+
+@dataclass
+class Case:
+    id: str
+    family: str
+    image_size: int
+    make: Callable[[Path], Source | None] = field(repr=False)
+    kinds: tuple[str, ...] = ()
+
+
+def _hf_cases() -> list[Case]:
+    import transformers as T
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    return [
+        Case("hf_vit", "hf", 32, lambda t: _src(hf_dir(t, "vit", lambda: T.ViTConfig(intermediate_size=128, **small))), ("fc1_fc2",)),
+        Case("hf_clip_vision", "hf", 32, lambda t: _src(hf_dir(t, "clipv", lambda: T.CLIPVisionConfig(intermediate_size=128, **small))), ("fc1_fc2",)),
+        Case("hf_clip", "hf", 32, lambda t: _src(hf_dir(t, "clip", lambda: T.CLIPConfig(
+            vision_config=dict(intermediate_size=128, **small),
+            text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+            projection_dim=16))), ("fc1_fc2",)),
+        Case("hf_dinov2", "hf", 32, lambda t: _src(hf_dir(t, "dinov2", lambda: T.Dinov2Config(mlp_ratio=4, **small))), ("fc1_fc2",)),
+        Case("hf_dinov2_swiglu", "hf", 32, lambda t: _src(hf_dir(t, "dinov2s", lambda: T.Dinov2Config(
+            mlp_ratio=4, use_swiglu_ffn=True, **small))), ("gate_up_down",)),
+        Case("hf_siglip_vision", "hf", 32, lambda t: _src(hf_dir(t, "siglipv", lambda: T.SiglipVisionConfig(intermediate_size=128, **small))), ("fc1_fc2",)),
+    ]
+
+
+def _src(spec: str, kwargs: dict[str, Any] | None = None) -> Source:
+    from dgmr.sources import parse_spec
+
+    return parse_spec(spec, kwargs)
+
+
+def _open_clip(t: Path) -> Source:
+    register_open_clip(t, "dgmr-tiny-ViT", TINY_OPEN_CLIP)
+    return _src("open_clip:dgmr-tiny-ViT")
+
+
+def _open_clip_timm(t: Path) -> Source:
+    register_open_clip(t, "dgmr-tiny-EVA", TINY_OPEN_CLIP_TIMM)
+    return _src("open_clip:dgmr-tiny-EVA")
+
+
+CASES: list[Case] = [
+    Case("timm_vit", "timm", 32, lambda t: _src("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)), ("fc1_fc2",)),
+    Case("timm_dinov2_swiglu_packed", "timm", 28, lambda t: _src("timm:vit_giant_patch14_dinov2", dict(
+        img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2)), ("timm_glu_packed",)),
+    Case("timm_eva02_glu", "timm", 28, lambda t: _src("timm:eva02_tiny_patch14_224", dict(img_size=28, depth=2)), ("timm_glu_packed",)),
+    Case("timm_eva02_swiglu_norm", "timm", 28, lambda t: _src("timm:eva02_tiny_patch14_224", dict(
+        img_size=28, depth=2, scale_mlp=True)), ("swiglu_split",)),
+    Case("timm_swin", "timm", 56, lambda t: _src("timm:swin_tiny_patch4_window7_224", dict(
+        img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7)), ("fc1_fc2",)),
+    Case("open_clip_vit", "open_clip", 32, _open_clip, ("open_clip",)),
+    Case("open_clip_timm_tower", "open_clip", 224, _open_clip_timm, ("timm_glu_packed",)),
+    *_hf_cases(),
+    Case("generic", "generic", 16, lambda t: None, ("generic",)),
+]
+
+
+def build(case: Case, tmp: Path) -> tuple[nn.Module, Source | None]:
+    from dgmr.sources import build_model
+
+    torch.manual_seed(0)
+    src = case.make(tmp)
+    model = GenericNet() if src is None else build_model(src, pretrained=False)
+    return model.eval(), src
+
+
+def output(family, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The vision tower's main output tensor, whatever the library returns."""
+    out = family.image_forward(model, x)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.last_hidden_state
