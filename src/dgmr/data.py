@@ -1,0 +1,309 @@
+"""Unlabeled image data for distillation: folders, path lists, WebDataset shards, in-memory images.
+
+Every source yields transformed image tensors and ignores labels. Augmentation is
+RandomResizedCrop(scale 0.2-1) + horizontal flip at the model's input size, normalised with
+the model's own mean/std. The random crop and flip of one image are drawn from a generator
+seeded by (seed, epoch, sample index), so a batch is the same whatever the number of
+DataLoader workers, and a resumed run sees exactly the images and crops it would have seen.
+
+Unreadable or corrupt images are not fatal: the loader drops them from their batch and
+reports them (see :func:`collate`), and the training loop counts them.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+from .errors import DgmrError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+
+
+@dataclass
+class TrainTransform:
+    """RandomResizedCrop(size, scale) + horizontal flip + normalisation, with explicit randomness.
+
+    Called as ``transform(img, generator)``; ``img`` is a PIL image or a (3, H, W) tensor
+    (uint8, or float in [0, 1]). The crop box is drawn by torchvision's own
+    ``RandomResizedCrop.get_params`` under a forked RNG seeded from ``generator``.
+    """
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __call__(self, img: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+            flip = self.flip and bool(torch.rand(1) < 0.5)
+        size = [self.image_size, self.image_size]
+        if isinstance(img, torch.Tensor):
+            x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+            x = TF.resized_crop(x, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+        else:
+            x = TF.to_tensor(TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BICUBIC))
+        if flip:
+            x = TF.hflip(x)
+        return TF.normalize(x, list(self.mean), list(self.std))
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator that decides the crop and flip of sample ``index`` in ``epoch``."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
+
+
+def open_image(data: bytes | str | os.PathLike) -> Image.Image:
+    """Decode an image fully (so truncated files fail here, not later) as RGB."""
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    img.load()
+    return img.convert("RGB")
+
+
+class EpochIndexSampler(torch.utils.data.Sampler):
+    """Wrap an index sampler so each index arrives with its epoch: ``(epoch, index)``,
+    optionally skipping the first ``skip`` indices (resuming mid-epoch)."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, epoch: int, skip: int = 0):
+        self.sampler, self.epoch, self.skip = sampler, epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i, idx in enumerate(self.sampler):
+            if i >= self.skip:
+                yield self.epoch, idx
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)  # type: ignore[arg-type]
+
+
+class ImageDataset(Dataset):
+    """Map-style images from files (paths), PIL images, or another dataset of image tensors.
+
+    Items are looked up as ``dataset[(epoch, index)]`` (see :class:`EpochIndexSampler`) and
+    return ``(tensor, None)`` or ``(None, name)`` when the image cannot be read.
+    """
+
+    def __init__(self, items: Sequence[Any] | Dataset, transform: TrainTransform, seed: int = 0,
+                 name: str = "images"):
+        self.items, self.transform, self.seed, self.name = items, transform, seed, name
+
+    def __len__(self) -> int:
+        return len(self.items)  # type: ignore[arg-type]
+
+    def _load(self, index: int) -> Image.Image | torch.Tensor:
+        item = self.items[index]
+        if isinstance(item, (tuple, list)):  # (image, label) from a labelled dataset: label ignored
+            item = item[0]
+        if isinstance(item, (str, os.PathLike)):
+            return open_image(item)
+        if isinstance(item, Image.Image):
+            return item.convert("RGB")
+        if isinstance(item, torch.Tensor) and item.ndim == 3 and item.shape[0] in (1, 3):
+            return item.expand(3, -1, -1) if item.shape[0] == 1 else item
+        raise TypeError(f"item {index} is a {type(item).__name__}, not an image")
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor | None, str | None]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        try:
+            img = self._load(index)
+            return self.transform(img, sample_generator(self.seed, epoch, index)), None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            item = self.items[index]
+            where = str(item) if isinstance(item, (str, os.PathLike)) else f"{self.name}[{index}]"
+            return None, f"{where}: {type(e).__name__}"
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``)."""
+    d, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{d}/{key}" if d else key), ext.lower()
+
+
+def count_shard_samples(url: str) -> int:
+    """Number of samples with an image in one local tar shard (headers only)."""
+    keys = set()
+    try:
+        with tarfile.open(url, "r:*") as tf:
+            for m in tf:
+                key, ext = _sample_key(m.name)
+                if m.isfile() and ("." + ext.rsplit(".", 1)[-1]) in IMAGE_EXTENSIONS:
+                    keys.add(key)
+    except (OSError, tarfile.TarError) as e:
+        raise DgmrError(f"cannot read shard {url}: {e}") from e
+    return len(keys)
+
+
+class ShardImages(IterableDataset):
+    """Images streamed from WebDataset tar shards (LAION style), read with ``webdataset``.
+
+    An infinite stream: pass p goes through the shards in an order shuffled with
+    (seed, p). Shards are split across (rank, worker) streams when there are enough of
+    them, otherwise every stream reads all shards and keeps every n-th sample. The
+    stream for DataLoader worker w starts ``skip_batches`` of its batches late, without
+    decoding them (resume)."""
+
+    def __init__(self, urls: Sequence[str], transform: TrainTransform, *, seed: int = 0, rank: int = 0,
+                 world: int = 1, batch_size: int = 1, skip_batches: int = 0, samples_per_pass: int | None = None):
+        self.urls, self.transform, self.seed = list(urls), transform, seed
+        self.rank, self.world, self.batch_size, self.skip_batches = rank, world, batch_size, skip_batches
+        self.samples_per_pass = samples_per_pass
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, str | None]]:
+        import webdataset as wds
+
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        streams, stream = self.world * nworkers, self.rank * nworkers + wid
+        split_shards = len(self.urls) >= streams
+        # DataLoader takes batch j from worker j % nworkers: this worker's share of the skipped batches
+        skip = len(range(wid, self.skip_batches, nworkers)) * self.batch_size
+        p = 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 7919 + p)
+            order = [self.urls[i] for i in torch.randperm(len(self.urls), generator=g).tolist()]
+            if split_shards:
+                order = order[stream::streams]
+            pipe = wds.WebDataset(order, shardshuffle=False, nodesplitter=_identity, workersplitter=_identity,
+                                  empty_check=False, handler=wds.warn_and_continue)
+            seen = False
+            for n, sample in enumerate(pipe):
+                if not split_shards and n % streams != stream:
+                    continue
+                key = sample.get("__key__", "")
+                data = next((v for k, v in sample.items() if "." + k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+                             and isinstance(v, bytes)), None)
+                if data is None:
+                    continue
+                seen = True
+                if skip:
+                    skip -= 1
+                    continue
+                where = f"{sample.get('__url__', '?')}:{key}"
+                try:
+                    img = open_image(data)
+                    yield self.transform(img, sample_generator(self.seed, p, hash_str(where))), None
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                    yield None, f"{where}: {type(e).__name__}"
+            if not seen:
+                return  # nothing readable in this stream's shards: let the loader end
+            p += 1
+
+
+def hash_str(s: str) -> int:
+    """A stable (not per-process randomised) 63-bit hash of a string."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def collate(batch: list[tuple[torch.Tensor | None, str | None]]) -> tuple[torch.Tensor | None, list[str]]:
+    """Stack the readable images of a batch; return the names of the unreadable ones."""
+    good = [x for x, _ in batch if x is not None]
+    bad = [name for x, name in batch if x is None and name is not None]
+    return (torch.stack(good) if good else None), bad
+
+
+@dataclass
+class DataSource:
+    """What ``--data`` resolved to: ``kind`` in {files, memory, shards}; ``items`` are paths,
+    in-memory images or a Dataset (files/memory) or shard URLs (shards)."""
+
+    kind: str
+    items: Any
+    description: str
+    num_samples: int | None  # None: unknown (remote shards)
+    ignored_files: int = 0
+
+
+def _expand_shards(spec: str) -> list[str]:
+    from webdataset.shardlists import expand_urls
+
+    return list(expand_urls(spec))
+
+
+def _is_shard_spec(spec: str) -> bool:
+    s = spec.lower()
+    return s.endswith(SHARD_EXTENSIONS) or ("{" in s and ".tar" in s) or s.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
+
+
+def resolve_data(data: Any) -> DataSource:
+    """Resolve ``--data``: a directory of images (any nesting), a text file of image paths,
+    WebDataset shards (``shards-{0000..0099}.tar``, or a directory holding only ``.tar``
+    files), a list of PIL images / image tensors / paths, or a torch Dataset of images."""
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        n = len(data)  # type: ignore[arg-type]
+        if n == 0:
+            raise DgmrError("the image dataset is empty")
+        return DataSource("memory", data, f"{type(data).__name__} of {n} images", n)
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise DgmrError("the image list is empty")
+        return DataSource("memory", list(data), f"{len(data)} in-memory images", len(data))
+    if not isinstance(data, (str, os.PathLike)):
+        raise DgmrError(f"unsupported data {type(data).__name__}: give a directory, a .txt list, .tar shards, "
+                        "a list of images or a torch Dataset")
+    spec = str(data)
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if images:
+            return DataSource("files", images, f"{len(images)} images under {spec}", len(images), len(files) - len(images))
+        shards = [str(p) for p in files if p.name.lower().endswith(SHARD_EXTENSIONS)]
+        if shards:
+            return _shards(shards, f"{len(shards)} shards under {spec}")
+        raise DgmrError(f"no images in {spec} ({len(files)} files, none with an image extension: "
+                        f"{', '.join(IMAGE_EXTENSIONS)})")
+    if _is_shard_spec(spec):
+        return _shards(_expand_shards(spec), spec)
+    if path.is_file():
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            return DataSource("files", [spec], spec, 1)
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DgmrError(f"{spec} is not a text file of image paths ({type(e).__name__}); --data takes a directory, "
+                            "a .txt list of image paths, or .tar shards") from None
+        paths = []
+        for line in lines:
+            line = line.split("\t", 1)[0].strip()
+            if line and not line.startswith("#"):
+                p = Path(line)
+                paths.append(str(p if p.is_absolute() else path.parent / p))
+        if not paths:
+            raise DgmrError(f"the image list {spec} is empty")
+        return DataSource("files", paths, f"{len(paths)} images listed in {spec}", len(paths))
+    raise DgmrError(f"data {spec} does not exist")
+
+
+def _shards(urls: list[str], description: str) -> DataSource:
+    if not urls:
+        raise DgmrError(f"no shards match {description}")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise DgmrError(f"shard {missing[0]} does not exist ({len(missing)} of {len(urls)} missing)")
+    n = sum(count_shard_samples(u) for u in urls) if len(local) == len(urls) else None
+    if n == 0:
+        raise DgmrError(f"no images in the shards {description}")
+    return DataSource("shards", urls, f"{len(urls)} shards ({description})", n)
