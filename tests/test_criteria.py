@@ -1,0 +1,145 @@
+"""Selection criteria against independent reference implementations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgmr
+from dgmr import DgmrError, select_neurons
+from dgmr.criteria import CRITERIA, register_criterion
+
+
+def naive_greedy(w: torch.Tensor, k: int) -> torch.Tensor:
+    """method.md section 2 written as plainly as possible (float64): pick the largest residual,
+    project it out of every remaining residual, repeat; new round from the original rows."""
+    w = w.double()
+    h, d = w.shape
+    kept: list[int] = []
+    while len(kept) < k:
+        rest = [i for i in range(h) if i not in kept]
+        r = w[rest].clone()
+        alive = torch.ones(len(rest), dtype=torch.bool)
+        for _ in range(min(d, len(rest), k - len(kept))):
+            norms = (r * r).sum(1)
+            norms[~alive] = -1.0
+            p = int(torch.argmax(norms))
+            kept.append(rest[p])
+            alive[p] = False
+            q = r[p] / r[p].norm()
+            r -= torch.outer(r @ q, q)
+    return torch.tensor(kept)
+
+
+SHAPES_K = [
+    ((64, 16), 5),      # k < d
+    ((64, 16), 16),     # k = d: one full round
+    ((64, 16), 40),     # k > d: three rounds (16 + 16 + 8)
+    ((64, 16), 64),     # k = h: everything
+    ((48, 48), 30),     # square, k < d
+    ((48, 48), 48),     # square, k = h = d
+    ((300, 64), 200),   # tall, several rounds
+    ((20, 50), 12),     # wide (h < d): one round covers every row
+]
+
+
+@pytest.mark.parametrize("shape,k", SHAPES_K)
+def test_diversity_equals_naive_greedy_loop(shape, k):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    ref = naive_greedy(w, k)
+    got = select_neurons(w, k, "diversity")
+    assert torch.equal(got, torch.sort(ref).values)
+    # the order within a round is the greedy order too
+    order = dgmr.criteria.diversity(w.clone(), k)
+    assert torch.equal(order, ref)
+
+
+def test_diversity_at_vit_b_layer_shape():
+    w = torch.randn(3072, 768, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = naive_greedy(w[:, :96].contiguous(), 200)  # naive loop is slow: check a 3072x96 slice, 3 rounds
+    assert torch.equal(select_neurons(w[:, :96], 200), torch.sort(ref).values)
+
+
+def test_first_round_is_pivoted_qr_of_w_transposed():
+    import scipy.linalg
+
+    w = torch.randn(256, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _, _, piv = scipy.linalg.qr(w.T.numpy(), pivoting=True)
+    assert torch.equal(dgmr.criteria.pivot_order(w, 32), torch.from_numpy(piv[:32]).long())
+    assert torch.equal(w, torch.randn(256, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64))  # untouched
+
+
+def test_low_precision_weights_are_scored_in_float64():
+    w = torch.randn(128, 32, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    got = select_neurons(w, 48)
+    assert torch.equal(got, torch.sort(naive_greedy(w.double(), 48)).values)
+
+
+def test_gated_scoring_uses_gate_and_up_rows_together():
+    g = torch.Generator().manual_seed(7)
+    up, gate = torch.randn(96, 16, generator=g, dtype=torch.float64), torch.randn(96, 16, generator=g, dtype=torch.float64)
+    got = select_neurons(up, 40, w_gate=gate)
+    assert torch.equal(got, torch.sort(naive_greedy(torch.cat([gate, up], 1), 40)).values)
+    # a round holds 2d = 32 picks on the concatenation, not d
+    assert torch.equal(got, torch.sort(dgmr.criteria.diversity(torch.cat([gate, up], 1), 40)).values)
+    assert not torch.equal(got, select_neurons(up, 40))  # the gate matters
+
+
+def test_gated_neurons_kept_as_pairs_in_packed_layout():
+    from dgmr.mlp import find_mlps, shrink_mlp
+    from timm.layers import SwiGLUPacked
+
+    torch.manual_seed(0)
+    mlp = SwiGLUPacked(16, 64)  # fc1 holds [gate(32); up(32)], fc2 reads 32
+    site = find_mlps(torch.nn.ModuleDict({"mlp": mlp}))[0]
+    assert site.packed == "gate_first" and site.hidden == 32
+    w = mlp.fc1.weight.detach().clone()
+    up, gate = site.scoring_weights()
+    assert torch.equal(gate, w[:32]) and torch.equal(up, w[32:])
+    keep = select_neurons(up, 10, w_gate=gate)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        full_hidden = torch.nn.functional.silu(x @ w[:32].T + mlp.fc1.bias[:32]) * (x @ w[32:].T + mlp.fc1.bias[32:])
+        expect = full_hidden[:, keep] @ mlp.fc2.weight[:, keep].T + mlp.fc2.bias
+        shrink_mlp(site, keep)
+        torch.testing.assert_close(mlp(x), expect)
+    assert mlp.fc1.weight.shape == (20, 16) and mlp.fc2.weight.shape == (16, 10)
+
+
+def test_l2_keeps_largest_rows():
+    w = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    norms = w.norm(dim=1)
+    got = select_neurons(w, 7, "l2")
+    assert set(got.tolist()) == set(torch.topk(norms, 7).indices.tolist())
+
+
+def test_random_is_seeded_and_without_replacement():
+    w = torch.randn(100, 8)
+    a, b, c = (select_neurons(w, 30, "random", seed=s) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.unique().numel() == 30 and a.min() >= 0 and a.max() < 100
+
+
+@pytest.mark.parametrize("k", [0, 101, -3])
+def test_bad_k_is_a_clear_error(k):
+    with pytest.raises(DgmrError, match="cannot keep"):
+        select_neurons(torch.randn(100, 8), k)
+
+
+def test_unknown_criterion_and_bad_weights():
+    with pytest.raises(DgmrError, match="unknown criterion"):
+        select_neurons(torch.randn(10, 4), 3, "magic")
+    with pytest.raises(DgmrError, match="NaN"):
+        select_neurons(torch.full((10, 4), float("nan")), 3)
+    with pytest.raises(DgmrError, match="meta"):
+        select_neurons(torch.empty(10, 4, device="meta"), 3)
+
+
+def test_adding_a_criterion_is_one_function():
+    @register_criterion("last_k_for_test")
+    def last_k(w, k, *, seed=0):
+        return torch.arange(w.shape[0] - k, w.shape[0])
+
+    try:
+        assert select_neurons(torch.randn(10, 4), 3, "last_k_for_test").tolist() == [7, 8, 9]
+    finally:
+        CRITERIA.pop("last_k_for_test")
