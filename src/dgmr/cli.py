@@ -17,7 +17,7 @@ from . import __version__
 from .errors import DgmrError
 
 # modules that add sub-commands (each has register(subparsers))
-COMMAND_MODULES = ("dgmr.commands", "dgmr.distill_cli")
+COMMAND_MODULES = ("dgmr.commands", "dgmr.distill_cli", "dgmr.eval_cli")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,196 @@
+"""The ``eval`` (knn, linear, zeroshot, retrieval, speed) and ``report`` sub-commands."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from .commands import add_model_args
+from .errors import DgmrError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("empty list")
+    return vals
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("empty list")
+    return vals
+
+
+def _common(p: argparse.ArgumentParser, *, model: bool = True, features: bool = True) -> None:
+    if model:
+        add_model_args(p)
+    p.add_argument("--random-init", action="store_true", help="build the architecture with random weights (no download)")
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: the rank's GPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (autocast for features; weights for speed)")
+    if features:
+        p.add_argument("--batch-size", type=int, default=64, help="images per forward (per process)")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+        p.add_argument("--cache-dir", default=None,
+                       help="feature cache (default: $DGMR_CACHE/features or ~/.cache/dgmr/features)")
+        p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
+        p.add_argument("--label", default=None, help="model name in results and reports (default: MODEL)")
+    p.add_argument("--save", default=None, metavar="FILE", help="also write the result JSON to FILE (for dgmr report)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _feature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.batch_size < 1:
+        raise DgmrError("--batch-size must be >= 1")
+    if args.image_size is not None and args.image_size < 1:
+        raise DgmrError("--image-size must be >= 1")
+    return dict(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                dtype=args.dtype, cache_dir=False if args.no_cache else args.cache_dir, random_init=args.random_init,
+                model_kwargs=args.model_kwargs, label=args.label, progress=not args.json)
+
+
+def _finish(args: argparse.Namespace, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    if result is not None and args.save:
+        from .evaluate.tasks import save_result
+
+        save_result(result, args.save)
+    return result
+
+
+def _knn(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .evaluate.tasks import eval_knn
+
+    return _finish(args, eval_knn(args.model, args.train, args.val, ks=args.k, temperature=args.temperature,
+                                  **_feature_kwargs(args)))
+
+
+def _linear(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .evaluate.tasks import eval_linear
+
+    return _finish(args, eval_linear(args.model, args.train, args.val, weight_decays=args.weight_decays,
+                                     val_fraction=args.held_out, max_iter=args.max_iter, seed=args.seed,
+                                     **_feature_kwargs(args)))
+
+
+def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .evaluate.tasks import eval_zeroshot
+
+    return _finish(args, eval_zeroshot(args.model, args.data, classnames=args.classnames, templates=args.templates,
+                                       text_model=args.text_model, **_feature_kwargs(args)))
+
+
+def _retrieval(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .evaluate.tasks import eval_retrieval
+
+    return _finish(args, eval_retrieval(args.model, args.captions, args.images, text_model=args.text_model,
+                                        ks=args.k, **_feature_kwargs(args)))
+
+
+def _speed(args: argparse.Namespace) -> dict[str, Any]:
+    from .evaluate.tasks import eval_speed
+
+    if args.batch_size < 1 or args.repeats < 1:
+        raise DgmrError("--batch-size and --repeats must be >= 1")
+    labels = args.label.split(",") if args.label else None
+    return _finish(args, eval_speed(args.models, labels=labels, batch_size=args.batch_size, image_size=args.image_size,
+                                    device=args.device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
+                                    random_init=args.random_init, model_kwargs=args.model_kwargs))
+
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    from .evaluate.report import render_report
+
+    return render_report(args.inputs, args.out, baseline=args.baseline, overwrite=args.overwrite, title=args.title)
+
+
+def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .evaluate.knn import DEFAULT_KS
+    from .evaluate.linear import DEFAULT_WEIGHT_DECAYS
+
+    ev = sub.add_parser("eval", help="evaluate a model: knn, linear, zeroshot, retrieval, speed",
+                        description="Standard evaluation protocols on frozen features; accuracies are fractions in "
+                                    "[0, 1] under top1/top5. Runs alone (CPU/GPU) or under torchrun.")
+    esub = ev.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
+
+    p = _add(esub, "knn", _knn, "weighted kNN on L2-normalised features (DINO protocol)",
+             "kNN classification of --val against --train (ImageFolder layouts): cosine similarity, votes weighted "
+             "exp(sim/T), resize 256 / center-crop 224 scaled to the model's input size, the model's mean/std.")
+    _common(p)
+    p.add_argument("--train", required=True, help="training split (root/CLASS/IMAGE)")
+    p.add_argument("--val", required=True, help="evaluation split (root/CLASS/IMAGE)")
+    p.add_argument("--k", type=_int_list, default=list(DEFAULT_KS), help="comma-separated k values (default 10,20,100,200)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
+
+    p = _add(esub, "linear", _linear, "linear probe (logistic regression) on frozen features",
+             "Logistic regression on frozen pooled features; the L2 penalty is chosen on a held-out part of --train, "
+             "then the classifier is refit on all of --train and scored on --val.")
+    _common(p)
+    p.add_argument("--train", required=True, help="training split (root/CLASS/IMAGE)")
+    p.add_argument("--val", required=True, help="evaluation split (root/CLASS/IMAGE)")
+    p.add_argument("--weight-decays", type=_float_list, default=list(DEFAULT_WEIGHT_DECAYS),
+                   help="comma-separated L2 penalties to try")
+    p.add_argument("--held-out", type=float, default=0.2, help="fraction of --train held out to pick the penalty")
+    p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations per fit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+
+    p = _add(esub, "zeroshot", _zeroshot, "CLIP zero-shot classification (open_clip, HF CLIP/SigLIP)",
+             "Zero-shot classification of --data (root/CLASS/IMAGE) with class text embeddings averaged over prompt "
+             "templates (default: the 80 OpenAI ImageNet templates).")
+    _common(p)
+    p.add_argument("--data", required=True, help="evaluation split (root/CLASS/IMAGE)")
+    p.add_argument("--classnames", default=None,
+                   help="class names, one per line in sorted folder order (.txt) or a JSON list; default: the "
+                        "bundled ImageNet-1K names (only for 1000 class folders)")
+    p.add_argument("--templates", default=None, help="prompt templates with '{}' (default: the 80 OpenAI ImageNet ones)")
+    p.add_argument("--text-model", default=None, metavar="MODEL",
+                   help="take the text tower from this model (e.g. the original CLIP for a vision-only student)")
+
+    p = _add(esub, "retrieval", _retrieval, "CLIP image<->text retrieval recall@K",
+             "Image->text and text->image recall@K from a COCO/Flickr-style captions file (JSON or CSV/TSV of image "
+             "path + one or more captions).")
+    _common(p)
+    p.add_argument("--captions", required=True, help="captions file (.json, .csv, .tsv)")
+    p.add_argument("--images", required=True, help="directory the image paths are relative to")
+    p.add_argument("--k", type=_int_list, default=[1, 5, 10], help="comma-separated K values (default 1,5,10)")
+    p.add_argument("--text-model", default=None, metavar="MODEL", help="take the text tower from this model")
+
+    p = _add(esub, "speed", _speed, "params, FLOPs, throughput and peak memory (several models: speedup)",
+             "Measure vision-tower params, FLOPs, throughput (warm-up, then median over repeats, models alternating) "
+             "and peak memory. With two models (original first), also speedup and flops_ratio.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model specs or dgmr directories (original first)")
+    from .commands import model_kwargs_arg
+
+    p.add_argument("--model-kwargs", type=model_kwargs_arg, default=None, metavar="JSON",
+                   help="extra architecture arguments for the specs")
+    _common(p, model=False, features=False)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards per model")
+    p.add_argument("--label", default=None, help="comma-separated names for the models")
+
+    p = sub.add_parser("report", help="compare original / pruned / distilled models: Markdown, JSON, plots",
+                       description="Build report.md (a table with params, FLOPs, throughput, every accuracy and deltas "
+                                   "against the original), report.json and PNG plots (recovery curve from "
+                                   "metrics.jsonl, accuracy vs FLOPs) from eval result files (--save), dgmr model "
+                                   "directories and distillation run directories.")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULT", help="result JSON files, model dirs or run dirs")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--baseline", default=None, help="model the deltas are against (default: the first original)")
+    p.add_argument("--title", default="dgmr report", help="report title")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_report)

@@ -1,0 +1,194 @@
+"""Feature extraction for evaluation, with an on-disk cache.
+
+One code path alone (CPU or one GPU) and under ``torchrun``: when ``torch.distributed`` is
+initialised, each rank takes its :class:`~torch.utils.data.DistributedSampler` share, keeps
+the dataset index of every feature, and the shares are all-gathered and written back by
+index, so the sampler's padding (repeated samples) is harmless and every rank ends with the
+full, ordered feature matrix.
+
+Cached features live in ``<cache>/<key>.safetensors`` where the key hashes the model's
+weights, the dataset listing, the transform and the feature kind, so repeated evaluations
+and k sweeps never re-extract.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..errors import DgmrError
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    """``$DGMR_CACHE/features``, else ``$XDG_CACHE_HOME/dgmr/features`` (``~/.cache/dgmr/features``)."""
+    if os.environ.get("DGMR_CACHE"):
+        return Path(os.environ["DGMR_CACHE"]) / "features"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dgmr" / "features"
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(*parts: str) -> str:
+    return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()[:32]
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pooled_features(model: nn.Module, family: Any) -> FeatureFn:
+    """The CLS/pooled feature of ``family.features`` (what kNN and the linear probe use)."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return family.features(model, x)["pooled"]
+    return fn
+
+
+@torch.no_grad()
+def extract_features(
+    fn: FeatureFn,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``fn`` over ``dataset`` (items ``(image, label, index)``); returns ``(features
+    float16 (N, D) on CPU, labels int64 (N,))`` in dataset order on every rank."""
+    import torch.distributed as dist
+
+    rank, world = _dist()
+    n = len(dataset)
+    if n == 0:
+        raise DgmrError("cannot extract features from an empty dataset")
+    sampler = None
+    if world > 1:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    feats, labels, idxs = [], [], []
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    for x, y, i in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
+        with autocast:
+            f = fn(x.to(device, non_blocking=True))
+        if f.ndim != 2:
+            f = f.flatten(1)
+        if not torch.isfinite(f).all():
+            raise DgmrError("the model produced NaN/inf features")
+        feats.append(f.float().half())
+        labels.append(torch.as_tensor(y, device=device))
+        idxs.append(torch.as_tensor(i, device=device))
+    f, y, i = torch.cat(feats), torch.cat(labels).long(), torch.cat(idxs).long()
+    if world > 1:
+        # every rank holds ceil(n / world) samples (the sampler pads by repeating): gather and scatter by index
+        gather_dev = _collective_device()
+        f, y, i = f.to(gather_dev), y.to(gather_dev), i.to(gather_dev)
+        fs = [torch.empty_like(f) for _ in range(world)]
+        ys = [torch.empty_like(y) for _ in range(world)]
+        is_ = [torch.empty_like(i) for _ in range(world)]
+        dist.all_gather(fs, f.contiguous())
+        dist.all_gather(ys, y.contiguous())
+        dist.all_gather(is_, i.contiguous())
+        f, y, i = torch.cat(fs), torch.cat(ys), torch.cat(is_)
+    out_f = torch.empty(n, f.shape[1], dtype=torch.float16)
+    out_y = torch.empty(n, dtype=torch.long)
+    seen = torch.zeros(n, dtype=torch.bool)
+    i = i.cpu()
+    out_f[i] = f.cpu()
+    out_y[i] = y.cpu()
+    seen[i] = True
+    if not bool(seen.all()):
+        raise DgmrError(f"feature extraction missed {int((~seen).sum())} of {n} samples")
+    return out_f, out_y
+
+
+class FeatureCache:
+    """Features on disk as safetensors, keyed by a hash; writes are atomic (temp + rename)
+    and only rank 0 writes. ``FeatureCache(None)`` caches nothing."""
+
+    def __init__(self, root: str | os.PathLike | None) -> None:
+        self.root = Path(root) if root is not None else None
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path | None:
+        return None if self.root is None else self.root / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        p = self.path(key)
+        if p is None or not p.is_file():
+            return None
+        try:
+            d = load_file(str(p))
+        except (SafetensorError, OSError):  # a damaged cache entry is simply recomputed
+            return None
+        self.hits += 1
+        return d["features"], d["labels"]
+
+    def put(self, key: str, feats: torch.Tensor, labels: torch.Tensor, meta: dict[str, str]) -> None:
+        p = self.path(key)
+        if p is None or _dist()[0] != 0:
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
+        save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp),
+                  metadata={k: str(v) for k, v in meta.items()})
+        tmp.replace(p)
+
+    def features(self, key_parts: dict[str, str], compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached features for ``key_parts`` (a dict of strings), else ``compute()`` and store."""
+        key = cache_key(*(f"{k}={v}" for k, v in sorted(key_parts.items())))
+        hit = self.get(key)
+        rank, world = _dist()
+        if world > 1:  # every rank must agree, or the others would wait forever in all_gather
+            import torch.distributed as dist
+
+            flag = torch.tensor([1 if hit is not None else 0], device=_collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if not int(flag.item()):
+                hit = None
+        if hit is not None:
+            return hit
+        self.misses += 1
+        feats, labels = compute()
+        self.put(key, feats, labels, {k: v[:200] for k, v in key_parts.items()})
+        return feats, labels

@@ -1,0 +1,362 @@
+"""``dgmr report``: one table comparing original / pruned / distilled models, and plots.
+
+Inputs are result JSON files written by ``dgmr eval ... --save FILE`` (or the dicts
+themselves), dgmr model directories, and distillation run directories (a ``metrics.jsonl``
+plus the exported student and any saved results). Output: ``report.md`` (a Markdown table
+with deltas against the original), ``report.json``, ``recovery_<run>.png`` (distillation
+loss and any logged accuracy vs step) and ``accuracy_vs_flops.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..artifact import atomic_dir, read_config, write_json
+from ..errors import DgmrError
+from ..sources import is_dgmr_dir
+
+ROLE_ORDER = {"original": 0, "pruned": 1, "distilled": 2}
+SPLIT_NAMES = {"val", "test", "train", "validation", "images", "data"}
+
+
+def _norm(label: str) -> str:
+    return os.path.normpath(label) if os.path.exists(label) else label
+
+
+def _dataset_name(path: str | None) -> str:
+    if not path:
+        return ""
+    p = Path(path)
+    name = p.stem if p.is_file() else p.name
+    if name.lower() in SPLIT_NAMES and p.parent.name:
+        name = p.parent.name
+    return name
+
+
+def metric_columns(result: dict[str, Any]) -> dict[str, float]:
+    """The accuracy-like numbers of one eval result, as {column: fraction}."""
+    m = result.get("metric")
+    if m in ("knn", "linear", "zeroshot"):
+        ds = _dataset_name(result.get("val") or result.get("data"))
+        suffix = f" ({ds})" if ds else ""
+        return {f"{m} top-1{suffix}": result["top1"]}
+    if m == "retrieval":
+        ds = _dataset_name(result.get("captions"))
+        suffix = f" ({ds})" if ds else ""
+        return {f"retrieval mean recall{suffix}": result["mean_recall"],
+                f"i→t R@1{suffix}": result["image_to_text"].get("R@1", math.nan),
+                f"t→i R@1{suffix}": result["text_to_image"].get("R@1", math.nan)}
+    return {}
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.metrics: list[str] = []
+        self.sources: dict[str, list[str]] = {}
+
+    def row(self, label: str) -> dict[str, Any]:
+        label = _norm(label)
+        return self.rows.setdefault(label, {"model": label, "role": None})
+
+    def add_result(self, res: dict[str, Any], origin: str) -> None:
+        if res.get("metric") == "speed":
+            for name, r in res["models"].items():
+                row = self.row(name)
+                for k in ("params", "flops", "throughput", "latency_ms", "peak_memory_bytes"):
+                    if r.get(k) is not None:
+                        row[k] = r[k]
+                row["speed_setting"] = f"{res.get('device')}, {res.get('dtype')}, batch {res.get('batch_size')}, {res.get('image_size')} px"
+                if r.get("role"):
+                    row["role"] = row["role"] or r["role"]
+            return
+        if "model" not in res or "metric" not in res:
+            raise DgmrError(f"{origin}: not a dgmr eval result (no 'metric'/'model' fields)")
+        row = self.row(res["model"])
+        row["role"] = row["role"] or res.get("role")
+        for k in ("params", "flops"):
+            if res.get(k) is not None and k not in row:
+                row[k] = res[k]
+        for col, v in metric_columns(res).items():
+            row[col] = v
+            if col not in self.metrics:
+                self.metrics.append(col)
+        self.sources.setdefault(row["model"], []).append(origin)
+
+    def add_model_dir(self, path: Path, role: str | None = None) -> dict[str, Any]:
+        from .tasks import model_role
+
+        cfg = read_config(path)
+        row = self.row(str(path))
+        row["role"] = role or row["role"] or model_role(path)
+        if cfg.get("vision_params") and "params" not in row:
+            row["params"] = cfg["vision_params"]
+        return row
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Lines of a ``metrics.jsonl`` (a torn last line of a live run is skipped)."""
+    rows = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            if n == len(lines) - 1:
+                continue
+            raise DgmrError(f"{path}:{n + 1} is not a JSON line") from None
+        if isinstance(d, dict):
+            d.setdefault("step", len(rows))
+            rows.append(d)
+    return rows
+
+
+def _load_json_results(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DgmrError(f"cannot read result file {path}: {e}") from None
+    items = data if isinstance(data, list) else [data]
+    if not all(isinstance(d, dict) for d in items):
+        raise DgmrError(f"{path}: expected a result object or a list of them")
+    return items
+
+
+def _is_result(d: dict[str, Any]) -> bool:
+    return d.get("metric") in ("knn", "linear", "zeroshot", "retrieval", "speed")
+
+
+def collect(inputs: Sequence[str | os.PathLike | dict[str, Any]]) -> tuple[_Rows, list[dict[str, Any]]]:
+    """Read every input into table rows; returns (rows, runs) where a run is
+    {"name", "path", "metrics": [...]} for each distillation run directory."""
+    rows, runs = _Rows(), []
+    for item in inputs:
+        if isinstance(item, dict):
+            rows.add_result(item, "<dict>")
+            continue
+        p = Path(item)
+        if p.is_file():
+            for d in _load_json_results(p):
+                rows.add_result(d, str(p))
+            continue
+        if not p.is_dir():
+            raise DgmrError(f"{p} does not exist")
+        found = False
+        metrics = p / "metrics.jsonl"
+        if metrics.is_file():
+            run = {"name": p.name or str(p), "path": str(p), "metrics": read_metrics(metrics)}
+            runs.append(run)
+            found = True
+        model_dirs = [p] if is_dgmr_dir(p) else []
+        model_dirs += [d for d in sorted(p.iterdir()) if d.is_dir() and is_dgmr_dir(d)]
+        for d in model_dirs:
+            row = rows.add_model_dir(d, "distilled" if metrics.is_file() else None)
+            if metrics.is_file():
+                runs[-1]["model"] = row["model"]
+            found = True
+        for f in sorted(p.glob("*.json")) + sorted(p.glob("eval/*.json")):
+            if f.name == "config.json":
+                continue
+            try:
+                items = _load_json_results(f)
+            except DgmrError:
+                continue
+            for d in items:
+                if _is_result(d):
+                    rows.add_result(d, str(f))
+                    found = True
+        if not found:
+            raise DgmrError(f"{p} holds no metrics.jsonl, dgmr model or eval result JSON")
+    if not rows.rows and not runs:
+        raise DgmrError("nothing to report")
+    return rows, runs
+
+
+def _fmt_int(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "–"
+    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suf}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _rel(v: float | None, base: float | None) -> str:
+    if v is None or base is None or not base:
+        return ""
+    d = v / base - 1
+    return "" if abs(d) < 5e-4 else f" ({d:+.1%})"
+
+
+def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir: str | os.PathLike, *,
+                  baseline: str | None = None, overwrite: bool = False, title: str = "dgmr report") -> dict[str, Any]:
+    """Write ``report.md``, ``report.json`` and PNG plots into ``out_dir`` (atomically) from
+    result files / dicts, dgmr model dirs and distillation run dirs; returns a summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_obj, runs = collect(results)
+    rows = list(rows_obj.rows.values())
+    for r in rows:
+        r["role"] = r["role"] or "original"
+    rows.sort(key=lambda r: ROLE_ORDER.get(r["role"], 3))  # stable: input order within a role
+    if baseline is not None:
+        base = next((r for r in rows if r["model"] in (baseline, _norm(baseline))), None)
+        if base is None:
+            raise DgmrError(f"--baseline {baseline!r} is none of the models: {', '.join(r['model'] for r in rows)}")
+    else:
+        base = next((r for r in rows if r["role"] == "original"), rows[0] if rows else None)
+    metrics = rows_obj.metrics
+    has = {k: any(r.get(k) is not None for r in rows) for k in ("params", "flops", "throughput", "peak_memory_bytes")}
+
+    header = ["model", "role"]
+    if has["params"]:
+        header.append("params")
+    if has["flops"]:
+        header.append("FLOPs/img")
+    if has["throughput"]:
+        header.append("img/s")
+    if has["peak_memory_bytes"]:
+        header.append("peak mem")
+    header += metrics
+    lines = [f"# {title}", ""]
+    if base is not None:
+        lines += [f"Deltas are against **{base['model']}** ({base['role']}): relative for params, FLOPs and "
+                  "throughput, percentage points for accuracies. Accuracies in %.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+    json_rows = []
+    table = lines[-2:]
+    for r in rows:
+        is_base = r is base
+        cells = [f"`{r['model']}`", r["role"]]
+        jr = {"model": r["model"], "role": r["role"]}
+        for key, col in (("params", "params"), ("flops", "FLOPs/img"), ("throughput", "img/s"), ("peak_memory_bytes", "peak mem")):
+            if col not in header:
+                continue
+            v, b = r.get(key), (base or {}).get(key)
+            jr[key] = v
+            if v is None:
+                cells.append("–")
+                continue
+            if key == "throughput":
+                txt = f"{v:.1f}" + ("" if is_base or not b else f" (×{v / b:.2f})")
+                jr["speedup"] = None if not b else v / b
+            elif key == "peak_memory_bytes":
+                txt = _fmt_int(v, "B") + ("" if is_base else _rel(v, b))
+            else:
+                txt = _fmt_int(v) + ("" if is_base else _rel(v, b))
+                jr[f"{key}_ratio"] = None if not b or not v else b / v
+            cells.append(txt)
+        for m in metrics:
+            v = r.get(m)
+            jr[m] = v
+            if v is None:
+                cells.append("–")
+                continue
+            b = (base or {}).get(m)
+            delta = "" if is_base or b is None else f" ({100 * (v - b):+.1f})"
+            jr[f"{m} delta"] = None if b is None else v - b
+            cells.append(f"{100 * v:.1f}{delta}")
+        lines.append("| " + " | ".join(cells) + " |")
+        table.append(lines[-1])
+        json_rows.append(jr)
+    settings = sorted({r["speed_setting"] for r in rows if r.get("speed_setting")})
+    if settings:
+        lines += ["", "Throughput measured on: " + "; ".join(settings) + " (median over repeats, warm-up excluded)."]
+
+    plots: list[str] = []
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for run in runs:
+            name = f"recovery_{_slug(run['name'])}.png"
+            if _plot_recovery(plt, run, tmp / name):
+                plots.append(name)
+                lines += ["", f"## Recovery: {run['name']}", "", f"![recovery curve]({name})"]
+                last = run["metrics"][-1] if run["metrics"] else {}
+                if "loss" in last:
+                    first_loss = next((m["loss"] for m in run["metrics"] if "loss" in m), None)
+                    lines.append("")
+                    lines.append(f"Distillation loss {first_loss:.4g} → {last['loss']:.4g} over "
+                                 f"{last.get('step')} steps.")
+        pts = [r for r in rows if r.get("flops") and any(r.get(m) is not None for m in metrics)]
+        if pts and metrics:
+            name = "accuracy_vs_flops.png"
+            _plot_acc_flops(plt, pts, metrics, tmp / name)
+            plots.append(name)
+            lines += ["", "## Accuracy vs FLOPs", "", f"![accuracy vs FLOPs]({name})"]
+        md = "\n".join(lines) + "\n"
+        (tmp / "report.md").write_text(md, encoding="utf-8")
+        summary = {"title": title, "baseline": base["model"] if base else None, "columns": header, "rows": json_rows,
+                   "runs": [{"name": r["name"], "path": r["path"], "model": r.get("model"), "steps": len(r["metrics"]),
+                             "last": r["metrics"][-1] if r["metrics"] else None} for r in runs],
+                   "plots": plots, "sources": rows_obj.sources}
+        write_json(tmp / "report.json", summary)
+    return {"out": str(out_dir), "markdown": str(Path(out_dir) / "report.md"), "json": str(Path(out_dir) / "report.json"),
+            "plots": [str(Path(out_dir) / p) for p in plots], "models": len(rows), "runs": len(runs),
+            "table": "\n".join(table)}
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in s) or "run"
+
+
+def _plot_recovery(plt: Any, run: dict[str, Any], path: Path) -> bool:
+    ms = [m for m in run["metrics"] if isinstance(m.get("step"), (int, float))]
+    loss_keys = [k for k in ("loss", "loss_pooled", "loss_tokens") if any(isinstance(m.get(k), (int, float)) for m in ms)]
+    acc_keys = sorted({k for m in ms for k, v in m.items() if isinstance(v, (int, float))
+                       and ("top1" in k or "top5" in k or k.endswith("acc") or "accuracy" in k)})
+    if not loss_keys and not acc_keys:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for k in loss_keys:
+        pts = [(m["step"], m[k]) for m in ms if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.6 if k == "loss" else 1.0)
+    if loss_keys and all(m.get(k, 1) > 0 for m in ms for k in loss_keys if isinstance(m.get(k), (int, float))):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if acc_keys:
+        ax2 = ax.twinx()
+        for i, k in enumerate(acc_keys):
+            pts = [(m["step"], m[k]) for m in ms if isinstance(m.get(k), (int, float))]
+            scale = 100 if all(p[1] <= 1 for p in pts) else 1
+            ax2.plot([p[0] for p in pts], [scale * p[1] for p in pts], "o--", ms=4, color=f"C{len(loss_keys) + i}", label=k)
+        ax2.set_ylabel("accuracy (%)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="best", fontsize=8)
+    ax.set_title(f"recovery: {run['name']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _plot_acc_flops(plt: Any, rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    markers = {"original": "o", "pruned": "s", "distilled": "^"}
+    for i, m in enumerate(metrics):
+        pts = sorted((r["flops"], 100 * r[m], r) for r in rows if r.get(m) is not None)
+        if not pts:
+            continue
+        ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], "-", color=f"C{i}", alpha=0.4)
+        for f, a, r in pts:
+            ax.scatter([f / 1e9], [a], marker=markers.get(r["role"], "D"), color=f"C{i}", s=40, zorder=3)
+            ax.annotate(r["role"], (f / 1e9, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.plot([], [], "-", color=f"C{i}", label=m)
+    ax.set_xlabel("GFLOPs per image (vision tower)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("accuracy vs FLOPs (○ original, □ pruned, △ distilled)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,361 @@
+"""Evaluations of a model on folders of images: thin wrappers that open the model, extract
+(cached) features and call the tensor-level protocols in :mod:`.knn`, :mod:`.linear`,
+:mod:`.zeroshot` and :mod:`.retrieval`. Every function returns a JSON-able dict with the
+model's label, role (original / pruned / distilled), params, FLOPs and the metric.
+
+Under ``torchrun`` the process group is started from the environment (NCCL on GPUs, gloo
+on CPU), every rank extracts its share, and only rank 0 returns a result (others: None).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..artifact import read_config
+from ..errors import DgmrError
+from ..families import Family, family_of
+from ..sources import Source, is_dgmr_dir
+from ..stats import count_flops, count_params
+from .datasets import (CROP_PCT, ImageFolderSplit, ImageListDataset, describe_transform, eval_transform,
+                       read_captions, read_lines)
+from .features import FeatureCache, default_cache_dir, extract_features, pooled_features, weights_hash
+from .knn import DEFAULT_KS, knn_classify
+from .linear import DEFAULT_WEIGHT_DECAYS, linear_probe
+from .retrieval import retrieval_recall
+from .speed import check_image_size, measure_speed
+from .zeroshot import (ClipTowers, clip_towers, encode_texts, imagenet_classnames, imagenet_templates,
+                       text_classifier, zeroshot_classify)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise DgmrError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def distributed_from_env() -> Iterator[tuple[int, int, torch.device | None]]:
+    """Start a process group when launched by torchrun (WORLD_SIZE > 1) and none exists;
+    yields (rank, world size, the rank's device or None)."""
+    import torch.distributed as dist
+
+    started = False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = None
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            dev = torch.device("cuda", local)
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+        started = True
+    try:
+        if dist.is_available() and dist.is_initialized():
+            if dev is None and dist.get_backend() == "nccl":
+                dev = torch.device("cuda", torch.cuda.current_device())
+            yield dist.get_rank(), dist.get_world_size(), dev
+        else:
+            yield 0, 1, None
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def resolve_device(device: str | torch.device | None, dist_device: torch.device | None = None) -> torch.device:
+    if dist_device is not None:
+        return dist_device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DgmrError(f"unknown device {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DgmrError("--device cuda asked for, but no GPU is available")
+    return dev
+
+
+def model_role(model: str | os.PathLike | nn.Module) -> str:
+    """original (a spec, or a dgmr dir without a prune record), pruned, or distilled
+    (a dgmr dir with distillation settings recorded or a metrics.jsonl beside it)."""
+    if isinstance(model, nn.Module) or not is_dgmr_dir(model):
+        return "original"
+    cfg = read_config(model)
+    p = Path(model)
+    if any("distill" in k for k in cfg) or (p / "metrics.jsonl").is_file() or (p.parent / "metrics.jsonl").is_file():
+        return "distilled"
+    shrunk = (cfg.get("params_after") or 0) < (cfg.get("params_before") or 0)
+    return "pruned" if cfg.get("prune") or shrunk else "original"
+
+
+def open_eval_model(model: str | os.PathLike | nn.Module, *, random_init: bool = False,
+                    model_kwargs: dict[str, Any] | None = None, label: str | None = None
+                    ) -> tuple[nn.Module, Source | None, dict[str, Any]]:
+    """(model in eval mode, its source, {"model": label, "role", "family"})."""
+    from ..pipeline import open_model
+
+    if isinstance(model, nn.Module):
+        net, src = model.eval(), None
+        name = label or type(model).__name__
+    else:
+        net, src = open_model(model, random_init=random_init, model_kwargs=model_kwargs)
+        name = label or str(model)
+    return net, src, {"model": name, "role": model_role(model), "family": family_of(net).name}
+
+
+def _model_numbers(net: nn.Module, family: Family, image_size: int) -> dict[str, Any]:
+    return {"params": count_params(net, family), "flops": count_flops(net, family, image_size), "image_size": image_size}
+
+
+def _cache(cache_dir: str | os.PathLike | None | bool) -> FeatureCache:
+    if cache_dir is False:
+        return FeatureCache(None)
+    return FeatureCache(default_cache_dir() if cache_dir in (None, True) else cache_dir)
+
+
+def _prepare(model: Any, *, image_size: int | None, device: torch.device, dtype: torch.dtype, random_init: bool,
+             model_kwargs: dict[str, Any] | None, label: str | None, crop_pct: float
+             ) -> tuple[nn.Module, Source | None, Family, dict[str, Any], dict[str, Any]]:
+    net, src, info = open_eval_model(model, random_init=random_init, model_kwargs=model_kwargs, label=label)
+    family = family_of(net)
+    dc = family.data_config(net)
+    size = int(image_size or dc["image_size"])
+    net.to(device)
+    if size != dc["image_size"]:
+        check_image_size(net, family, size, label=info["model"])
+    info.update(_model_numbers(net, family, size))
+    dc = {**dc, "image_size": size, "crop_pct": crop_pct}
+    return net, src, family, info, dc
+
+
+def _split_features(fn, ds, key: dict[str, str], cache: FeatureCache, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    key = {**key, "data": ds.listing_digest(), "n": str(len(ds))}
+    return cache.features(key, lambda: extract_features(fn, ds, **kw))
+
+
+def _feature_key(net: nn.Module, family: Family, dc: dict[str, Any], kind: str, dtype: torch.dtype) -> dict[str, str]:
+    return {"weights": weights_hash(net), "family": family.name, "kind": kind, "dtype": str(dtype),
+            "transform": describe_transform(dc["image_size"], dc["mean"], dc["std"], dc["crop_pct"])}
+
+
+def _classification_features(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, image_size, batch_size,
+                             num_workers, device, dtype, cache_dir, random_init, model_kwargs, label, progress,
+                             crop_pct) -> tuple[dict[str, Any], Any, int] | None:
+    with distributed_from_env() as (rank, world, ddev):
+        dev, dt = resolve_device(device, ddev), parse_dtype(dtype)
+        net, _, family, info, dc = _prepare(model, image_size=image_size, device=dev, dtype=dt, random_init=random_init,
+                                            model_kwargs=model_kwargs, label=label, crop_pct=crop_pct)
+        tf = eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct)
+        tr = ImageFolderSplit(train, tf)
+        va = ImageFolderSplit(val, tf, classes=tr.classes)
+        cache = _cache(cache_dir)
+        key = _feature_key(net, family, dc, "pooled", dt)
+        kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt, progress=progress)
+        t0 = time.perf_counter()
+        ftr, ytr = _split_features(pooled_features(net, family), tr, key, cache, desc="train features", **kw)
+        fva, yva = _split_features(pooled_features(net, family), va, key, cache, desc="val features", **kw)
+        if rank != 0:
+            return None
+        info.update({"train": str(train), "val": str(val), "world_size": world, "device": str(dev),
+                     "feature_dim": int(ftr.shape[1]), "feature_seconds": round(time.perf_counter() - t0, 3),
+                     "cache": {"hits": cache.hits, "misses": cache.misses,
+                               "dir": str(cache.root) if cache.root else None}})
+        return info, (ftr, ytr, fva, yva, dev), len(tr.classes)
+
+
+def eval_knn(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, ks: Sequence[int] = DEFAULT_KS,
+             temperature: float = 0.07, image_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
+             device: str | None = None, dtype: str | torch.dtype = "float32", cache_dir: Any = None,
+             random_init: bool = False, model_kwargs: dict[str, Any] | None = None, label: str | None = None,
+             progress: bool = False, crop_pct: float = CROP_PCT) -> dict[str, Any] | None:
+    """``dgmr eval knn``: weighted kNN (cosine, exp(sim/T)) of ``val`` against ``train``
+    (ImageFolder layouts), on the model's pooled/CLS features."""
+    got = _classification_features(model, train, val, image_size=image_size, batch_size=batch_size,
+                                    num_workers=num_workers, device=device, dtype=dtype, cache_dir=cache_dir,
+                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
+                                    progress=progress, crop_pct=crop_pct)
+    if got is None:
+        return None
+    info, (ftr, ytr, fva, yva, dev), c = got
+    res = knn_classify(ftr, ytr, fva, yva, ks=ks, temperature=temperature, num_classes=c, device=dev)
+    return {**info, **res}
+
+
+def eval_linear(model: Any, train: str | os.PathLike, val: str | os.PathLike, *,
+                weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, val_fraction: float = 0.2, seed: int = 0,
+                max_iter: int = 200, image_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
+                device: str | None = None, dtype: str | torch.dtype = "float32", cache_dir: Any = None,
+                random_init: bool = False, model_kwargs: dict[str, Any] | None = None, label: str | None = None,
+                progress: bool = False, crop_pct: float = CROP_PCT) -> dict[str, Any] | None:
+    """``dgmr eval linear``: logistic regression on frozen pooled features; the L2 penalty is
+    picked on a held-out ``val_fraction`` of ``train``."""
+    got = _classification_features(model, train, val, image_size=image_size, batch_size=batch_size,
+                                    num_workers=num_workers, device=device, dtype=dtype, cache_dir=cache_dir,
+                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
+                                    progress=progress, crop_pct=crop_pct)
+    if got is None:
+        return None
+    info, (ftr, ytr, fva, yva, dev), c = got
+    res = linear_probe(ftr, ytr, fva, yva, weight_decays=weight_decays, val_fraction=val_fraction, seed=seed,
+                       max_iter=max_iter, num_classes=c, device=dev)
+    return {**info, **res}
+
+
+def _clip_setup(model: Any, text_model: Any, *, image_size, device, dtype, random_init, model_kwargs, label, crop_pct):
+    dev, dt = device, dtype
+    net, src, family, info, dc = _prepare(model, image_size=image_size, device=dev, dtype=dt, random_init=random_init,
+                                          model_kwargs=model_kwargs, label=label, crop_pct=crop_pct)
+    model_dir = model if not isinstance(model, nn.Module) and is_dgmr_dir(model) else None
+    if text_model is None:
+        towers = clip_towers(net, src, model_dir=model_dir)
+    else:
+        tnet, tsrc, tinfo = open_eval_model(text_model, random_init=random_init, model_kwargs=model_kwargs)
+        tnet.to(dev)
+        tdir = text_model if not isinstance(text_model, nn.Module) and is_dgmr_dir(text_model) else None
+        image_towers = clip_towers(net, src, model_dir=model_dir)
+        text_towers = clip_towers(tnet, tsrc, model_dir=tdir)
+        towers = ClipTowers(image_towers.kind, net, image_towers.encode_image, text_towers.encode_text)
+        info["text_model"] = tinfo["model"]
+    return net, family, info, dc, towers
+
+
+def _classnames(classnames: str | os.PathLike | Sequence[str] | None, classes: list[str], data: Any) -> list[str]:
+    if classnames is None or classnames == "imagenet":
+        if len(classes) != 1000:
+            raise DgmrError(f"{data} has {len(classes)} class folders: give --classnames FILE (one name per line, in "
+                            "the sorted order of the folders); the bundled ImageNet names fit only 1000 classes")
+        names = imagenet_classnames()
+    elif isinstance(classnames, (str, os.PathLike)):
+        names = read_lines(classnames, "class names")
+    else:
+        names = [str(c) for c in classnames]
+    if len(names) != len(classes):
+        raise DgmrError(f"{len(names)} class names for {len(classes)} class folders in {data}")
+    return names
+
+
+def _templates(templates: str | os.PathLike | Sequence[str] | None) -> list[str]:
+    if templates is None or templates in ("openai", "imagenet"):
+        return imagenet_templates()
+    if isinstance(templates, (str, os.PathLike)):
+        return read_lines(templates, "templates")
+    return [str(t) for t in templates]
+
+
+def eval_zeroshot(model: Any, data: str | os.PathLike, *, classnames: Any = None, templates: Any = None,
+                  text_model: Any = None, image_size: int | None = None, batch_size: int = 64,
+                  text_batch_size: int = 256, num_workers: int = 0, device: str | None = None,
+                  dtype: str | torch.dtype = "float32", cache_dir: Any = None, random_init: bool = False,
+                  model_kwargs: dict[str, Any] | None = None, label: str | None = None, progress: bool = False,
+                  crop_pct: float = 1.0) -> dict[str, Any] | None:
+    """``dgmr eval zeroshot``: CLIP zero-shot classification of an ImageFolder ``data``
+    split with class embeddings averaged over prompt ``templates`` (default: the 80 OpenAI
+    ImageNet templates). ``classnames``: a file, a list, or None for the bundled ImageNet
+    names (1000 folders). ``text_model``: take the text tower from this model instead."""
+    tpl = _templates(templates)
+    if isinstance(classnames, (str, os.PathLike)) and classnames != "imagenet":
+        read_lines(classnames, "class names")  # fail before opening the model
+    with distributed_from_env() as (rank, world, ddev):
+        dev, dt = resolve_device(device, ddev), parse_dtype(dtype)
+        net, family, info, dc, towers = _clip_setup(model, text_model, image_size=image_size, device=dev, dtype=dt,
+                                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
+                                                    crop_pct=crop_pct)
+        ds = ImageFolderSplit(data, eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct))
+        names = _classnames(classnames, ds.classes, data)
+        cache = _cache(cache_dir)
+        t0 = time.perf_counter()
+        feats, labels = _split_features(towers.encode_image, ds, _feature_key(net, family, dc, "clip_image", dt), cache,
+                                        batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt,
+                                        progress=progress, desc="image embeddings")
+        if rank != 0:
+            return None
+        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+            clf = text_classifier(towers.encode_text, names, tpl, text_batch_size)
+        res = zeroshot_classify(feats, labels, clf)
+        info.update({"data": str(data), "templates": len(tpl), "world_size": world, "device": str(dev),
+                     "seconds": round(time.perf_counter() - t0, 3),
+                     "cache": {"hits": cache.hits, "misses": cache.misses}})
+        return {**info, **res}
+
+
+def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.PathLike, *, text_model: Any = None,
+                   ks: Sequence[int] = (1, 5, 10), image_size: int | None = None, batch_size: int = 64,
+                   text_batch_size: int = 256, num_workers: int = 0, device: str | None = None,
+                   dtype: str | torch.dtype = "float32", cache_dir: Any = None, random_init: bool = False,
+                   model_kwargs: dict[str, Any] | None = None, label: str | None = None, progress: bool = False,
+                   crop_pct: float = 1.0) -> dict[str, Any] | None:
+    """``dgmr eval retrieval``: image->text and text->image recall@K over a captions file
+    (see :func:`~dgmr.evaluate.datasets.read_captions`) and its images."""
+    caps = read_captions(captions, images)
+    with distributed_from_env() as (rank, world, ddev):
+        dev, dt = resolve_device(device, ddev), parse_dtype(dtype)
+        net, family, info, dc, towers = _clip_setup(model, text_model, image_size=image_size, device=dev, dtype=dt,
+                                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
+                                                    crop_pct=crop_pct)
+        ds = ImageListDataset(caps.images, eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct))
+        cache = _cache(cache_dir)
+        t0 = time.perf_counter()
+        feats, _ = _split_features(towers.encode_image, ds, _feature_key(net, family, dc, "clip_image", dt), cache,
+                                   batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt,
+                                   progress=progress, desc="image embeddings")
+        if rank != 0:
+            return None
+        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+            txt = encode_texts(towers.encode_text, caps.captions, text_batch_size)
+        img = torch.nn.functional.normalize(feats.float(), dim=-1)
+        if img.shape[1] != txt.shape[1]:
+            raise DgmrError(f"image embeddings have {img.shape[1]} dims, text embeddings {txt.shape[1]}")
+        res = retrieval_recall(img @ txt.T, caps.caption_image, ks)
+        info.update({"captions": str(captions), "images": str(images), "world_size": world, "device": str(dev),
+                     "seconds": round(time.perf_counter() - t0, 3), "cache": {"hits": cache.hits, "misses": cache.misses}})
+        return {**info, **res}
+
+
+def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, batch_size: int = 32,
+               image_size: int | None = None, device: str | None = None, dtype: str | torch.dtype = "float32",
+               warmup: int = 3, repeats: int = 10, random_init: bool = False,
+               model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``dgmr eval speed``: params, FLOPs, throughput and peak memory of one or more models in
+    one run; with two or more, ``speedup`` and ``flops_ratio`` compare the last with the first."""
+    if not models:
+        raise DgmrError("give at least one model")
+    if labels is not None and len(labels) != len(models):
+        raise DgmrError(f"{len(labels)} labels for {len(models)} models")
+    nets, infos = {}, {}
+    for i, m in enumerate(models):
+        net, _, info = open_eval_model(m, random_init=random_init, model_kwargs=model_kwargs,
+                                       label=labels[i] if labels else None)
+        name = info["model"]
+        if name in nets:
+            name = f"{name} #{i}"
+            info["model"] = name
+        nets[name], infos[name] = net, info
+    res = measure_speed(nets, batch_size=batch_size, image_size=image_size, device=resolve_device(device),
+                        dtype=parse_dtype(dtype), warmup=warmup, repeats=repeats)
+    for name, row in res["models"].items():
+        row.update({k: v for k, v in infos[name].items() if k != "model"})
+    return res
+
+
+def save_result(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a result dict as JSON, atomically (temp file + rename)."""
+    from ..artifact import write_json
+
+    p = Path(path)
+    if p.is_dir():
+        raise DgmrError(f"{p} is a directory; --save takes a file name")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    write_json(p, result)
