@@ -74,6 +74,22 @@ def site_widths(sites: list[MlpSite]) -> list[int]:
     return [s.hidden for s in sites]
 
 
+def _is_eva(model: nn.Module) -> bool:
+    """timm's EVA / EVA02 towers (also the trunks of open_clip's EVA-CLIP models)."""
+    return type(model).__name__ == "Eva" and type(model).__module__.startswith("timm.") and hasattr(model, "blocks")
+
+
+def _final_block_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of the last transformer block (before the final norm) of a timm ViT-like model."""
+    seen: list[torch.Tensor] = []
+    handle = model.blocks[-1].register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        model.forward_features(x)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
 class Family:
     """Base adapter; the generic family works for any nn.Module with recognisable MLPs."""
 
@@ -170,9 +186,13 @@ class OpenClipFamily(Family):
     def features(self, model, x):
         visual = model.visual
         if self._is_timm_tower(model):
-            tokens = visual.trunk.forward_features(x)
-            prefix = getattr(visual.trunk, "num_prefix_tokens", 1)
-            return {"pooled": visual(x), "tokens": tokens[:, prefix:]}
+            trunk = visual.trunk
+            prefix = getattr(trunk, "num_prefix_tokens", 1)
+            if _is_eva(trunk):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
+                tokens = _final_block_tokens(trunk, x)
+                return {"pooled": tokens[:, 0], "tokens": tokens[:, prefix:]}
+            tokens = trunk.forward_features(x)  # one trunk pass: pooled = head(pool(tokens)), as visual(x)
+            return {"pooled": visual.head(trunk.forward_head(tokens)), "tokens": tokens[:, prefix:]}
         old = getattr(visual, "output_tokens", False)
         visual.output_tokens = True
         try:
@@ -339,6 +359,9 @@ class TimmFamily(Family):
         return {"image_size": self.image_size(model), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
     def features(self, model, x):
+        if _is_eva(model):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
+            tokens = _final_block_tokens(model, x)
+            return {"pooled": tokens[:, 0], "tokens": tokens[:, getattr(model, "num_prefix_tokens", 1):]}
         tokens = model.forward_features(x)
         if tokens.ndim == 4:  # Swin & co: (B, H, W, C)
             tokens = tokens.flatten(1, 2)
