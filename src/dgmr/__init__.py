@@ -8,9 +8,11 @@ from .families import FAMILIES, family_of, register_family  # noqa: E402
 from .sources import Source, build_model, parse_spec  # noqa: E402
 from .prune import PruneRecord, prune, resolve_widths  # noqa: E402
 from .artifact import load, save  # noqa: E402
+from .pipeline import open_model, prune_to_dir  # noqa: E402
 
 __all__ = [
     "__version__", "DgmrError", "CRITERIA", "register_criterion", "select_neurons", "MLP_KINDS", "MlpSite",
     "find_mlps", "register_mlp_kind", "shrink_mlp", "FAMILIES", "family_of", "register_family", "Source",
     "build_model", "parse_spec", "PruneRecord", "prune", "resolve_widths", "load", "save",
+    "open_model", "prune_to_dir",
 ]
