@@ -477,7 +477,7 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
         saved = json.loads((out / RUN_CONFIG).read_text())
         s = DistillSettings.resolve(saved["settings"])
         new = DistillSettings.resolve(config, **overrides)
-        explicit = set(overrides) | (set(_read_config_file(config)) if isinstance(config, (str, os.PathLike)) else set(config or {}))
+        explicit = {k for k, v in overrides.items() if v is not None} | (set(_read_config_file(config)) if isinstance(config, (str, os.PathLike)) else set(config or {}))
         for key in sorted(explicit - RESUME_MUTABLE):
             if getattr(new, key) != getattr(s, key):
                 raise DgmrError(f"--resume continues with the run's saved settings; {key} was "

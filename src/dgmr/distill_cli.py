@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from .commands import model_kwargs_arg
@@ -30,8 +31,9 @@ def _distill(args: argparse.Namespace) -> dict[str, Any]:
         settings["fsdp"] = True
     if args.no_tensorboard:
         settings["tensorboard"] = False
-    return distill(args.teacher, args.student, args.data, args.out, config=args.config, resume=args.resume,
-                   overwrite=args.overwrite, progress=not args.json and not args.no_progress, **settings)
+    result = distill(args.teacher, args.student, args.data, args.out, config=args.config, resume=args.resume,
+                     overwrite=args.overwrite, progress=not args.json and not args.no_progress, **settings)
+    return result if int(os.environ.get("RANK", "0")) == 0 else None  # under torchrun: rank 0 reports
 
 
 # flags passed straight through as DistillSettings fields (None = not given)

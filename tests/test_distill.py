@@ -1,0 +1,319 @@
+"""dgmr distill on tiny random-init ViTs and generated images (CPU, a few steps each)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dgmr
+from dgmr.cli import main
+from dgmr.data import TrainTransform, sample_generator
+from dgmr.distill import DistillSettings, distill, feature_loss, load_checkpoint, lr_at, wd_at
+from dgmr.sources import build_model, parse_spec
+
+TINY = dict(img_size=32, patch_size=8, depth=2)
+SPEC = "timm:vit_tiny_patch16_224"
+KW = json.dumps(TINY)
+
+
+def _images(folder: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        sub = folder / ("cat" if i % 2 else "dog")  # ImageFolder-style nesting; labels are ignored
+        sub.mkdir(parents=True, exist_ok=True)
+        # smooth random images (low-frequency noise upsampled), various sizes
+        small = rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((40 + i % 3 * 8, 36 + i % 4 * 6), Image.BILINEAR).save(sub / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A random-init teacher saved unpruned, its r=1 student, and 24 images + 2 corrupt + 1 non-image."""
+    root = tmp_path_factory.mktemp("distill")
+    src = parse_spec(SPEC, TINY)
+    dgmr.save(build_model(src, pretrained=False), root / "teacher", source=src)
+    student, record = dgmr.prune(dgmr.load(root / "teacher"), mlp_ratio=1, progress=False)
+    dgmr.save(student, root / "student", source=src, record=record)
+    _images(root / "images", 24)
+    (root / "images" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    good = (root / "images" / "cat" / "001.png").read_bytes()
+    (root / "images" / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "images" / "README.txt").write_text("not an image")
+    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_loss_decreases_corrupt_counted_and_export_loads(tiny, tmp_path):
+    run = tmp_path / "run"
+    r = distill(str(tiny["teacher"]), str(tiny["student"]), str(tiny["images"]), run, steps=12, batch_size=8,
+                lr=2e-3, log_every=1, workers=0, progress=False)
+    rows = _metrics(run)
+    assert [row["step"] for row in rows] == list(range(1, 13))
+    for key in ("step", "epoch", "loss", "loss_pooled", "loss_tokens", "lr", "images_per_s"):
+        assert all(key in row for row in rows), key
+    losses = [row["loss"] for row in rows]
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_pooled"] + rows[-1]["loss_tokens"], rel=1e-6)
+    # 26 image files, 2 unreadable (garbage + truncated): skipped, counted, named; README.txt ignored
+    assert r["unreadable_images"] == 2 and r["ignored_files"] == 1
+    assert all(name.split(":")[0].endswith(("broken.jpg", "truncated.png")) for name in r["unreadable_examples"])
+    assert r["epochs"] == pytest.approx(12 / 3)  # 26 files // 8 = 3 batches per epoch
+    # the export is a dgmr directory like `dgmr prune` writes, and the trained weights differ from the student's
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["format"] == "dgmr" and cfg["prune"]["mlp_ratio"] == 1 and cfg["distill"]["steps"] == 12
+    assert (run / "kept_indices.safetensors").is_file()
+    trained, pruned = dgmr.load(run), dgmr.load(tiny["student"])
+    assert [s.hidden for s in dgmr.family_of(trained).mlps(trained)] == [192, 192]
+    diff = max((a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), pruned.state_dict().values()))
+    assert diff > 1e-4
+    # ... and timm itself opens it (its own format: timm_config.json + the weights)
+    import timm
+
+    tc = json.loads((run / "timm_config.json").read_text())
+    native = timm.create_model(tc["model_name"], pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(run / "model.safetensors")), **tc["kwargs"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(native(x), trained(x), atol=1e-5)
+    # on augmented views of the images, the trained student is closer to the teacher than the pruned one was
+    teacher = dgmr.load(tiny["teacher"])
+    fam = dgmr.family_of(teacher)
+    dc = fam.data_config(teacher)
+    tr = TrainTransform(32, dc["mean"], dc["std"])
+    files = sorted(tiny["images"].rglob("0*.png"))[:16]
+    x = torch.stack([tr(Image.open(f).convert("RGB"), sample_generator(123, 0, i)) for i, f in enumerate(files)])
+    with torch.no_grad():
+        tf = fam.features(teacher, x)
+        before = feature_loss(fam.features(pruned, x), tf)[0].item()
+        after = feature_loss(fam.features(trained, x), tf)[0].item()
+    assert after < before
+    # the resolved settings are saved in the run directory
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["settings"]["lr"] == 2e-3 and saved["settings"]["betas"] == [0.9, 0.95]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from dgmr.distill import distill
+
+    def on_step(info):
+        if info["step"] == int(sys.argv[5]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    distill(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], steps=8, batch_size=4, accum=2, lr=2e-3,
+            ema=0.9, clip_grad=1.0, save_every=2, log_every=1, workers=0, progress=False, on_step=on_step)
+""")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny, tmp_path):
+    args = [str(tiny["teacher"]), str(tiny["student"]), str(tiny["images"])]
+    ref = tmp_path / "ref"
+    distill(*args, ref, steps=8, batch_size=4, accum=2, lr=2e-3, ema=0.9, clip_grad=1.0, save_every=2, log_every=1,
+            workers=0, progress=False)
+    run = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args, str(run), "5"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert load_checkpoint(run)["step"] == 4  # checkpoints at 2 and 4; steps 5 ran and were lost
+    assert not (run / "config.json").exists()  # no export from a killed run
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]
+    # resume through the CLI (teacher/student/data come from the run), with a DataLoader worker this time
+    assert main(["distill", "--out", str(run), "--resume", "--workers", "1", "--no-progress"]) == 0
+    a, b = _weights(ref), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 9))
+    assert [r["loss"] for r in _metrics(run)] == pytest.approx([r["loss"] for r in _metrics(ref)], rel=1e-6)
+
+
+def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dgmr.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _gloo_args(tiny, run: Path) -> list[str]:
+    return ["distill", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data",
+            str(tiny["images"]), "--out", str(run), "--steps", "6", "--batch-size", "4", "--lr", "2e-3",
+            "--log-every", "1", "--save-every", "3", "--workers", "0", "--ema", "0.9", "--json", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tiny["root"] / "ddp"
+    return run, _torchrun(_gloo_args(tiny, run))
+
+
+def _check_gloo_run(run: Path, proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # rank 0 alone prints
+    assert summary["world_size"] == 2 and summary["ranks_identical"] is True
+    assert summary["global_batch"] == 8
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 6 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert dgmr.load(run) is not None
+
+
+def test_two_processes_gloo_ddp(ddp_run):
+    _check_gloo_run(*ddp_run)
+
+
+def test_two_processes_gloo_fsdp(tiny, tmp_path, ddp_run):
+    run = tmp_path / "fsdp"
+    _check_gloo_run(run, _torchrun(_gloo_args(tiny, run) + ["--fsdp"]))
+    # FSDP2 trains exactly what DDP trains (same data split, same math on CPU)
+    a, b = _weights(ddp_run[0]), _weights(run)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_webdataset_shards_and_in_process_resume(tiny, tmp_path):
+    import webdataset as wds
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    files = sorted(tiny["images"].rglob("0*.png"))[:20]
+    for s in range(2):
+        with wds.TarWriter(str(shards / f"shards-{s:04d}.tar")) as w:
+            for i, f in enumerate(files[s::2]):
+                w.write({"__key__": f"{s}_{i:04d}", "png": f.read_bytes(), "cls": b"7"})
+            if s == 1:
+                w.write({"__key__": "bad", "jpg": b"garbage bytes", "txt": b"a caption"})
+    spec = str(shards / "shards-{0000..0001}.tar")
+    common = dict(steps=6, batch_size=5, lr=2e-3, log_every=1, save_every=3, workers=0, progress=False)
+    ref = distill(str(tiny["teacher"]), str(tiny["student"]), spec, tmp_path / "ref", **common)
+    assert ref["unreadable_images"] == 1 and ref["epochs"] == pytest.approx(6 / 4)  # 21 samples // 5
+    losses = [r["loss"] for r in _metrics(tmp_path / "ref")]
+    assert losses[-1] < losses[0]
+
+    class Stop(Exception):
+        pass
+
+    def stop(info):
+        if info["step"] == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(str(tiny["teacher"]), str(tiny["student"]), spec, tmp_path / "run", on_step=stop, **common)
+    distill(None, None, None, tmp_path / "run", resume=True, progress=False)
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_memory_modules_and_pil_images_open_clip(tmp_path):
+    """The demo path: built modules (open_clip tower), a list of PIL images, student trained in place."""
+    import open_clip
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "dgmr-test-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "dgmr-test-tiny-clip.json")
+    torch.manual_seed(0)
+    teacher = open_clip.create_model("dgmr-test-tiny-clip")
+    student = open_clip.create_model("dgmr-test-tiny-clip")
+    student.load_state_dict(teacher.state_dict())
+    dgmr.prune(student, mlp_ratio=1, progress=False)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)).resize((40, 40)) for _ in range(16)]
+    text_before = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("visual.")}
+    visual_before = {k: v.clone() for k, v in student.visual.state_dict().items()}
+    r = distill(teacher, student, images, tmp_path / "run", steps=5, batch_size=8, lr=3e-3, log_every=1,
+                progress=False, loss="cosine")
+    assert r["family"] == "open_clip" and r["final_loss"] < r["first_loss"]
+    after = student.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in text_before.items())  # the text tower is not trained
+    assert any(not torch.equal(v, student.visual.state_dict()[k]) for k, v in visual_before.items())
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def _err(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dgmr: error: ") and "\n" not in err, err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
+    base = ["distill", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--steps", "2",
+            "--batch-size", "4", "--workers", "0", "--no-progress"]
+    assert "does not exist" in _err(capsys, base + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.txt").write_text("x")
+    (junk / "b.csv").write_text("y")
+    assert "no images in" in _err(capsys, base + ["--data", str(junk), "--out", str(tmp_path / "b")])
+    swapped = ["distill", "--teacher", str(tiny["student"]), "--student", str(tiny["teacher"]), "--data",
+               str(tiny["images"]), "--out", str(tmp_path / "c")]
+    assert "wider than the teacher" in _err(capsys, swapped)
+    narrow = ["distill", "--teacher", str(tiny["teacher"]), "--student", "timm:vit_small_patch16_224", "--random-init",
+              "--model-kwargs", KW, "--data", str(tiny["images"]), "--out", str(tmp_path / "d")]
+    assert "differs from the teacher's" in _err(capsys, narrow)
+    with pytest.raises(dgmr.DgmrError, match="family"):
+        distill(dgmr.load(tiny["teacher"]), torch.nn.Sequential(torch.nn.Linear(4, 4)), str(tiny["images"]),
+                tmp_path / "d2", steps=1, progress=False)
+    # same family and widths but a different token grid: feature shapes differ
+    src = parse_spec(SPEC, dict(TINY, patch_size=16))
+    dgmr.save(build_model(src, pretrained=False), tmp_path / "coarse", source=src)
+    assert "features differ in shape" in _err(capsys, ["distill", "--teacher", str(tiny["teacher"]), "--student",
+                                                       str(tmp_path / "coarse"), "--data", str(tiny["images"]),
+                                                       "--out", str(tmp_path / "e"), "--steps", "1"])
+    assert "nothing to resume" in _err(capsys, ["distill", "--out", str(tmp_path / "f"), "--resume"])
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("batch_size: 4\nlearning_rate: 3\n")
+    assert "unknown distill setting 'learning_rate'" in _err(capsys, base + ["--data", str(tiny["images"]), "--out",
+                                                                             str(tmp_path / "g"), "--config", str(cfg)])
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abcdeg")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("precious")
+    assert "not empty" in _err(capsys, base + ["--data", str(tiny["images"]), "--out", str(full)])
+    assert (full / "keep.txt").read_text() == "precious"
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["distill", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data",
+            str(tiny["images"]), "--out", str(run), "--steps", "6", "--batch-size", "4", "--workers", "0",
+            "--lr", "1e30", "--warmup-steps", "0", "--save-every", "1", "--log-every", "1", "--no-progress"]
+    err = _err(capsys, argv)
+    assert "not finite" in err
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] >= 1 and all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    assert not (run / "config.json").exists()
+    # resuming with a different schedule is refused (the run's saved settings rule)
+    assert "saved settings" in _err(capsys, ["distill", "--out", str(run), "--resume", "--lr", "1e-3"])
+
+
+def test_config_file_flags_override_and_schedules(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch-size: 32\nbase_lr: 6.0e-5\nema: 0.997\nbetas: [0.9, 0.99]\n")
+    s = DistillSettings.resolve(cfg, batch_size=16, lr=None)
+    assert (s.batch_size, s.base_lr, s.ema, s.betas) == (16, 6e-5, 0.997, (0.9, 0.99))
+    assert DistillSettings().betas == (0.9, 0.95) and DistillSettings().weight_decay == 0.04
+    lrs = [lr_at(i, 100, 1e-3, 1e-6, 10) for i in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-6, abs=1e-6)
+    wds_ = [wd_at(i, 100, 0.04, 0.2) for i in range(100)]
+    assert wds_[0] == pytest.approx(0.04) and wds_[-1] == pytest.approx(0.2)
+    assert all(a <= b for a, b in zip(wds_, wds_[1:]))
