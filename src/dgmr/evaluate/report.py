@@ -66,9 +66,11 @@ class _Rows:
         if res.get("metric") == "speed":
             for name, r in res["models"].items():
                 row = self.row(name)
-                for k in ("params", "flops", "throughput", "latency_ms", "peak_memory_bytes"):
+                for k in ("params", "flops", "throughput", "latency_ms"):
                     if r.get(k) is not None:
                         row[k] = r[k]
+                if str(res.get("peak_memory_kind", "")).startswith("cuda") and r.get("peak_memory_bytes"):
+                    row["peak_memory_bytes"] = r["peak_memory_bytes"]  # CPU RSS is the whole process: not shown
                 row["speed_setting"] = f"{res.get('device')}, {res.get('dtype')}, batch {res.get('batch_size')}, {res.get('image_size')} px"
                 if r.get("role"):
                     row["role"] = row["role"] or r["role"]
@@ -214,6 +216,7 @@ def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir
     else:
         base = next((r for r in rows if r["role"] == "original"), rows[0] if rows else None)
     metrics = rows_obj.metrics
+    _set_display_names(rows)
     has = {k: any(r.get(k) is not None for r in rows) for k in ("params", "flops", "throughput", "peak_memory_bytes")}
 
     header = ["model", "role"]
@@ -228,15 +231,15 @@ def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir
     header += metrics
     lines = [f"# {title}", ""]
     if base is not None:
-        lines += [f"Deltas are against **{base['model']}** ({base['role']}): relative for params, FLOPs and "
+        lines += [f"Deltas are against **{base['display']}** ({base['role']}, `{base['model']}`): relative for params, FLOPs and "
                   "throughput, percentage points for accuracies. Accuracies in %.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
     json_rows = []
     table = lines[-2:]
     for r in rows:
         is_base = r is base
-        cells = [f"`{r['model']}`", r["role"]]
-        jr = {"model": r["model"], "role": r["role"]}
+        cells = [f"`{r['display']}`", r["role"]]
+        jr = {"model": r["model"], "display": r["display"], "role": r["role"]}
         for key, col in (("params", "params"), ("flops", "FLOPs/img"), ("throughput", "img/s"), ("peak_memory_bytes", "peak mem")):
             if col not in header:
                 continue
@@ -302,6 +305,14 @@ def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir
             "table": "\n".join(table)}
 
 
+def _set_display_names(rows: list[dict[str, Any]]) -> None:
+    """Short names for the table and plots: a path's last component where that is unique."""
+    short = [Path(r["model"]).name if os.path.sep in r["model"] else r["model"] for r in rows]
+    unique = len(set(short)) == len(short) and all(short)
+    for r, s in zip(rows, short):
+        r["display"] = s if unique else r["model"]
+
+
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in s) or "run"
 
@@ -320,6 +331,9 @@ def _plot_recovery(plt: Any, run: dict[str, Any], path: Path) -> bool:
     if loss_keys and all(m.get(k, 1) > 0 for m in ms for k in loss_keys if isinstance(m.get(k), (int, float))):
         ax.set_yscale("log")
     ax.set_xlabel("step")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("distillation loss")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -343,15 +357,22 @@ def _plot_recovery(plt: Any, run: dict[str, Any], path: Path) -> bool:
 def _plot_acc_flops(plt: Any, rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     markers = {"original": "o", "pruned": "s", "distilled": "^"}
+    top = -math.inf
     for i, m in enumerate(metrics):
-        pts = sorted((r["flops"], 100 * r[m], r) for r in rows if r.get(m) is not None)
+        pts = sorted(((r["flops"], 100 * r[m], r) for r in rows if r.get(m) is not None), key=lambda t: t[:2])
         if not pts:
             continue
         ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], "-", color=f"C{i}", alpha=0.4)
+        names: dict[tuple[float, float], list[str]] = {}
         for f, a, r in pts:
             ax.scatter([f / 1e9], [a], marker=markers.get(r["role"], "D"), color=f"C{i}", s=40, zorder=3)
-            ax.annotate(r["role"], (f / 1e9, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            names.setdefault((f, a), []).append(r["display"])
+        for (f, a), who in names.items():  # one label per point, even where models coincide
+            ax.annotate(", ".join(who), (f / 1e9, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.plot([], [], "-", color=f"C{i}", label=m)
+        top = max(top, max(p[1] for p in pts))
+    if top >= 95:
+        ax.set_ylim(top=min(ax.get_ylim()[1], 101))
     ax.set_xlabel("GFLOPs per image (vision tower)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)

@@ -116,6 +116,21 @@ def open_eval_model(model: str | os.PathLike | nn.Module, *, random_init: bool =
     return net, src, {"model": name, "role": model_role(model), "family": family_of(net).name}
 
 
+def _same_weights_on_all_ranks(net: nn.Module) -> None:
+    """Random-init weights differ per process: under torchrun, take rank 0's."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from .features import _collective_device
+
+        dev = _collective_device()
+        with torch.no_grad():
+            for t in list(net.parameters()) + list(net.buffers()):
+                buf = t.detach().to(dev).contiguous()
+                dist.broadcast(buf, src=0)
+                t.copy_(buf.to(t.device))
+
+
 def _model_numbers(net: nn.Module, family: Family, image_size: int) -> dict[str, Any]:
     return {"params": count_params(net, family), "flops": count_flops(net, family, image_size), "image_size": image_size}
 
@@ -134,6 +149,8 @@ def _prepare(model: Any, *, image_size: int | None, device: torch.device, dtype:
     dc = family.data_config(net)
     size = int(image_size or dc["image_size"])
     net.to(device)
+    if random_init:
+        _same_weights_on_all_ranks(net)
     if size != dc["image_size"]:
         check_image_size(net, family, size, label=info["model"])
     info.update(_model_numbers(net, family, size))

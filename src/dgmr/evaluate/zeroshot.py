@@ -21,6 +21,7 @@ from ..families import family_of
 from ..sources import Source
 
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
 
 
 def _package_lines(name: str) -> list[str]:
@@ -82,12 +83,19 @@ def _hf_tokenizer(model: nn.Module, candidates: Sequence[str | Path]) -> Callabl
 
     tok = None
     errors = []
+    vocab = int(getattr(getattr(model.config, "text_config", None), "vocab_size", 0) or 0)
     for c in candidates:
+        if Path(str(c)).is_dir() and not any((Path(str(c)) / f).is_file() for f in TOKENIZER_FILES):
+            continue  # transformers would build an empty tokenizer from a bare model dir
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(c), local_files_only=True)
-            break
+            cand = transformers.AutoTokenizer.from_pretrained(str(c), local_files_only=True)
         except Exception as e:  # not there: try the next place
             errors.append(f"{c}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            continue
+        if len(cand) <= 2 or (vocab and len(cand) > vocab):
+            continue  # an empty placeholder, or ids the text tower cannot embed
+        tok = cand
+        break
     if tok is None:
         raise DgmrError("no tokenizer found locally for this Hugging Face model (looked in "
                         + ", ".join(str(c) for c in candidates) + "); save one next to the model "
