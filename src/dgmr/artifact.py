@@ -29,6 +29,7 @@ from .sources import Source, build_model, is_dgmr_dir
 WEIGHTS = "model.safetensors"
 INDICES = "kept_indices.safetensors"
 CONFIG = "config.json"
+SHARD_INDEX = "model.safetensors.index.json"  # sharded weights (dgmr.stream writes them)
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -137,16 +138,42 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         family.update_config(model, None)
     model.to(dtype=getattr(torch, cfg.get("dtype", "float32")))
     weights = path / WEIGHTS
+    if not weights.is_file() and (path / SHARD_INDEX).is_file():
+        weights = path / SHARD_INDEX
     if not weights.is_file():
         raise DgmrError(f"missing checkpoint {weights}")
     try:
-        load_model(model, str(weights), strict=True, device="cpu")
+        if weights.name == SHARD_INDEX:
+            _load_sharded(model, weights)
+        else:
+            load_model(model, str(weights), strict=True, device="cpu")
     except (SafetensorError, OSError) as e:
         raise DgmrError(f"corrupt or unreadable checkpoint {weights}: {e}") from e
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise DgmrError(f"checkpoint {weights} does not match the recorded architecture: {first}") from e
     return model.to(device).eval()
+
+
+def _load_sharded(model: nn.Module, index: Path) -> None:
+    """Load HF-style shards listed by ``index`` (one shard in memory at a time), strictly."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DgmrError(f"{index} is not a safetensors index: {e}") from None
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for shard in sorted(set(weight_map.values())):
+        sd = load_file(str(index.parent / shard), device="cpu")
+        unexpected = sorted(set(sd) - expected)
+        if unexpected:
+            raise RuntimeError(f"unexpected key {unexpected[0]!r} in {shard}")
+        model.load_state_dict(sd, strict=False)
+        seen |= set(sd)
+        del sd
+    missing = sorted(expected - seen)
+    if missing:
+        raise RuntimeError(f"{len(missing)} missing keys, e.g. {missing[0]!r}")
 
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -37,6 +37,17 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.mlp_ratio is None and args.hidden is None and args.keep_fraction is None:
         raise DgmrError("say how wide to keep the MLPs: --mlp-ratio R, --hidden N or --keep-fraction F")
+    if args.weights is not None:
+        from .stream import stream_prune
+
+        if args.random_init:
+            raise DgmrError("--random-init and --weights exclude each other (the weights come from --weights)")
+        return stream_prune(args.model, args.weights, args.out, mlp_ratio=args.mlp_ratio, hidden=args.hidden,
+                            keep_fraction=args.keep_fraction, criterion=args.criterion, seed=args.seed,
+                            model_kwargs=args.model_kwargs, dtype=args.dtype, max_memory=args.max_memory,
+                            overwrite=args.overwrite, native=not args.no_native, progress=not args.json)
+    if args.max_memory is not None:
+        raise DgmrError("--max-memory applies to streaming prune only: give the checkpoint with --weights")
     return prune_to_dir(args.model, args.out, mlp_ratio=args.mlp_ratio, hidden=args.hidden,
                         keep_fraction=args.keep_fraction, criterion=args.criterion, seed=args.seed,
                         random_init=args.random_init, dtype=args.dtype, overwrite=args.overwrite,
@@ -67,6 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the saved weights (default: as loaded)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-native", action="store_true", help="skip the export in the source library's own format")
+    p.add_argument("--weights", metavar="FILE_OR_INDEX", default=None,
+                   help="streaming prune: read the weights from this safetensors file, model.safetensors.index.json "
+                        "or directory, one MLP at a time (MODEL gives the architecture only; bounded memory)")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="with --weights: resident-memory budget, e.g. 3GB (sizes output shards and parallel layers)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_prune)
 

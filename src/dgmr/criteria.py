@@ -9,7 +9,8 @@ returns the indices sorted ascending.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import contextlib
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import scipy.linalg
@@ -80,6 +81,20 @@ def _qrcp_pivot_order(w: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(piv[:n])).long()
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run torch CPU ops single-threaded inside the block (no-op on other devices)."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = 512) -> torch.Tensor | None:
     """Greedy pivot order by lazy evaluation; ``None`` when a picked residual is ~0.
 
@@ -137,22 +152,25 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = 512) -> torch.Tens
         where[pool_rows] = -1
         norms = torch.where(alive[rows], torch.einsum("ij,ij->i", res, res), ninf)
         progressed = False
-        while len(picks) < n:
-            b = int(torch.argmax(norms))
-            c = float(norms[b])
-            if not c > tau:
-                break
-            if not c > tiny:
-                return None
-            progressed = True
-            q = res[b] / c ** 0.5
-            Q[len(picks)] = q
-            picks.append(int(rows[b]))
-            alive[rows[b]] = False
-            v = res @ q
-            res.addr_(v, q, alpha=-1)
-            norms.sub_(v * v)
-            norms[b] = -float("inf")
+        # the per-pick steps are small GEMVs on the pool: one thread does them best (and
+        # does not stall when other processes hold the cores); GEMMs above use them all
+        with _one_cpu_thread(dev):
+            while len(picks) < n:
+                b = int(torch.argmax(norms))
+                c = float(norms[b])
+                if not c > tau:
+                    break
+                if not c > tiny:
+                    return None
+                progressed = True
+                q = res[b] / c ** 0.5
+                Q[len(picks)] = q
+                picks.append(int(rows[b]))
+                alive[rows[b]] = False
+                v = res @ q
+                res.addr_(v, q, alpha=-1)
+                norms.sub_(v * v)
+                norms[b] = -float("inf")
         keep = torch.isfinite(norms)
         pool_rows, pool_res = rows[keep], res[keep]
         where[pool_rows] = torch.arange(pool_rows.numel(), device=dev)

@@ -1,0 +1,528 @@
+"""Streaming prune: cut a safetensors checkpoint one MLP at a time, in bounded memory.
+
+The architecture comes from the model spec, built on the ``meta`` device (no memory, no
+download); the weights come from a safetensors file or a sharded Hugging Face style
+``model.safetensors.index.json``. Every tensor is read on its own when it is needed, so
+the resident set stays about one MLP (its weights, the float64 scoring matrix and the
+selection workspace) plus one output shard, whatever the checkpoint's size:
+
+1. the checkpoint's header (names, dtypes, shapes) is checked against the meta model's
+   state dict: a missing, unexpected or wrongly shaped tensor, or a truncated file, is a
+   :class:`~dgmr.errors.DgmrError` before any output exists;
+2. each MLP's tensors are loaded into that MLP's (otherwise meta) module, scored with
+   :func:`dgmr.select_neurons` and cut with :func:`dgmr.shrink_mlp`: the very code of the
+   in-memory :func:`dgmr.prune`, so the result is the same bit for bit;
+3. every other tensor is copied through unchanged; output shards are written as they fill
+   (``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``, or one
+   ``model.safetensors`` when everything fits one shard), all inside a temporary
+   directory that is renamed into place only on success, next to the usual dgmr
+   ``config.json`` and ``kept_indices.safetensors``, so :func:`dgmr.load` opens it.
+
+Several MLPs are selected at once (threads) when the cores and ``max_memory`` allow it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import psutil
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .artifact import CONFIG, INDICES, WEIGHTS, atomic_dir, check_output_dir, write_json
+from .criteria import get_criterion, select_neurons
+from .errors import DgmrError
+from .families import Family, OpenClipFamily, family_of
+from .mlp import MlpSite, shrink_mlp
+from .prune import PruneRecord, resolve_widths
+from .sources import Source, build_model, is_dgmr_dir, parse_spec
+
+INDEX = "model.safetensors.index.json"
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``3GB``, ``2.5GiB``, ``800M``, ``1e9`` or a plain number (decimal units: 1 GB = 1e9 B)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = _SIZE.match(str(text))
+    if m is None or (m.group(2) or "").lower() not in _UNITS:
+        try:
+            return int(float(text))
+        except ValueError:
+            raise DgmrError(f"cannot read the size {text!r}: use e.g. 3GB, 2.5GiB or 800MB") from None
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+# ---------------------------------------------------------------------------------------
+# the input checkpoint
+@dataclass
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint, single-file or sharded; only headers are read up front."""
+
+    path: Path
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors (each file opened and closed again: nothing stays mapped)."""
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.tensors[n].file, []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for f, ns in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as h:
+                    for n in ns:
+                        out[n] = h.get_tensor(n)
+            except (SafetensorError, OSError) as e:
+                raise DgmrError(f"cannot read {ns[0]!r} from {f}: {e}") from e
+        return out
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read the headers of a ``.safetensors`` file, a ``model.safetensors.index.json``, or a
+    directory holding either; a truncated or unreadable shard is a :class:`DgmrError`."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / INDEX).is_file():
+            p = p / INDEX
+        elif (p / WEIGHTS).is_file():
+            p = p / WEIGHTS
+        else:
+            raise DgmrError(f"{path}: no {INDEX} or {WEIGHTS} in this directory")
+    if not p.is_file():
+        raise DgmrError(f"weights file {path} does not exist")
+    ckpt = Checkpoint(p)
+    if p.name.endswith(".json"):
+        try:
+            index = json.loads(p.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DgmrError(f"{p} is not a safetensors index (JSON with a 'weight_map'): {e}") from None
+        files: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(str(fname), []).append(name)
+    else:
+        files = {p.name: []}
+    for fname, listed in files.items():
+        f = (p.parent / fname).resolve() if p.name.endswith(".json") else p
+        if not f.is_file():
+            raise DgmrError(f"shard {fname} named by {p} does not exist")
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                keys = list(h.keys())
+                for k in keys:
+                    sl = h.get_slice(k)
+                    dt = sl.get_dtype()
+                    if dt not in ST_DTYPES:
+                        raise DgmrError(f"{f}: tensor {k!r} has dtype {dt}, which dgmr does not handle")
+                    ckpt.tensors[k] = TensorInfo(f, ST_DTYPES[dt], tuple(sl.get_shape()))
+        except SafetensorError as e:
+            raise DgmrError(f"{f} is not a complete safetensors file (truncated or corrupt?): {e}") from e
+        except OSError as e:
+            raise DgmrError(f"cannot read {f}: {e}") from e
+        missing = sorted(set(listed) - set(keys))
+        if missing:
+            raise DgmrError(f"{p} maps {missing[0]!r} to {fname}, which does not hold it ({len(missing)} such tensors)")
+    if not ckpt.tensors:
+        raise DgmrError(f"{p} holds no tensors")
+    return ckpt
+
+
+def check_against(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """The checkpoint must hold exactly the model's tensors with the model's shapes."""
+    have, want = set(ckpt.tensors), set(expected)
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    bad = [n for n in sorted(want & have) if tuple(ckpt.tensors[n].shape) != tuple(expected[n])]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+        if bad:
+            n = bad[0]
+            parts.append(f"{len(bad)} with the wrong shape (e.g. {n!r}: checkpoint {list(ckpt.tensors[n].shape)}, "
+                         f"model {list(expected[n])})")
+        raise DgmrError(f"{ckpt.path} does not match the architecture: " + "; ".join(parts) +
+                        " (wrong MODEL, --model-kwargs or --weights?)")
+
+
+# ---------------------------------------------------------------------------------------
+# memory plan
+@dataclass
+class Plan:
+    """How the work is sized: shard bytes and MLPs selected at once, within ``max_memory``."""
+
+    max_memory: int | None
+    baseline: int
+    per_mlp: int
+    shard_bytes: int
+    workers: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("max_memory", "baseline", "per_mlp", "shard_bytes", "workers")}
+
+
+def _mlp_bytes(site: MlpSite, infos: Mapping[str, TensorInfo], names: Sequence[str], score_bytes: int) -> int:
+    """Peak bytes one MLP's selection holds: its weights (twice: read + cut), the scoring
+    matrix and the selection workspace (float64 pivot directions, pool residuals, temporaries)."""
+    raw = sum(infos[n].nbytes for n in names)
+    w1 = site.up.weight
+    h = site.hidden
+    d = w1.shape[1] * (2 if site.gated else 1)
+    n = min(h, d)
+    score = h * d * score_bytes
+    workspace = n * d * score_bytes + 1024 * d * score_bytes + h * 64 * score_bytes
+    return 2 * raw + 2 * score + workspace
+
+
+def make_plan(max_memory: int | None, per_mlp: int, largest: int, n_mlps: int,
+              workers: int | None = None, shard_bytes: int | None = None) -> Plan:
+    baseline = psutil.Process().memory_info().rss
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    auto_workers = max(1, min(4, cpus // 4))  # GEMMs already use every core; extra layers help on big boxes
+    workers = max(1, min(n_mlps, workers or auto_workers))
+    if max_memory is None:
+        shard = shard_bytes or 2 * 2**30
+        return Plan(None, baseline, per_mlp, max(shard, largest), workers)
+    room = max_memory - baseline
+    shard = shard_bytes or int(min(2 * 2**30, max(64 * 2**20, room // 4)))
+    shard = max(shard, largest)
+    # one shard being filled + one copied tensor + the MLPs in flight
+    need_one = shard + largest + per_mlp
+    if room < need_one:
+        raise DgmrError(f"--max-memory {max_memory / 1e9:.2f} GB is too small: this process already holds "
+                        f"{baseline / 1e9:.2f} GB and one MLP needs about {need_one / 1e9:.2f} GB more "
+                        f"(weights, float64 scoring matrix, one output shard)")
+    workers = max(1, min(workers, (room - shard - largest) // per_mlp))
+    return Plan(max_memory, baseline, per_mlp, shard, workers)
+
+
+# ---------------------------------------------------------------------------------------
+# output shards
+class ShardWriter:
+    """Collect tensors and write ``shard_bytes``-sized safetensors shards as they fill."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.buf: dict[str, torch.Tensor] = {}
+        self.buf_bytes = 0
+        self.files: list[str] = []
+        self.weight_map: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nb = t.numel() * t.element_size()
+        if self.buf and self.buf_bytes + nb > self.shard_bytes:
+            self.flush()
+        self.buf[name] = t.contiguous()
+        self.buf_bytes += nb
+        self.total += nb
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        i = len(self.files)
+        fname = f"shard-{i:05d}.safetensors"
+        save_file(self.buf, str(self.out / fname), metadata={"format": "pt", "dgmr_version": __version__})
+        for n in self.buf:
+            self.weight_map[n] = i
+        self.files.append(fname)
+        self.buf, self.buf_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Final names: ``model.safetensors`` for one shard, else HF-style shards + index."""
+        self.flush()
+        if len(self.files) == 1:
+            (self.out / self.files[0]).rename(self.out / WEIGHTS)
+            return [WEIGHTS]
+        n = len(self.files)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for old, new in zip(self.files, names):
+            (self.out / old).rename(self.out / new)
+        write_json(self.out / INDEX, {"metadata": {"total_size": self.total, "format": "pt"},
+                                      "weight_map": {k: names[i] for k, i in self.weight_map.items()}})
+        return [*names, INDEX]
+
+
+# ---------------------------------------------------------------------------------------
+# the streaming prune
+class _PeakRss:
+    """Peak resident set size of this process, sampled by a background thread."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.every, self.peak = every, psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, proc.memory_info().rss)
+
+    def __enter__(self) -> "_PeakRss":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def _site_tensors(site: MlpSite, modules: dict[int, str]) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute, state-dict name) of every parameter :func:`shrink_mlp` touches."""
+    out = []
+    for m in [site.up, site.gate, *site.norms, site.down]:
+        if m is None:
+            continue
+        for pname, _ in m.named_parameters(recurse=False):
+            prefix = modules[id(m)]
+            out.append((m, pname, f"{prefix}.{pname}" if prefix else pname))
+    return out
+
+
+def _cut_one(site: MlpSite, k: int, tensors: list[tuple[nn.Module, str, str]], values: dict[str, torch.Tensor],
+             criterion: str, seed: int, select_device: torch.device | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Load one MLP's weights into its meta module, select, cut; return (kept, cut tensors)
+    and put meta tensors of the new shapes back so no weight stays referenced."""
+    for m, pname, name in tensors:
+        setattr(m, pname, nn.Parameter(values.pop(name), requires_grad=False))
+    w1, w_gate = site.scoring_weights()
+    if select_device is not None:
+        w1 = w1.to(select_device)
+        w_gate = w_gate.to(select_device) if w_gate is not None else None
+    with torch.no_grad():
+        try:
+            keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed)
+        except DgmrError as e:
+            raise DgmrError(f"{site.name}: {e}") from None
+        del w1, w_gate
+        shrink_mlp(site, keep)
+    out = {}
+    for m, pname, name in tensors:
+        p = getattr(m, pname)
+        out[name] = p.detach()
+        setattr(m, pname, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
+    return keep, out
+
+
+def stream_prune(
+    model: str | Source,
+    weights: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mlp_ratio: float | None = None,
+    hidden: int | None = None,
+    keep_fraction: float | None = None,
+    widths: Mapping[str, int] | Sequence[int] | None = None,
+    criterion: str = "diversity",
+    seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    max_memory: int | str | None = None,
+    workers: int | None = None,
+    shard_size: int | str | None = None,
+    select_device: str | torch.device | None = None,
+    overwrite: bool = False,
+    native: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prune the safetensors checkpoint ``weights`` of architecture ``model`` into ``out``.
+
+    ``model`` is a spec (``timm:NAME``, ``open_clip:ARCH``, ``hf:ID_OR_DIR``) or a
+    :class:`Source`; it is only built on the ``meta`` device. Widths and ``criterion`` mean
+    what they mean for :func:`dgmr.prune`. ``max_memory`` (bytes or ``"3GB"``) bounds the
+    resident set: it sizes the output shards and how many MLPs are selected at once
+    (``workers``, default: by core count), and is refused up front when one MLP cannot fit.
+    ``select_device`` runs the selection there (e.g. ``"cuda"``) while everything else
+    stays on the CPU. Returns a summary dict (also the ``dgmr prune --weights`` output).
+    """
+    t0 = time.perf_counter()
+    get_criterion(criterion)
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise DgmrError(f"unknown dtype {dtype!r}; choose one of {', '.join(OUT_DTYPES)}")
+    if isinstance(model, Source):
+        src = model
+    else:
+        if is_dgmr_dir(model) or os.path.isdir(str(model)):
+            raise DgmrError(f"with --weights, MODEL must be an architecture spec (timm:NAME, open_clip:ARCH, "
+                            f"hf:DIR), not the directory {model}")
+        src = parse_spec(str(model), model_kwargs)
+    max_bytes = parse_size(max_memory) if max_memory is not None else None
+    shard_bytes = parse_size(shard_size) if shard_size is not None else None
+    dev = torch.device(select_device) if select_device is not None else None
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        raise DgmrError("selection on cuda was asked for but no CUDA device is available")
+    check_output_dir(out, overwrite)
+    ckpt = open_checkpoint(weights)
+
+    meta = build_model(src, pretrained=False, meta=True)
+    family = family_of(meta)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    check_against(ckpt, expected)
+    sites = family.mlps(meta)
+    ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
+    hidden_before = [s.hidden for s in sites]
+    modules = _param_names(meta)
+    site_tensors = [_site_tensors(s, modules) for s in sites]
+    owned = {name for ts in site_tensors for _, _, name in ts}
+    params_before = sum(p.numel() for p in family.vision_root(meta)[1].parameters())
+
+    per_mlp = max((_mlp_bytes(s, ckpt.tensors, [n for _, _, n in ts], 8) for s, ts in zip(sites, site_tensors)),
+                  default=0)
+    largest = max((ckpt.tensors[n].nbytes for n in expected if n not in owned), default=0)
+    plan = make_plan(max_bytes, per_mlp, largest, len(sites), workers, shard_bytes)
+    out_dtype = OUT_DTYPES[dtype] if dtype is not None else None
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
+
+    request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction)) if v is not None}
+    record = PruneRecord(criterion, seed, request)
+    first_of = {ts[0][2]: i for i, ts in enumerate(site_tensors)}  # site starts at its first tensor
+
+    def job(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        names = [n for _, _, n in site_tensors[i]]
+        return _cut_one(sites[i], ks[i], site_tensors[i], ckpt.read(names), criterion, seed + i, dev)
+
+    bar = tqdm(total=len(sites), desc=f"stream prune ({criterion})", unit="block", disable=not progress, leave=False)
+    with bar, _PeakRss() as rss, atomic_dir(out, overwrite) as tmp, ThreadPoolExecutor(plan.workers) as pool:
+        writer = ShardWriter(tmp, plan.shard_bytes)
+        pending: dict[int, Future] = {}
+        nxt = 0  # next site to submit: at most plan.workers in flight
+
+        def submit_upto(limit: int) -> None:
+            nonlocal nxt
+            while nxt < len(sites) and nxt < limit:
+                pending[nxt] = pool.submit(job, nxt)
+                nxt += 1
+
+        for name in expected:
+            if name in owned:
+                i = first_of.get(name)
+                if i is None:
+                    continue  # written with its MLP
+                submit_upto(i + plan.workers)
+                keep, cut = pending.pop(i).result()
+                for n, t in cut.items():
+                    writer.add(n, cast(t))
+                del cut
+                record.layers.append({"name": sites[i].name, "kind": sites[i].kind,
+                                      "in_features": sites[i].in_features, "hidden_before": hidden_before[i],
+                                      "hidden_after": ks[i], "kept": keep})
+                bar.update(1)
+            else:
+                writer.add(name, cast(ckpt.read([name])[name]))
+        files = writer.finish()
+        order = {s.name: i for i, s in enumerate(sites)}
+        record.layers.sort(key=lambda layer: order[layer["name"]])
+        record.config_updates = family.update_config(meta, src)
+        save_file({layer["name"]: layer["kept"].contiguous() for layer in record.layers}, str(tmp / INDICES))
+        params_after = sum(p.numel() for p in family.vision_root(meta)[1].parameters())
+        native = (_native_export(family, meta, tmp, src, files) if native
+                  else {"skipped": "native export turned off"})
+        in_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values() if t.dtype.is_floating_point})
+        config = {
+            "format": "dgmr",
+            "dgmr_version": __version__,
+            "spec": src.spec,
+            "source": src.to_dict(),
+            "family": family.name,
+            "class": type(meta).__name__,
+            "dtype": dtype or (in_dtypes[0] if len(in_dtypes) == 1 else "float32"),
+            "widths": {s.name: s.hidden for s in sites},
+            "vision_params": params_after,
+            "prune": record.to_json(),
+            "native_export": native,
+            "params_before": params_before,
+            "params_after": params_after,
+            "random_init": False,
+            "weights_from": str(Path(weights)),
+            "files": files,
+            "stream": plan.to_json(),
+        }
+        write_json(tmp / CONFIG, config)
+    seconds = time.perf_counter() - t0
+    widths_after = sorted(set(config["widths"].values()))
+    return {
+        "out": str(Path(out)),
+        "model": src.spec,
+        "weights": str(Path(weights)),
+        "family": family.name,
+        "criterion": criterion,
+        "mlp_layers": len(sites),
+        "hidden_after": widths_after,
+        "params_before": params_before,
+        "params_after": params_after,
+        "param_reduction": 1 - params_after / params_before if params_before else 0.0,
+        "checkpoint_bytes": ckpt.nbytes,
+        "output_bytes": writer.total,
+        "files": len(files),
+        "workers": plan.workers,
+        "peak_rss_bytes": rss.peak,
+        "native_export": native.get("load", native.get("skipped")),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _native_export(family: Family, meta: nn.Module, tmp: Path, src: Source, files: list[str]) -> dict[str, Any]:
+    """The source library's format where it needs only a config next to ``model.safetensors``."""
+    if files != [WEIGHTS]:
+        return {"skipped": "sharded output: timm/open_clip loaders read one file; open it with dgmr.load"}
+    if family.name == "timm" or (family.name == "open_clip" and not OpenClipFamily._is_timm_tower(meta)):
+        try:
+            return family.export_native(meta, tmp, src)
+        except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
+            return {"skipped": f"native export failed on the meta model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
+    return {"skipped": f"the {family.name} native export needs the weights in memory; open it with dgmr.load"}
+
