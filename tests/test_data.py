@@ -1,0 +1,105 @@
+"""Unlabeled image sources and the seeded train transform (dgmr.data)."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dgmr.data import (EpochIndexSampler, ImageDataset, ShardImages, TrainTransform, collate, resolve_data,
+                       sample_generator)
+from dgmr.errors import DgmrError
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _png(path: Path, seed: int, size: tuple[int, int] = (30, 20)) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_transform_is_seeded_per_sample_and_normalises():
+    tr = TrainTransform(16, MEAN, STD)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    a = tr(img, sample_generator(0, 1, 7))
+    assert a.shape == (3, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, tr(img, sample_generator(0, 1, 7)))  # same (seed, epoch, index): same crop + flip
+    assert not torch.equal(a, tr(img, sample_generator(0, 2, 7)))  # next epoch: another view
+    # a constant image normalises to (v - mean) / std whatever the crop
+    flat = Image.new("RGB", (33, 21), (128, 128, 128))
+    out = tr(flat, sample_generator(0, 0, 0))
+    expect = (128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(out.mean((1, 2)), expect, atol=1e-3)
+    # tensors (uint8 or float in [0, 1]) take the same path
+    t8 = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    assert tr(t8, sample_generator(0, 0, 1)).shape == (3, 16, 16)
+    assert torch.allclose(tr(t8, sample_generator(0, 0, 1)), tr(t8.float() / 255, sample_generator(0, 0, 1)))
+
+
+def test_folder_list_and_errors(tmp_path):
+    for i in range(3):
+        _png(tmp_path / "imgs" / f"class{i}" / f"{i}.png", i)
+    (tmp_path / "imgs" / "meta.json").write_text("{}")
+    (tmp_path / "imgs" / ".hidden.png").write_bytes(b"x")
+    src = resolve_data(tmp_path / "imgs")
+    assert src.kind == "files" and src.num_samples == 3 and src.ignored_files == 1
+    lst = tmp_path / "list.txt"
+    lst.write_text("# train images\nimgs/class0/0.png\t3\n\nimgs/class1/1.png\n")
+    src = resolve_data(lst)
+    assert src.items == [str(tmp_path / "imgs/class0/0.png"), str(tmp_path / "imgs/class1/1.png")]
+    with pytest.raises(DgmrError, match="does not exist"):
+        resolve_data(tmp_path / "missing")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(DgmrError, match="empty"):
+        resolve_data(tmp_path / "empty.txt")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DgmrError, match="not a text file"):
+        resolve_data(tmp_path / "blob.bin")
+    with pytest.raises(DgmrError, match="empty"):
+        resolve_data([])
+    with pytest.raises(DgmrError, match="shard"):
+        resolve_data(str(tmp_path / "shards-{0000..0001}.tar"))
+
+
+def test_corrupt_items_are_reported_not_raised(tmp_path):
+    good = _png(tmp_path / "a.png", 0)
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"\xff\xd8 broken")
+    ds = ImageDataset([str(good), str(bad), str(tmp_path / "gone.png")], TrainTransform(8, MEAN, STD))
+    sampler = EpochIndexSampler(range(3), epoch=4)
+    x, names = collate([ds[key] for key in sampler])
+    assert x.shape == (1, 3, 8, 8)
+    assert [n.split(":")[0] for n in names] == [str(bad), str(tmp_path / "gone.png")]
+    assert list(EpochIndexSampler(range(5), epoch=1, skip=3)) == [(1, 3), (1, 4)]
+
+
+def test_shard_stream_skips_exactly_and_splits_ranks(tmp_path):
+    import webdataset as wds
+
+    for s in range(3):
+        with wds.TarWriter(str(tmp_path / f"s-{s}.tar")) as w:
+            for i in range(4):
+                w.write({"__key__": f"{s}/{i}", "jpg": (_png(tmp_path / "src" / f"{s}{i}.png", 10 * s + i)).read_bytes()})
+    src = resolve_data(str(tmp_path / "s-{0..2}.tar"))
+    assert src.kind == "shards" and src.num_samples == 12
+    tr = TrainTransform(8, MEAN, STD)
+
+    def take(n: int, **kw) -> list[torch.Tensor]:
+        return [x for x, _ in itertools.islice(iter(ShardImages(src.items, tr, batch_size=2, **kw)), n)]
+
+    full = take(10)
+    later = take(6, skip_batches=2)  # two batches of two: four samples skipped without decoding
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], later))
+    # as many streams as shards or fewer: whole shards per rank, disjoint
+    r0, r1 = take(6, rank=0, world=2), take(6, rank=1, world=2)
+    assert not any(torch.equal(a, b) for a in r0 for b in r1)
+    # more streams than shards: every rank reads all shards and keeps every 4th sample; one pass = all 12, once
+    parts = [take(3, rank=k, world=4) for k in range(4)]
+    flat = [x for p in parts for x in p]
+    assert len(flat) == 12
+    assert not any(torch.equal(flat[i], flat[j]) for i in range(12) for j in range(i + 1, 12))
