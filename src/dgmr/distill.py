@@ -439,7 +439,10 @@ def distill(
     """
     t_start = time.perf_counter()
     out = Path(out)
-    info = D.init(settings.get("device"))
+    device = settings.get("device")
+    if device is None and config is not None and not resume:
+        device = DistillSettings.resolve(config, **settings).device
+    info = D.init(device)
     try:
         return _run(teacher, student, data, out, config, resume, overwrite, progress, on_step, student_source,
                     settings, info, t_start)
@@ -641,6 +644,10 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
                dynamic_ncols=True)
 
     def save_checkpoint(epoch: int) -> None:
+        local_bad = any(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in params)
+        if D.all_reduce_sum(torch.tensor([float(local_bad)], device=device), info).item() > 0:
+            raise DgmrError(f"the student's weights are not finite after step {step}: stopped; the last good "
+                            f"checkpoint is {out / CHECKPOINT}; try a lower --lr or --clip-grad")
         if s.fsdp and info.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -661,11 +668,16 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
         D.barrier(info)
 
     # -- the loop ---------------------------------------------------------------------------------
+    params = [p for _, p in trainable]
+    if resume and info.is_main and metrics_path.is_file():
+        first_rows = metrics_path.read_text().splitlines()[:1]
+        first_loss = json.loads(first_rows[0])["loss"] if first_rows else None
+    else:
+        first_loss = None
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, pooled, tokens, images (since last log)
-    last_log_t, first_loss, last_loss = time.perf_counter(), None, None
+    last_log_t, last_loss = time.perf_counter(), None
     batches = loader.batches(step * s.accum, steps_per_epoch)
     epoch = step // steps_per_epoch if steps_per_epoch else 0
-    params = [p for _, p in trainable]
     is_ddp = info.distributed and not s.fsdp
     while step < total:
         for micro in range(s.accum):
