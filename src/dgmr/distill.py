@@ -450,8 +450,8 @@ def distill(
         D.cleanup(info)
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, info: D.DistInfo) -> str | None:
-    """Rank 0 checks/creates the run directory; every rank gets the same verdict."""
+def _prepare_out(out: Path, resume: bool, overwrite: bool, info: D.DistInfo, create: bool) -> str | None:
+    """Rank 0 checks (and with ``create``, makes) the run directory; every rank gets the same verdict."""
     err = None
     if info.is_main:
         try:
@@ -460,9 +460,10 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, info: D.DistInfo) -> 
                     raise DgmrError(f"nothing to resume: {out / CHECKPOINT} does not exist")
             else:
                 check_output_dir(out, overwrite)
-                if out.is_dir():
-                    shutil.rmtree(out)
-                out.mkdir(parents=True)
+                if create:
+                    if out.is_dir():
+                        shutil.rmtree(out)
+                    out.mkdir(parents=True)
         except DgmrError as e:
             err = str(e)
         except OSError as e:
@@ -472,7 +473,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, info: D.DistInfo) -> 
 
 def _run(teacher, student, data, out: Path, config, resume, overwrite, progress, on_step, student_source,
          overrides: dict[str, Any], info: D.DistInfo, t_start: float) -> dict[str, Any]:
-    err = _prepare_out(out, resume, overwrite, info)
+    err = _prepare_out(out, resume, overwrite, info, create=False)  # fail before any expensive work
     if err:
         raise DgmrError(err)
     saved: dict[str, Any] | None = None
@@ -616,6 +617,10 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
         torch.manual_seed(s.seed + info.rank)
 
     # -- logging --------------------------------------------------------------------------------
+    if not resume:  # everything checked: only now does the run directory appear
+        err = _prepare_out(out, resume, overwrite, info, create=True)
+        if err:
+            raise DgmrError(err)
     metrics_path = out / METRICS
     writer = None
     if info.is_main:
