@@ -498,6 +498,8 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
     if teacher is None or student is None or data is None:
         raise DgmrError("distill needs a teacher, a student and data")
 
+    source = resolve_data(data)  # cheap checks first: a bad --data fails before any model is loaded
+
     # -- models ---------------------------------------------------------------------------
     t_model, t_src, _ = _open(teacher, "teacher", s)
     s_model, s_src, s_cfg = _open(student, "student", s)
@@ -547,7 +549,6 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
     del x, tf, sf
 
     # -- data -------------------------------------------------------------------------------
-    source = resolve_data(data)
     transform = TrainTransform(image_size, dcfg["mean"], dcfg["std"], scale=s.crop_scale)
     workers = s.workers if s.workers is not None else _default_workers(source, info)
     loader = _Loader(source, transform, info, s, workers, pin=cuda)
