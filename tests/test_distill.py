@@ -26,6 +26,15 @@ SPEC = "timm:vit_tiny_patch16_224"
 KW = json.dumps(TINY)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to CPU oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _images(folder: Path, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -129,7 +138,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny, tmp_path):
             workers=0, progress=False)
     run = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args, str(run), "5"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert load_checkpoint(run)["step"] == 4  # checkpoints at 2 and 4; steps 5 ran and were lost
     assert not (run / "config.json").exists()  # no export from a killed run
