@@ -551,6 +551,11 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
     # -- data -------------------------------------------------------------------------------
     transform = TrainTransform(image_size, dcfg["mean"], dcfg["std"], scale=s.crop_scale)
     workers = s.workers if s.workers is not None else _default_workers(source, info)
+    if resume and s.workers is None and saved and saved.get("workers") is not None:
+        workers = int(saved["workers"])  # as the run started
+    if resume and source.kind == "shards" and saved and saved.get("workers") not in (None, workers):
+        # each DataLoader worker streams its own share of the shards: the order depends on their number
+        raise DgmrError(f"resume a shard run with the same number of DataLoader workers: --workers {saved['workers']}")
     loader = _Loader(source, transform, info, s, workers, pin=cuda)
     steps_per_epoch = loader.batches_per_epoch // s.accum
     if s.steps is not None:
