@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import DgmrError
+
 
 @dataclass
 class DistInfo:
@@ -37,6 +39,10 @@ def init(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
 
     ``device``: "cpu", "cuda", or None for cuda when available."""
     want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if device is not None and not str(device).startswith(("cuda", "cpu")):
+        raise DgmrError(f"unknown device {device!r}: use cpu or cuda")
+    if want_cuda and not torch.cuda.is_available():
+        raise DgmrError(f"device {device} asked for, but torch sees no CUDA device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
