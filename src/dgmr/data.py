@@ -115,7 +115,7 @@ class ImageDataset(Dataset):
             return item.convert("RGB")
         if isinstance(item, torch.Tensor) and item.ndim == 3 and item.shape[0] in (1, 3):
             return item.expand(3, -1, -1) if item.shape[0] == 1 else item
-        raise TypeError(f"item {index} is a {type(item).__name__}, not an image")
+        raise ValueError(f"item {index} is a {type(item).__name__}, not an image")
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor | None, str | None]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
