@@ -326,3 +326,18 @@ def test_config_file_flags_override_and_schedules(tmp_path):
     wds_ = [wd_at(i, 100, 0.04, 0.2) for i in range(100)]
     assert wds_[0] == pytest.approx(0.04) and wds_[-1] == pytest.approx(0.2)
     assert all(a <= b for a, b in zip(wds_, wds_[1:]))
+
+
+def test_cli_config_file_with_flag_override_and_overwrite(tiny, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("steps: 2\nbatch-size: 4\nlr: 1.0e-3\nworkers: 0\nlog_every: 1\nloss: cosine\n")
+    run = tmp_path / "run"
+    argv = ["distill", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data",
+            str(tiny["images"]), "--out", str(run), "--config", str(cfg), "--steps", "3", "--no-progress"]
+    assert main(argv) == 0
+    saved = json.loads((run / "run_config.json").read_text())["settings"]
+    assert (saved["steps"], saved["batch_size"], saved["loss"]) == (3, 4, "cosine")  # flag beats file
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    assert main(argv) == 2  # the run directory is not empty
+    assert main(argv + ["--overwrite", "--steps", "1"]) == 0
+    assert [r["step"] for r in _metrics(run)] == [1]
