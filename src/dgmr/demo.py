@@ -1,0 +1,407 @@
+"""``dgmr demo``: the whole method end to end on real bundled data, offline, on a CPU.
+
+Data: the UCI handwritten digits scikit-learn ships (1,797 real 8x8 images, 10 classes),
+upsampled to 16x16, a fixed stratified train/test split. A small ViT (timm's real
+``VisionTransformer``) is trained from scratch on the train split with labels; then for
+every criterion x mlp ratio x seed, the teacher is pruned with ``dgmr.prune``, distilled on
+the *unlabeled* train images with ``dgmr.distill.distill``, and teacher / pruned / distilled
+models are scored with the evaluation code (kNN on pooled features, the classifier head),
+plus params, FLOPs and measured CPU throughput. Outputs: a terminal table, ``report.md``,
+``results.json`` and PNG plots.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .artifact import load, save, write_json
+from .errors import DgmrError
+from .families import family_of
+from .prune import prune
+from .sources import Source, build_model
+
+KNN_K = 20  # fixed k for the kNN score (not picked on the test set)
+IMAGE_SIZE = 16
+
+
+def teacher_source() -> Source:
+    """The demo teacher: timm VisionTransformer, width 96, depth 6, mlp ratio 4, 16 px input, patch 4,
+    average-pooled patch tokens (it learns much faster from 1,347 images than the CLS token)."""
+    return Source("timm", "vit_tiny_patch16_224", kwargs=dict(
+        img_size=IMAGE_SIZE, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0, num_classes=10,
+        global_pool="avg"))
+
+
+@dataclass
+class DemoSettings:
+    out: str = "runs/demo"
+    seed: int = 0
+    quick: bool = False
+    criteria: tuple[str, ...] = ("diversity", "l2", "random")
+    ratios: tuple[float, ...] = (1.0, 0.5)
+    seeds: int = 3
+    teacher_epochs: int = 20
+    teacher_lr: float = 1e-3
+    teacher_batch: int = 32
+    distill_steps: int = 80
+    distill_batch: int = 64
+    distill_lr: float = 1e-3
+    curve_points: int = 5
+    speed_batch: int = 256
+
+    @classmethod
+    def make(cls, out: str | os.PathLike = "runs/demo", seed: int = 0, quick: bool = False) -> "DemoSettings":
+        if quick:  # the test suite runs this end to end: every criterion and ratio, one seed, short runs
+            return cls(out=str(out), seed=seed, quick=True, seeds=1, teacher_epochs=10, distill_steps=20,
+                       curve_points=2, speed_batch=128)
+        return cls(out=str(out), seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+def digits_split(seed: int = 0, size: int = IMAGE_SIZE) -> dict[str, torch.Tensor]:
+    """scikit-learn's digits as (N, 3, size, size) floats in [0, 1], stratified 75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = train_test_split(torch.arange(len(y)).numpy(), test_size=0.25, stratify=y.numpy(), random_state=seed)
+    tr, te = torch.from_numpy(tr), torch.from_numpy(te)
+    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
+
+
+class _Images(torch.utils.data.Dataset):
+    """Unlabeled images for distillation: (3, H, W) tensors in [0, 1]."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def _normalizer(model: nn.Module):
+    cfg = family_of(model).data_config(model)
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return lambda x: (x - mean) / std
+
+
+def _shift(x: torch.Tensor, g: torch.Generator, pad: int = 1) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels, per image."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    return torch.stack([xp[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher
+def train_teacher(data: dict[str, torch.Tensor], s: DemoSettings, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the demo ViT from scratch on the labeled train split (AdamW, cosine, shifts)."""
+    torch.manual_seed(s.seed)
+    src = teacher_source()
+    model = build_model(src, pretrained=False).train()
+    norm = _normalizer(model)
+    g = torch.Generator().manual_seed(s.seed)
+    x, y = data["x_train"], data["y_train"]
+    batch = s.teacher_batch
+    steps_per_epoch = math.ceil(len(x) / batch)
+    total = s.teacher_epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=s.teacher_lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.teacher_lr, total_steps=total, pct_start=0.1)
+    t0 = time.perf_counter()
+    bar = tqdm(range(s.teacher_epochs), desc="train teacher", unit="epoch", disable=not progress, leave=False)
+    for _ in bar:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch:(i + 1) * batch]
+            loss = F.cross_entropy(model(norm(_shift(x[idx], g))), y[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    info = {"epochs": s.teacher_epochs, "seconds": round(time.perf_counter() - t0, 1), "train_loss": float(loss.detach())}
+    return model, info
+
+
+def cached_teacher(data: dict[str, torch.Tensor], s: DemoSettings, progress: bool) -> tuple[nn.Module, Source, dict]:
+    """The trained teacher from ``OUT/teacher`` when it was trained with the same settings."""
+    tdir = Path(s.out) / "teacher"
+    recipe = {"seed": s.seed, "epochs": s.teacher_epochs, "lr": s.teacher_lr, "batch": s.teacher_batch,
+              "arch": teacher_source().to_dict()}
+    if (tdir / "config.json").is_file():
+        cfg = json.loads((tdir / "config.json").read_text())
+        if cfg.get("demo_teacher", {}).get("recipe") == recipe:
+            return load(tdir), teacher_source(), {**cfg["demo_teacher"]["info"], "cached": True}
+    model, info = train_teacher(data, s, progress)
+    save(model, tdir, source=teacher_source(), overwrite=True, native=False,
+         extra={"demo_teacher": {"recipe": recipe, "info": info}})
+    return model, teacher_source(), {**info, "cached": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation (the same code as `dgmr eval`)
+@torch.no_grad()
+def _pooled_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    fam, norm = family_of(model), _normalizer(model)
+    feats, logits = [], []
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(x), batch):
+        f = fam.features(model, norm(x[i:i + batch]))["pooled"]  # timm ViT: pre-logits = input of the head
+        feats.append(f)
+        logits.append(model.get_classifier()(f))
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def head_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    _, logits = _pooled_and_logits(model, x)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def score(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """kNN top-1 (k=20, pooled features, train split as the bank) and classifier-head top-1 on test."""
+    from .evaluate.knn import knn_classify
+
+    f_tr, _ = _pooled_and_logits(model, data["x_train"])
+    f_te, logits = _pooled_and_logits(model, data["x_test"])
+    knn = knn_classify(f_tr, data["y_train"], f_te, data["y_test"], ks=(KNN_K,), num_classes=10)
+    return {"knn_top1": float(knn["per_k"][str(KNN_K)]["top1"]),
+            "head_top1": float((logits.argmax(1) == data["y_test"]).float().mean())}
+
+
+def _cost(model: nn.Module) -> dict[str, int]:
+    from .stats import count_flops, count_params
+
+    fam = family_of(model)
+    return {"params": count_params(model, fam), "flops": count_flops(model, fam, IMAGE_SIZE),
+            "mlp_params": sum(p.numel() for site in fam.mlps(model)
+                              for m in (site.up, site.down, site.gate) if m is not None for p in m.parameters())}
+
+
+# ---------------------------------------------------------------------------------------------
+def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool = False,
+             progress: bool = True, settings: DemoSettings | None = None) -> dict[str, Any]:
+    """Run the demo into ``out``; returns the results dict also written to ``out/results.json``."""
+    from .distill import distill
+    from .evaluate.speed import measure_speed
+
+    s = settings or DemoSettings.make(out, seed, quick)
+    outp = Path(s.out)
+    if outp.exists() and not outp.is_dir():
+        raise DgmrError(f"output {outp} exists and is not a directory")
+    outp.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    data = digits_split(s.seed)
+    teacher, src, tinfo = cached_teacher(data, s, progress)
+    teacher_scores = score(teacher, data)
+    teacher_row = {**_cost(teacher), **teacher_scores, "train": tinfo}
+
+    jobs = [(c, r, s.seed + k) for r in s.ratios for c in s.criteria for k in range(s.seeds)]
+    students: list[dict[str, Any]] = []
+    curves: dict[str, list[dict[str, float]]] = {}
+    archs: dict[float, nn.Module] = {}
+    eval_every = max(1, s.distill_steps // s.curve_points)
+    bar = tqdm(jobs, desc="prune + distill students", unit="student", disable=not progress)
+    for criterion, ratio, sd in bar:
+        name = f"{criterion}-r{ratio:g}-s{sd}"
+        bar.set_postfix_str(name)
+        student = copy.deepcopy(teacher)
+        student, record = prune(student, mlp_ratio=ratio, criterion=criterion, seed=sd, progress=False, source=src)
+        before = score(student, data)
+        curve = [{"step": 0, "head_top1": before["head_top1"]}]
+
+        def on_step(info: dict[str, Any], student=student, curve=curve) -> None:
+            if info["step"] % eval_every == 0 or info["step"] == info["total_steps"]:
+                curve.append({"step": info["step"], "head_top1": head_top1(student, data["x_test"], data["y_test"])})
+
+        run_dir = outp / "students" / name
+        summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
+                          on_step=on_step, student_source=src, steps=s.distill_steps, batch_size=s.distill_batch,
+                          lr=s.distill_lr, seed=sd, log_every=1, save_every=0, workers=0, tensorboard=False,
+                          device="cpu")
+        after = score(student, data)
+        losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curves[name] = [{"step": m["step"], "loss": m["loss"]} for m in losses] + [{"step": c["step"], "head_top1": c["head_top1"], "acc": True} for c in curve]
+        archs.setdefault(ratio, student)
+        students.append({
+            "criterion": criterion, "mlp_ratio": ratio, "seed": sd, **_cost(student),
+            "knn_top1_before": before["knn_top1"], "head_top1_before": before["head_top1"],
+            "knn_top1_after": after["knn_top1"], "head_top1_after": after["head_top1"],
+            "loss_first": losses[0]["loss"], "loss_last": losses[-1]["loss"],
+            "distill_steps": summary["steps"], "distill_seconds": summary.get("seconds"),
+        })
+    speed = measure_speed({"teacher": teacher, **{f"r{r:g}": m for r, m in archs.items()}},
+                          batch_size=s.speed_batch, image_size=IMAGE_SIZE, device="cpu", warmup=2, repeats=5)
+    teacher_row["images_per_s"] = speed["models"]["teacher"]["throughput"]
+    for row in students:
+        row["images_per_s"] = speed["models"][f"r{row['mlp_ratio']:g}"]["throughput"]
+    results = {"teacher": teacher_row, "students": students, "wall_seconds": round(time.perf_counter() - t0, 1),
+               "settings": asdict(s), "knn_k": KNN_K,
+               "data": {"name": "sklearn digits (UCI)", "train": len(data["y_train"]), "test": len(data["y_test"]),
+                        "image_size": IMAGE_SIZE}}
+    results["summary"] = summarize(results)
+    write_json(outp / "results.json", results)
+    write_json(outp / "curves.json", curves)
+    plot_curves(curves, outp / "recovery.png")
+    plot_accuracy_vs_flops(results, outp / "accuracy_vs_flops.png")
+    report = render_markdown(results)
+    (outp / "report.md").write_text(report)
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(outp / "results.json", results)
+    return results
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (criterion, ratio): mean and spread (min..max, stdev) over seeds."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in results["students"]:
+        groups.setdefault((row["criterion"], row["mlp_ratio"]), []).append(row)
+    out = []
+    t = results["teacher"]
+    for (c, r), rows in groups.items():
+        agg: dict[str, Any] = {"criterion": c, "mlp_ratio": r, "seeds": len(rows), "params": rows[0]["params"],
+                               "flops": rows[0]["flops"], "mlp_params": rows[0]["mlp_params"],
+                               "images_per_s": rows[0]["images_per_s"]}
+        for key in ("knn_top1_before", "head_top1_before", "knn_top1_after", "head_top1_after"):
+            vals = [row[key] for row in rows]
+            agg[key] = statistics.fmean(vals)
+            agg[key + "_min"], agg[key + "_max"] = min(vals), max(vals)
+            agg[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        agg["knn_delta_vs_teacher"] = agg["knn_top1_after"] - t["knn_top1"]
+        agg["head_delta_vs_teacher"] = agg["head_top1_after"] - t["head_top1"]
+        agg["mlp_param_reduction"] = 1 - agg["mlp_params"] / t["mlp_params"]
+        out.append(agg)
+    return out
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _spread(row: dict[str, Any], key: str) -> str:
+    if row["seeds"] == 1:
+        return _pct(row[key])
+    return f"{_pct(row[key])} ± {100 * row[key + '_std']:.1f}"
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    t = results["teacher"]
+    rows = [["teacher", f"{t['params'] / 1e6:.3f}M", f"{t['flops'] / 1e6:.1f}M", f"{t['images_per_s']:.0f}",
+             "-", "-", _pct(t["knn_top1"]), _pct(t["head_top1"]), "-"]]
+    for a in results["summary"]:
+        rows.append([f"{a['criterion']} r={a['mlp_ratio']:g} (n={a['seeds']})", f"{a['params'] / 1e6:.3f}M",
+                     f"{a['flops'] / 1e6:.1f}M", f"{a['images_per_s']:.0f}",
+                     _spread(a, "knn_top1_before"), _spread(a, "head_top1_before"),
+                     _spread(a, "knn_top1_after"), _spread(a, "head_top1_after"),
+                     f"{100 * a['knn_delta_vs_teacher']:+.1f}"])
+    return rows
+
+
+HEADER = ["model", "params", "FLOPs", "img/s", "kNN before", "head before", "kNN after", "head after", "ΔkNN vs teacher"]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    t = results["teacher"]
+    lines = [
+        "# dgmr demo: DGMR on handwritten digits", "",
+        f"Data: {results['data']['name']}, {results['data']['train']} train / {results['data']['test']} test images, "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE}. Teacher: timm VisionTransformer (width 96, depth 6, mlp ratio 4) trained from "
+        f"scratch for {t['train']['epochs']} epochs. Students: pruned with each criterion, then distilled for "
+        f"{results['settings']['distill_steps']} steps on the unlabeled train images. Accuracies are test top-1 in %: "
+        f"kNN (k={results['knn_k']}, cosine, pooled features) and the classifier head; 'before' = pruned, not distilled. "
+        "Mean ± standard deviation over seeds where n > 1. CPU throughput measured in one run.", "",
+        "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
+        *["| " + " | ".join(r) + " |" for r in table_rows(results)], "",
+        f"MLP parameter reduction: " + ", ".join(sorted({f"r={a['mlp_ratio']:g}: {100 * a['mlp_param_reduction']:.0f}%"
+                                                         for a in results["summary"]})) + ".", "",
+        "![recovery](recovery.png)", "", "![accuracy vs FLOPs](accuracy_vs_flops.png)", "",
+        f"Wall time: {results['wall_seconds']:.0f} s.", "",
+    ]
+    return "\n".join(lines)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows = [HEADER, *table_rows(results)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    for j, r in enumerate(rows):
+        print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"diversity": "tab:blue", "l2": "tab:orange", "random": "tab:green"}
+    for name, pts in curves.items():
+        crit, ratio = name.split("-")[0], name.split("-")[1]
+        style = "-" if ratio == "r1" else "--"
+        loss = [(p["step"], p["loss"]) for p in pts if "loss" in p]
+        acc = [(p["step"], 100 * p["head_top1"]) for p in pts if "head_top1" in p]
+        label = f"{crit} {ratio}"
+        ax1.plot(*zip(*loss), style, color=colors.get(crit, "gray"), alpha=0.6, label=label)
+        ax2.plot(*zip(*acc), style, marker="o", ms=3, color=colors.get(crit, "gray"), alpha=0.6, label=label)
+    ax1.set(xlabel="distillation step", ylabel="distillation loss (MSE)", yscale="log", title="distillation loss")
+    ax2.set(xlabel="distillation step", ylabel="test top-1 (%), classifier head", title="recovery")
+    for ax in (ax1, ax2):
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_flops(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = results["teacher"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([t["flops"] / 1e6], [100 * t["knn_top1"]], marker="*", s=200, color="black", label="teacher", zorder=3)
+    markers = {"diversity": "o", "l2": "s", "random": "^"}
+    for a in results["summary"]:
+        m = markers.get(a["criterion"], "x")
+        ax.errorbar([a["flops"] / 1e6], [100 * a["knn_top1_after"]], yerr=[[100 * (a["knn_top1_after"] - a["knn_top1_after_min"])],
+                    [100 * (a["knn_top1_after_max"] - a["knn_top1_after"])]], fmt=m, capsize=3,
+                    label=f"{a['criterion']} r={a['mlp_ratio']:g} distilled")
+        ax.scatter([a["flops"] / 1e6], [100 * a["knn_top1_before"]], marker=m, facecolors="none", edgecolors="gray")
+    ax.set(xlabel="MFLOPs per image", ylabel=f"kNN top-1 (%), k={results['knn_k']}",
+           title="accuracy vs FLOPs (hollow: pruned, before distillation)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
