@@ -37,7 +37,7 @@ from torch import nn
 
 from . import dist as D
 from .artifact import CONFIG, INDICES, check_output_dir, read_config, save, vision_params, write_json
-from .data import DataSource, ImageDataset, ShardImages, TrainTransform, collate, resolve_data
+from .data import DataSource, EpochIndexSampler, ImageDataset, ShardImages, TrainTransform, collate, resolve_data
 from .errors import DgmrError
 from .families import Family, family_of
 from .sources import Source, is_dgmr_dir
@@ -302,8 +302,6 @@ class _Loader:
             sampler = DistributedSampler(ds, num_replicas=info.world, rank=info.rank, shuffle=True, seed=s.seed,
                                          drop_last=True)
             sampler.set_epoch(epoch)
-            from .data import EpochIndexSampler
-
             loader = DataLoader(ds, sampler=EpochIndexSampler(sampler, epoch, skip * s.batch_size), **common)
             used, readable = skip, 0
             for x, bad in loader:
