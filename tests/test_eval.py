@@ -319,6 +319,10 @@ def test_bad_input_is_one_line(data, tmp_path, capsys):
     assert code == 2 and "cannot take 48 px" in err
     code, _, err = run(capsys, "eval", "knn", *TINY_TIMM, "--train", str(tmp_path / "nope"), "--val", str(data / "val"))
     assert code == 2 and "does not exist" in err
+    (tmp_path / "corrupt" / "red").mkdir(parents=True)
+    (tmp_path / "corrupt" / "red" / "0.png").write_text("not an image")
+    with pytest.raises(DgmrError, match="cannot read image"):
+        eval_knn(MeanColor(), data / "train", tmp_path / "corrupt", image_size=16, cache_dir=False)
     with pytest.raises(DgmrError, match="training split does not have"):
         (tmp_path / "v2" / "purple").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "v2" / "purple" / "0.png")

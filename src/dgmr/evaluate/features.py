@@ -106,7 +106,7 @@ def extract_features(
                         pin_memory=device.type == "cuda", persistent_workers=False)
     feats, labels, idxs = [], [], []
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
-    for x, y, i in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
+    for x, y, i in tqdm(_batches(loader), desc=desc, disable=not progress or rank != 0, leave=False):
         with autocast:
             f = fn(x.to(device, non_blocking=True))
         if f.ndim != 2:
@@ -138,6 +138,20 @@ def extract_features(
     if not bool(seen.all()):
         raise DgmrError(f"feature extraction missed {int((~seen).sum())} of {n} samples")
     return out_f, out_y
+
+
+def _batches(loader: DataLoader):
+    """The loader's batches; a DgmrError raised in a worker process comes back as one line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DgmrError as e:  # workers re-raise with the worker traceback in the message
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            raise DgmrError(lines[-1].split("DgmrError: ", 1)[-1] if lines else "data loading failed") from None
+        yield batch
 
 
 class FeatureCache:
