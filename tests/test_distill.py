@@ -239,8 +239,8 @@ def test_in_memory_modules_and_pil_images_open_clip(tmp_path):
     (tmp_path / "dgmr-test-tiny-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "dgmr-test-tiny-clip.json")
     torch.manual_seed(0)
-    teacher = open_clip.create_model("dgmr-test-tiny-clip")
-    student = open_clip.create_model("dgmr-test-tiny-clip")
+    teacher = open_clip.create_model("dgmr-test-tiny-clip").eval()
+    student = open_clip.create_model("dgmr-test-tiny-clip").eval()
     student.load_state_dict(teacher.state_dict())
     dgmr.prune(student, mlp_ratio=1, progress=False)
     rng = np.random.default_rng(1)
@@ -252,6 +252,9 @@ def test_in_memory_modules_and_pil_images_open_clip(tmp_path):
     assert r["family"] == "open_clip" and r["final_loss"] < r["first_loss"]
     after = student.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in text_before.items())  # the text tower is not trained
+    # the modules come back as they were given: eval mode, grad flags untouched
+    assert not teacher.training and not student.training
+    assert all(p.requires_grad for p in teacher.parameters()) and all(p.requires_grad for p in student.parameters())
     assert any(not torch.equal(v, student.visual.state_dict()[k]) for k, v in visual_before.items())
     assert (tmp_path / "run" / "model.safetensors").is_file()
 

@@ -441,11 +441,31 @@ def distill(
     if device is None and config is not None and not resume:
         device = DistillSettings.resolve(config, **settings).device
     info = D.init(device)
+    # modules passed in come back as they were (grad flags, train/eval mode; the teacher also dtype
+    # and device), except for the student's trained weights
+    states = [_module_state(m, full=m is teacher) for m in (teacher, student) if isinstance(m, nn.Module)]
     try:
         return _run(teacher, student, data, out, config, resume, overwrite, progress, on_step, student_source,
                     settings, info, t_start)
     finally:
+        for state in states:
+            _restore_module_state(*state)
         D.cleanup(info)
+
+
+def _module_state(model: nn.Module, full: bool) -> tuple[nn.Module, list, list, tuple | None]:
+    p = next(model.parameters(), None)
+    where = (p.device, p.dtype) if full and p is not None else None
+    return (model, [(m, m.training) for m in model.modules()], [(q, q.requires_grad) for q in model.parameters()], where)
+
+
+def _restore_module_state(model: nn.Module, modes: list, grads: list, where: tuple | None) -> None:
+    for m, training in modes:
+        m.training = training
+    for q, requires_grad in grads:
+        q.requires_grad_(requires_grad)
+    if where is not None:
+        model.to(device=where[0], dtype=where[1])
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool, info: D.DistInfo, create: bool) -> str | None:
