@@ -49,7 +49,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also poke every accelerator
             top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
             flip = self.flip and bool(torch.rand(1) < 0.5)
         size = [self.image_size, self.image_size]
