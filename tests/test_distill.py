@@ -49,6 +49,7 @@ def _images(folder: Path, n: int, seed: int = 0) -> None:
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random-init teacher saved unpruned, its r=1 student, and 24 images + 2 corrupt + 1 non-image."""
     root = tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)
     src = parse_spec(SPEC, TINY)
     dgmr.save(build_model(src, pretrained=False), root / "teacher", source=src)
     student, record = dgmr.prune(dgmr.load(root / "teacher"), mlp_ratio=1, progress=False)
