@@ -728,8 +728,8 @@ def _run(teacher, student, data, out: Path, config, resume, overwrite, progress,
                 loss, lp, lt = feature_loss(sf, tf, s.loss, s.pooled_weight, s.tokens_weight)
                 (loss * (weight / s.accum)).backward()
             n = x.shape[0] * int(weight)
-            sums += torch.stack([loss.detach().double() * n, lp.double() * n, lt.double() * n,
-                                 torch.tensor(float(n), device=device, dtype=torch.float64)])
+            sums[:3] += torch.stack([loss.detach(), lp, lt]).double() * n  # no host sync: summed on device
+            sums[3] += n
         lr, wd = lr_at(step, total, peak_lr, s.min_lr, warmup), wd_at(step, total, s.weight_decay, s.weight_decay_end)
         for g in optim.param_groups:
             g["lr"], g["weight_decay"] = lr, wd * g["wd_scale"]
