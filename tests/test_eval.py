@@ -140,8 +140,8 @@ def test_linear_probe_separable_and_shuffled():
     centers = torch.randn(5, 32, generator=g) * 2
     ytr, yte = torch.randint(0, 5, (400,), generator=g), torch.randint(0, 5, (200,), generator=g)
     xtr, xte = centers[ytr] + torch.randn(400, 32, generator=g), centers[yte] + torch.randn(200, 32, generator=g)
-    res = linear_probe(xtr, ytr, xte, yte, weight_decays=(1e-4, 1e-2))
-    assert res["top1"] >= 0.97 and res["weight_decay"] in (1e-4, 1e-2) and set(res["val_top1"]) == {"0.0001", "0.01"}
+    res = linear_probe(xtr, ytr, xte, yte, weight_decays=(1e-3, 1e-1), max_iter=100)
+    assert res["top1"] >= 0.97 and res["weight_decay"] in (1e-3, 1e-1) and set(res["val_top1"]) == {"0.001", "0.1"}
     assert 70 <= res["n_held_out"] <= 90 and res["n_held_out"] + 0 < res["n_train"]
     shuffled = linear_probe(xtr, ytr[torch.randperm(400, generator=g)], xte, yte, weight_decays=(1e-3,), max_iter=50)
     assert shuffled["top1"] < 0.4  # chance is 0.2
