@@ -390,7 +390,8 @@ def stream_prune(
     (``workers``, default: by core count), and is refused up front when one MLP cannot fit.
     ``select_device`` runs the selection there (e.g. ``"cuda"``) while everything else
     stays on the CPU; ``select_dtype`` is its compute dtype (``float64`` by default, as in
-    :func:`dgmr.prune`, which makes the two bit-for-bit equal; ``float32`` is ~2x faster). Returns a summary dict (also the ``dgmr prune --weights`` output).
+    :func:`dgmr.prune`, which makes the two bit-for-bit equal; ``float32`` is faster but can
+    depart from the exact greedy order where two residual norms tie to ~1e-6). Returns a summary dict (also the ``dgmr prune --weights`` output).
     """
     t0 = time.perf_counter()
     get_criterion(criterion)
