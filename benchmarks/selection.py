@@ -19,34 +19,7 @@ import torch
 from dgmr import select_neurons
 from dgmr.criteria import diversity
 
-
-def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """Measured FLOP/s of an n x n x n matmul (best of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def naive_picks(w: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
-    """The textbook loop on residuals, ``n`` picks; returns (picks, seconds)."""
-    t = time.perf_counter()
-    r = w.clone()
-    norms = (r * r).sum(1)
-    picks = []
-    for _ in range(n):
-        p = int(torch.argmax(norms))
-        picks.append(p)
-        q = r[p] / r[p].norm()
-        c = r @ q
-        r -= torch.outer(c, q)
-        norms = (r * r).sum(1)
-        norms[picks] = -1.0
-    return torch.tensor(picks), time.perf_counter() - t
+from bench_utils import gemm_rate, naive_greedy
 
 
 def main() -> None:
@@ -67,7 +40,7 @@ def main() -> None:
         t_dgmr = time.perf_counter() - t
         order = diversity(w, args.naive_picks)  # the greedy order of the first picks
         n = min(args.naive_picks, d)
-        ref, t_naive_part = naive_picks(w, n)
+        ref, t_naive_part = naive_greedy(w, n)
         t_naive = t_naive_part * d / n
         bound = 2 * h * d * d / rate
         same = bool(torch.equal(order[:n], ref))

@@ -50,33 +50,7 @@ from dgmr.families import GenericFamily, apply_widths, family_of
 from dgmr.sources import build_model, parse_spec
 from dgmr.stream import INDEX, open_checkpoint, parse_size
 
-
-def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def naive(w: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
-    """The textbook greedy loop on explicit residuals, ``n`` picks: (picks, seconds)."""
-    t = time.perf_counter()
-    r = w.clone()
-    alive = torch.ones(w.shape[0], dtype=torch.bool)
-    picks = []
-    for _ in range(n):
-        norms = (r * r).sum(1)
-        norms[~alive] = -1.0
-        p = int(torch.argmax(norms))
-        picks.append(p)
-        alive[p] = False
-        q = r[p] / r[p].norm()
-        r -= torch.outer(r @ q, q)
-    return torch.tensor(picks), time.perf_counter() - t
+from bench_utils import gemm_rate, naive_greedy as naive
 
 
 def bench_selection(h: int, d: int, n: int, naive_picks: int, check_naive: bool) -> dict:
