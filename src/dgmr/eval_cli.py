@@ -8,24 +8,23 @@ from .commands import add_model_args
 from .errors import DgmrError
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("empty list")
-    return vals
+def _number_list(cast: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    """An argparse type for comma-separated numbers of one kind."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            vals = [cast(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError("empty list")
+        return vals
+
+    return parse
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("empty list")
-    return vals
+_int_list = _number_list(int, "integers")
+_float_list = _number_list(float, "numbers")
 
 
 def _common(p: argparse.ArgumentParser, *, model: bool = True, features: bool = True) -> None:
