@@ -43,6 +43,7 @@ from .artifact import CONFIG, INDICES, WEIGHTS, atomic_dir, check_output_dir, wr
 from .criteria import get_criterion, select_neurons
 from .errors import DgmrError
 from .families import Family, OpenClipFamily, family_of
+from .memory import PeakRss
 from .mlp import MlpSite, shrink_mlp
 from .prune import PruneRecord, resolve_widths
 from .sources import Source, build_model, is_dgmr_dir, parse_spec
@@ -290,31 +291,6 @@ class ShardWriter:
 
 # ---------------------------------------------------------------------------------------
 # the streaming prune
-class _PeakRss:
-    """Peak resident set size of this process, sampled by a background thread."""
-
-    def __init__(self, every: float = 0.02):
-        import threading
-
-        self.every, self.peak = every, psutil.Process().memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        proc = psutil.Process()
-        while not self._stop.wait(self.every):
-            self.peak = max(self.peak, proc.memory_info().rss)
-
-    def __enter__(self) -> "_PeakRss":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, psutil.Process().memory_info().rss)
-
-
 def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
@@ -445,7 +421,7 @@ def stream_prune(
         return _cut_one(sites[i], ks[i], site_tensors[i], ckpt.read(names), criterion, seed + i, dev, sel_dtype)
 
     bar = tqdm(total=len(sites), desc=f"stream prune ({criterion})", unit="block", disable=not progress, leave=False)
-    with bar, _PeakRss() as rss, atomic_dir(out, overwrite) as tmp, ThreadPoolExecutor(plan.workers) as pool:
+    with bar, PeakRss() as rss, atomic_dir(out, overwrite) as tmp, ThreadPoolExecutor(plan.workers) as pool:
         writer = ShardWriter(tmp, plan.shard_bytes)
         pending: dict[int, Future] = {}
         nxt = 0  # next site to submit: at most plan.workers in flight

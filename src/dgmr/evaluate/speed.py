@@ -10,7 +10,6 @@ it is the process's resident set size sampled every 2 ms while the model runs.
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from typing import Any, Mapping
 
@@ -19,39 +18,13 @@ from torch import nn
 
 from ..errors import DgmrError
 from ..families import Family, family_of
+from ..memory import PeakRss
 from ..stats import count_flops, count_params
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class _RssSampler:
-    """Max RSS of this process, sampled in a thread (CPU peak memory)."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "_RssSampler":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def check_image_size(model: nn.Module, family: Family, image_size: int, label: str = "the model") -> None:
@@ -112,7 +85,7 @@ def measure_speed(
             peaks[name] = torch.cuda.max_memory_allocated(device)
             rows[name]["activation_memory_bytes"] = peaks[name] - base
         else:
-            with _RssSampler() as s:
+            with PeakRss(every=0.002) as s:
                 for _ in range(max(1, warmup)):
                     fams[name].image_forward(m, x)
             peaks[name] = s.peak
