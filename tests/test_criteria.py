@@ -143,3 +143,36 @@ def test_adding_a_criterion_is_one_function():
         assert select_neurons(torch.randn(10, 4), 3, "last_k_for_test").tolist() == [7, 8, 9]
     finally:
         CRITERIA.pop("last_k_for_test")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_diversity_exact_where_float32_cannot_tell_rows_apart(seed):
+    """Bounds are refreshed in float32 plus a rigorous rounding allowance. Pairs of rows
+    whose residual norms differ by 1e-10 (far below float32 resolution), in a random
+    basis so that every float32 dot product rounds, must still be picked in the exact
+    float64 greedy order (without the allowance, every seed here picks wrongly)."""
+    g = torch.Generator().manual_seed(seed)
+    d = 16
+    rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    rows = [10 * torch.eye(d, dtype=torch.float64)[0]]
+    for i in range(1, d):
+        x, y = torch.zeros(2, d, dtype=torch.float64)
+        x[0], y[0] = torch.randn(2, generator=g, dtype=torch.float64)
+        x[i] = 5.0 - 0.1 * i
+        y[i] = -(5.0 - 0.1 * i) * (1 + (1e-10 if seed % 2 else -1e-10))
+        rows += [x, y]
+    w = torch.stack(rows) @ rot
+    assert torch.equal(dgmr.criteria.pivot_order(w, d, pool=1), naive_greedy(w, d))
+
+
+def test_diversity_exact_on_bf16_weights_with_many_refreshes():
+    wb = torch.randn(2048, 64, generator=torch.Generator().manual_seed(0)).bfloat16().double()
+    assert torch.equal(dgmr.criteria.pivot_order(wb, 64, pool=32), naive_greedy(wb, 64))
+
+
+@pytest.mark.parametrize("pool,cache", [(4, 4), (8, 64), (64, 8)])
+def test_residual_cache_sizes_do_not_change_the_picks(pool, cache):
+    """A pool that doubles past the residual cache, a cache that holds every row, a tiny one."""
+    w = torch.randn(400, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = dgmr.criteria._lazy_pivot_order(w, 48, pool=pool, cache=cache)
+    assert torch.equal(got, naive_greedy(w, 48))
