@@ -145,6 +145,17 @@ def test_export_reload_identical(case, cfgdir, tmp_path):
     assert set(kept) == set(rec.widths) and all(torch.equal(kept[k], rec.kept[k]) for k in kept)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.family != "generic"], ids=lambda c: c.id)
+def test_load_builds_parameters_on_meta_and_buffers_for_real(case, cfgdir):
+    """dgmr.load never random-initialises: the architecture comes with parameters on meta
+    (filled from the checkpoint by assignment) and real non-persistent buffers."""
+    _, src = build(case, cfgdir)
+    empty = dgmr.artifact._build_empty(src)
+    assert empty is not None
+    assert all(p.is_meta for p in empty.parameters())
+    assert not any(b.is_meta for b in empty.buffers())
+
+
 def test_hf_dinov2_swiglu_refuses_unexpressible_width(cfgdir, tmp_path):
     case = next(c for c in CASES if c.id == "hf_dinov2_swiglu")
     model, src = build(case, cfgdir)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from . import __version__
@@ -123,30 +123,29 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the exact pruned model saved in ``path`` (eval mode).
 
-    The architecture comes from the recorded source (random init, no download), or from
-    ``model`` when the source library is not one dgmr knows (generic family)."""
+    The architecture comes from the recorded source, or from ``model`` when the source
+    library is not one dgmr knows (generic family). It is built with its parameters on the
+    ``meta`` device (buffers real: rotary tables, position ids), cut to the recorded widths
+    and given the checkpoint's tensors as they are read: no random init, and the model's
+    weights are in memory once, whatever its size. Nothing is unpickled."""
     path = Path(path)
     cfg = read_config(path)
     src = Source.from_dict(cfg["source"]) if cfg.get("source") else None
+    assign = model is None
     if model is None:
         if src is None:
             raise DgmrError(f"{path} records no model source: pass the unpruned architecture as model=")
-        model = build_model(src, pretrained=False)
+        model = _build_empty(src)
+        if model is None:  # tied parameters: assigning tensors would untie them
+            model, assign = build_model(src, pretrained=False), False
     family = get_family(cfg["family"])
     apply_widths(model, {k: int(v) for k, v in cfg["widths"].items()}, family)
     if src is not None:
         family.update_config(model, None)
     model.to(dtype=getattr(torch, cfg.get("dtype", "float32")))
-    weights = path / WEIGHTS
-    if not weights.is_file() and (path / SHARD_INDEX).is_file():
-        weights = path / SHARD_INDEX
-    if not weights.is_file():
-        raise DgmrError(f"missing checkpoint {weights}")
+    weights = weights_file(path, cfg)
     try:
-        if weights.name == SHARD_INDEX:
-            _load_sharded(model, weights)
-        else:
-            load_model(model, str(weights), strict=True, device="cpu")
+        _load_weights(model, weights, assign)
     except (SafetensorError, OSError) as e:
         raise DgmrError(f"corrupt or unreadable checkpoint {weights}: {e}") from e
     except RuntimeError as e:
@@ -155,25 +154,56 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     return model.to(device).eval()
 
 
-def _load_sharded(model: nn.Module, index: Path) -> None:
-    """Load HF-style shards listed by ``index`` (one shard in memory at a time), strictly."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DgmrError(f"{index} is not a safetensors index: {e}") from None
-    expected = set(model.state_dict())
+def _build_empty(src: Source) -> nn.Module | None:
+    """``src``'s architecture with parameters on ``meta`` and real buffers; ``None`` if it ties parameters."""
+    model = build_model(src, pretrained=False, empty=True)
+    named = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    return model if len({id(p) for p in named}) == len(named) else None
+
+
+def weights_file(path: Path, cfg: dict[str, Any]) -> Path:
+    """The checkpoint of a dgmr directory: ``model.safetensors`` or a shard index, at the
+    top or where ``config.json``'s ``weights`` says (streamed Hugging Face output keeps its
+    shards in ``hf/``)."""
+    names = [cfg["weights"]] if cfg.get("weights") else [WEIGHTS, SHARD_INDEX]
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise DgmrError(f"missing checkpoint {path / names[0]}")
+
+
+def _load_weights(model: nn.Module, weights: Path, assign: bool) -> None:
+    """Load a single file or HF-style shards (one shard in memory at a time), strictly."""
+    if weights.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(weights.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DgmrError(f"{weights} is not a safetensors index: {e}") from None
+        shards = [weights.parent / f for f in sorted(set(weight_map.values()))]
+    else:
+        shards = [weights]
+    state = model.state_dict()
+    expected = set(state)
+    # tied tensors are saved once (safetensors.save_model): any one name loads the group
+    group: dict[str, tuple] = {}
+    for n, t in state.items():
+        group[n] = (id(t),) if t.is_meta else (t.device.type, t.untyped_storage().data_ptr())
     seen: set[str] = set()
-    for shard in sorted(set(weight_map.values())):
-        sd = load_file(str(index.parent / shard), device="cpu")
+    for shard in shards:
+        sd = load_file(str(shard), device="cpu")
         unexpected = sorted(set(sd) - expected)
         if unexpected:
-            raise RuntimeError(f"unexpected key {unexpected[0]!r} in {shard}")
-        model.load_state_dict(sd, strict=False)
+            raise RuntimeError(f"unexpected key {unexpected[0]!r} in {shard.name}")
+        model.load_state_dict(sd, strict=False, assign=assign)
         seen |= set(sd)
         del sd
-    missing = sorted(expected - seen)
+    loaded = {group[n] for n in seen}
+    missing = sorted(n for n in expected - seen if group[n] not in loaded)
     if missing:
         raise RuntimeError(f"{len(missing)} missing keys, e.g. {missing[0]!r}")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{len(left)} tensors were not in the checkpoint, e.g. {left[0]!r}")
 
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:

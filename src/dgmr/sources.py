@@ -72,15 +72,21 @@ def parse_spec(spec: str, kwargs: dict[str, Any] | None = None) -> Source:
 
 
 @contextlib.contextmanager
-def _device_ctx(meta: bool):
-    if meta:
+def _device_ctx(where: str):
+    """``meta``: every tensor on meta; ``empty``: parameters on meta, buffers real; else as is."""
+    if where == "meta":
         with torch.device("meta"):
+            yield
+    elif where == "empty":
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
             yield
     else:
         yield
 
 
-def _build_timm(src: Source, pretrained: bool, meta: bool) -> nn.Module:
+def _build_timm(src: Source, pretrained: bool, where: str) -> nn.Module:
     import timm
 
     if not timm.is_model(src.name):
@@ -98,7 +104,7 @@ def _register_open_clip_cfg(name: str, cfg: dict[str, Any]) -> None:
     open_clip.add_model_config(d / f"{name}.json")
 
 
-def _build_open_clip(src: Source, pretrained: bool, meta: bool) -> nn.Module:
+def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:
     import open_clip
 
     if src.model_cfg is not None:
@@ -110,13 +116,13 @@ def _build_open_clip(src: Source, pretrained: bool, meta: bool) -> nn.Module:
                         "open_clip.list_pretrained()) or --random-init")
     tag = src.tag if pretrained else None
     model = open_clip.create_model(src.name, pretrained=tag, load_weights=pretrained,
-                                   device="meta" if meta else "cpu", **src.kwargs)
+                                   device={"meta": "meta", "empty": None}.get(where, "cpu"), **src.kwargs)
     if src.model_cfg is None:
         src.model_cfg = open_clip.get_model_config(src.name)
     return model
 
 
-def _build_hf(src: Source, pretrained: bool, meta: bool) -> nn.Module:
+def _build_hf(src: Source, pretrained: bool, where: str) -> nn.Module:
     import transformers
 
     if src.model_cfg is not None:
@@ -139,14 +145,16 @@ def _build_hf(src: Source, pretrained: bool, meta: bool) -> nn.Module:
 BUILDERS = {"timm": _build_timm, "open_clip": _build_open_clip, "hf": _build_hf}
 
 
-def build_model(src: Source, *, pretrained: bool = True, meta: bool = False) -> nn.Module:
+def build_model(src: Source, *, pretrained: bool = True, meta: bool = False, empty: bool = False) -> nn.Module:
     """Build the architecture of ``src``: with its published weights (``pretrained``), randomly
-    initialised, or with shapes only on the ``meta`` device (no memory, no download)."""
-    if meta:
+    initialised, with shapes only on the ``meta`` device (no memory, no download), or
+    ``empty``: parameters on meta but buffers real, ready for ``load_state_dict(assign=True)``."""
+    where = "meta" if meta else "empty" if empty else "cpu"
+    if where != "cpu":
         pretrained = False
     try:
-        with _device_ctx(meta):
-            model = BUILDERS[src.library](src, pretrained, meta)
+        with _device_ctx(where):
+            model = BUILDERS[src.library](src, pretrained, where)
     except DgmrError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
