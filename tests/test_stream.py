@@ -72,15 +72,74 @@ def test_streaming_equals_in_memory_prune_bit_for_bit(case, tmp_path):
     res = stream_prune(src.spec, index, tmp_path / "stream", hidden=k,
                        model_kwargs=src.kwargs, shard_size=40_000, progress=False)
     out = tmp_path / "stream"
-    assert (out / "model.safetensors.index.json").is_file() and res["files"] > 2
+    cfg = json.loads((out / "config.json").read_text())
+    # transformers reads its shards beside its own config (hf/); dgmr finds them through config.json
+    # (HF Dinov2 SwiGLU cannot express this width in its config: shards at the top)
+    assert cfg["stream"]["layout"] == {"hf_clip": "hf", "hf_dinov2_swiglu": "shards"}.get(case.id, "shards")
+    where = "hf/" if case.id == "hf_clip" else ""
+    assert cfg["weights"] == f"{where}model.safetensors.index.json" and res["files"] > 2
     assert res["hidden_after"] == [k] and res["mlp_layers"] == len(sites)
     got = load(out)
     same_state(got, load(tmp_path / "mem"))
     mem_kept, st_kept = load_kept_indices(tmp_path / "mem"), load_kept_indices(out)
     assert mem_kept.keys() == st_kept.keys() and all(torch.equal(mem_kept[n], st_kept[n]) for n in mem_kept)
-    cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "dgmr" and cfg["widths"] == json.loads((tmp_path / "mem" / "config.json").read_text())["widths"]
     assert res["params_after"] == sum(p.numel() for p in family_of(got).vision_root(got)[1].parameters())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in STREAM_CASES], ids=lambda c: c.id)
+def test_streaming_output_opens_in_the_source_library(case, tmp_path):
+    """Default layout: one streamed model.safetensors for timm/open_clip (their loaders read
+    one file), shards in hf/ beside a transformers config for Hugging Face models."""
+    from test_families import _native, _x
+
+    model, src = build(case, tmp_path)
+    index = write_sharded(model.state_dict(), tmp_path / "ckpt", n_shards=2)
+    res = stream_prune(src.spec, index, tmp_path / "out", mlp_ratio=1.0 if case.family != "hf" or "dinov2" not in case.id
+                       else None, hidden=64 if "dinov2" in case.id and case.family == "hf" else None,
+                       model_kwargs=src.kwargs, progress=False)
+    out = tmp_path / "out"
+    cfg = json.loads((out / "config.json").read_text())
+    got = load(out)
+    assert cfg["stream"]["layout"] == ("hf" if case.family == "hf" else "file")
+    if case.id == "open_clip_timm_tower":  # its trunk export needs the weights in memory
+        assert "skipped" in cfg["native_export"]
+        return
+    x = _x(case)
+    with torch.no_grad():
+        native, ours = _native(case, out, cfg, got, x)
+    torch.testing.assert_close(native, ours, rtol=0, atol=0)
+    assert res["native_export"] == cfg["native_export"]["load"]
+
+
+@pytest.mark.parametrize("naming", ["whole-model names", "tower names", "ddp prefix"])
+def test_vision_tower_checkpoint(naming, tmp_path):
+    """A checkpoint of the vision tower alone (open_clip `visual.*`, or the tower's own names,
+    or under DDP's `module.`): the output holds the pruned tower and dgmr.load returns it."""
+    case = next(c for c in CASES if c.id == "open_clip_vit")
+    model, src = build(case, tmp_path)
+    tower = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
+    if naming == "tower names":
+        tower = {k.removeprefix("visual."): v for k, v in tower.items()}
+    elif naming == "ddp prefix":
+        tower = {f"module.{k}": v for k, v in tower.items()}
+    index = write_sharded(tower, tmp_path / "ckpt")
+    res = stream_prune(src.spec, index, tmp_path / "out", mlp_ratio=1.0, model_kwargs=src.kwargs, progress=False)
+    assert res["weights_scope"] == "visual"
+    ref, _ = dgmr.prune(copy.deepcopy(model), mlp_ratio=1.0, progress=False)
+    got = load(tmp_path / "out")
+    assert type(got) is type(ref.visual)
+    same_state(got, ref.visual)
+    x = torch.randn(2, 3, case.image_size, case.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(got.eval()(x), ref.visual.eval()(x), rtol=0, atol=0)
+    # half a tower is not a tower
+    half = dict(list(tower.items())[: len(tower) // 2])
+    save_file({k: v.contiguous() for k, v in half.items()}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(dgmr.DgmrError, match="does not match the architecture"):
+        stream_prune(src.spec, tmp_path / "half.safetensors", tmp_path / "out2", mlp_ratio=1.0,
+                     model_kwargs=src.kwargs, progress=False)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_cli_single_file_output_and_native_timm_export(tmp_path, capsys):
@@ -174,11 +233,17 @@ def test_bad_flags(tmp_path, capsys):
     assert "exclude each other" in run_err(argv_for(w, tmp_path / "out", "--random-init"), capsys)
     assert "--weights" in run_err(["prune", TINY_VIT[0], "--random-init", "--model-kwargs", json.dumps(TINY_VIT[1]),
                                    "--mlp-ratio", "1", "--max-memory", "3GB", "--out", str(tmp_path / "out")], capsys)
+    assert "--weights" in run_err(["prune", TINY_VIT[0], "--random-init", "--model-kwargs", json.dumps(TINY_VIT[1]),
+                                   "--mlp-ratio", "1", "--shard-size", "1GB", "--out", str(tmp_path / "out")], capsys)
+    rc = main(argv_for(w, tmp_path / "sharded", "--shard-size", "100KB", "--json"))
+    assert rc == 0 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert "skipped" in json.loads((tmp_path / "sharded" / "config.json").read_text())["native_export"]
     no_output(tmp_path)
     assert parse_size("3GB") == 3_000_000_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size("800M") == 800_000_000
 
 
-def test_memory_stays_bounded_on_a_mid_size_checkpoint(tmp_path):
+@pytest.mark.parametrize("shard_size", [None, "24MB"], ids=["one-file", "shards"])
+def test_memory_stays_bounded_on_a_mid_size_checkpoint(shard_size, tmp_path):
     """ViT-B/16-sized blocks (d=768, h=3072), 10 of them: a ~290 MB float32 checkpoint,
     written shard by shard. The streaming prune must stay far below the checkpoint size."""
     src = parse_spec("timm:vit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 10})
@@ -201,13 +266,16 @@ def test_memory_stays_bounded_on_a_mid_size_checkpoint(tmp_path):
     rss0 = psutil.Process().memory_info().rss
     budget = 220e6  # resident growth allowed: one MLP (fp32 weights + fp64 scoring) + a 64 MB shard, with margin
     res = stream_prune(src.spec, index, tmp_path / "out", hidden=64, model_kwargs=src.kwargs,
-                       max_memory=int(rss0 + budget), progress=False)
+                       max_memory=int(rss0 + budget), shard_size=shard_size, progress=False)
     grew = res["peak_rss_bytes"] - rss0
     assert grew < budget and grew < 0.75 * ckpt_bytes, (grew, ckpt_bytes)
-    assert res["files"] >= 2 and res["hidden_after"] == [64]
+    assert (res["files"] == 1 if shard_size is None else res["files"] >= 3) and res["hidden_after"] == [64]
     # the output holds exactly the pruned architecture's tensors, the cut ones sliced from the originals
     kept = load_kept_indices(tmp_path / "out")["blocks.7.mlp"]
-    out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    if shard_size is None:
+        out_index = {k: "model.safetensors" for k in load_file(str(tmp_path / "out" / "model.safetensors"))}
+    else:
+        out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
     fc2 = load_file(str(tmp_path / "out" / out_index["blocks.7.mlp.fc2.weight"]))["blocks.7.mlp.fc2.weight"]
     orig = load_file(str(ckpt_dir / weight_map["blocks.7.mlp.fc2.weight"]))["blocks.7.mlp.fc2.weight"]
     assert torch.equal(fc2, orig[:, kept])

@@ -144,8 +144,11 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         family.update_config(model, None)
     model.to(dtype=getattr(torch, cfg.get("dtype", "float32")))
     weights = weights_file(path, cfg)
+    scope = cfg.get("weights_scope")  # a checkpoint of the vision tower alone: return that tower
+    if scope:
+        model = dict(model.named_modules())[scope]
     try:
-        _load_weights(model, weights, assign)
+        _load_weights(model, weights, assign, prefix=f"{scope}." if scope else "")
     except (SafetensorError, OSError) as e:
         raise DgmrError(f"corrupt or unreadable checkpoint {weights}: {e}") from e
     except RuntimeError as e:
@@ -172,8 +175,9 @@ def weights_file(path: Path, cfg: dict[str, Any]) -> Path:
     raise DgmrError(f"missing checkpoint {path / names[0]}")
 
 
-def _load_weights(model: nn.Module, weights: Path, assign: bool) -> None:
-    """Load a single file or HF-style shards (one shard in memory at a time), strictly."""
+def _load_weights(model: nn.Module, weights: Path, assign: bool, prefix: str = "") -> None:
+    """Load a single file or HF-style shards (one shard in memory at a time), strictly;
+    the checkpoint's names carry ``prefix`` (the tower's name in the whole model)."""
     if weights.name.endswith(".index.json"):
         try:
             weight_map = json.loads(weights.read_text())["weight_map"]
@@ -191,6 +195,11 @@ def _load_weights(model: nn.Module, weights: Path, assign: bool) -> None:
     seen: set[str] = set()
     for shard in shards:
         sd = load_file(str(shard), device="cpu")
+        if prefix:
+            outside = [k for k in sd if not k.startswith(prefix)]
+            if outside:
+                raise RuntimeError(f"unexpected key {outside[0]!r} in {shard.name} (expected {prefix}*)")
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
         unexpected = sorted(set(sd) - expected)
         if unexpected:
             raise RuntimeError(f"unexpected key {unexpected[0]!r} in {shard.name}")

@@ -45,9 +45,10 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
         return stream_prune(args.model, args.weights, args.out, mlp_ratio=args.mlp_ratio, hidden=args.hidden,
                             keep_fraction=args.keep_fraction, criterion=args.criterion, seed=args.seed,
                             model_kwargs=args.model_kwargs, dtype=args.dtype, max_memory=args.max_memory,
-                            overwrite=args.overwrite, native=not args.no_native, progress=not args.json)
-    if args.max_memory is not None:
-        raise DgmrError("--max-memory applies to streaming prune only: give the checkpoint with --weights")
+                            shard_size=args.shard_size, overwrite=args.overwrite, native=not args.no_native,
+                            progress=not args.json)
+    if args.max_memory is not None or args.shard_size is not None:
+        raise DgmrError("--max-memory and --shard-size apply to streaming prune only: give the checkpoint with --weights")
     return prune_to_dir(args.model, args.out, mlp_ratio=args.mlp_ratio, hidden=args.hidden,
                         keep_fraction=args.keep_fraction, criterion=args.criterion, seed=args.seed,
                         random_init=args.random_init, dtype=args.dtype, overwrite=args.overwrite,
@@ -95,6 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or directory, one MLP at a time (MODEL gives the architecture only; bounded memory)")
     p.add_argument("--max-memory", metavar="SIZE", default=None,
                    help="with --weights: resident-memory budget, e.g. 3GB (sizes output shards and parallel layers)")
+    p.add_argument("--shard-size", metavar="SIZE", default=None,
+                   help="with --weights: write HF-style shards of at most SIZE (e.g. 2GB) instead of one "
+                        "model.safetensors (Hugging Face models are always sharded, into DIR/hf/)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_prune)
 

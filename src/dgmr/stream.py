@@ -22,9 +22,11 @@ Several MLPs are selected at once (threads) when the cores and ``max_memory`` al
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from . import __version__
 from .artifact import CONFIG, INDICES, WEIGHTS, atomic_dir, check_output_dir, write_json
 from .criteria import get_criterion, select_neurons
 from .errors import DgmrError
-from .families import Family, OpenClipFamily, family_of
+from .families import Family, OpenClipFamily, apply_widths, family_of
 from .memory import PeakRss
 from .mlp import MlpSite, shrink_mlp
 from .prune import PruneRecord, resolve_widths
@@ -172,23 +174,40 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
-def check_against(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]]) -> None:
-    """The checkpoint must hold exactly the model's tensors with the model's shapes."""
-    have, want = set(ckpt.tensors), set(expected)
-    missing, unexpected = sorted(want - have), sorted(have - want)
-    bad = [n for n in sorted(want & have) if tuple(ckpt.tensors[n].shape) != tuple(expected[n])]
+def match_names(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]],
+                tower: str) -> tuple[dict[str, str], str | None]:
+    """Map the model's state-dict names to the checkpoint's: ``(model name -> checkpoint
+    name, scope)``. The checkpoint holds the whole model (``scope`` None), or only the
+    vision tower ``tower`` (e.g. ``visual``), named as in the whole model (``visual.…``) or
+    as in the tower itself; a DDP ``module.`` prefix is dropped. Anything else, or a
+    wrong shape, is a :class:`DgmrError` naming the first offender."""
+    names = list(ckpt.tensors)
+    strip = "module." if names and all(n.startswith("module.") for n in names) else ""
+    have = {n[len(strip):]: n for n in names}
+    scope = None
+    want = dict(expected)
+    if set(have) != set(want) and tower:
+        pre = tower + "."
+        in_tower = {k: v for k, v in expected.items() if k.startswith(pre)}
+        if set(have) == set(in_tower):
+            scope, want = tower, in_tower
+        elif {pre + k for k in have} == set(in_tower):
+            scope, want, have = tower, in_tower, {pre + k: v for k, v in have.items()}
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    bad = [n for n in want if n in have and tuple(ckpt.tensors[have[n]].shape) != tuple(want[n])]
     if missing or unexpected or bad:
         parts = []
         if missing:
             parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]!r})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+            parts.append(f"{len(unexpected)} unexpected (e.g. {have[unexpected[0]]!r})")
         if bad:
             n = bad[0]
-            parts.append(f"{len(bad)} with the wrong shape (e.g. {n!r}: checkpoint {list(ckpt.tensors[n].shape)}, "
-                         f"model {list(expected[n])})")
+            parts.append(f"{len(bad)} with the wrong shape (e.g. {have[n]!r}: checkpoint "
+                         f"{list(ckpt.tensors[have[n]].shape)}, model {list(want[n])})")
         raise DgmrError(f"{ckpt.path} does not match the architecture: " + "; ".join(parts) +
                         " (wrong MODEL, --model-kwargs or --weights?)")
+    return {n: have[n] for n in want}, scope
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,10 +264,14 @@ def make_plan(max_memory: int | None, per_mlp: int, largest: int, n_mlps: int,
 # ---------------------------------------------------------------------------------------
 # output shards
 class ShardWriter:
-    """Collect tensors and write ``shard_bytes``-sized safetensors shards as they fill."""
+    """Collect tensors and write ``shard_bytes``-sized safetensors shards as they fill, in
+    ``root / sub`` (file names returned relative to ``root``)."""
 
-    def __init__(self, out: Path, shard_bytes: int):
-        self.out, self.shard_bytes = out, shard_bytes
+    def __init__(self, root: Path, shard_bytes: int, sub: str = ""):
+        self.root, self.sub = root, sub
+        self.out = root / sub
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.shard_bytes = shard_bytes
         self.buf: dict[str, torch.Tensor] = {}
         self.buf_bytes = 0
         self.files: list[str] = []
@@ -279,14 +302,52 @@ class ShardWriter:
         self.flush()
         if len(self.files) == 1:
             (self.out / self.files[0]).rename(self.out / WEIGHTS)
-            return [WEIGHTS]
-        n = len(self.files)
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for old, new in zip(self.files, names):
-            (self.out / old).rename(self.out / new)
-        write_json(self.out / INDEX, {"metadata": {"total_size": self.total, "format": "pt"},
-                                      "weight_map": {k: names[i] for k, i in self.weight_map.items()}})
-        return [*names, INDEX]
+            names = [WEIGHTS]
+        else:
+            n = len(self.files)
+            names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            for old, new in zip(self.files, names):
+                (self.out / old).rename(self.out / new)
+            write_json(self.out / INDEX, {"metadata": {"total_size": self.total, "format": "pt"},
+                                          "weight_map": {k: names[i] for k, i in self.weight_map.items()}})
+            names.append(INDEX)
+        return [f"{self.sub}/{f}" if self.sub else f for f in names]
+
+
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+class FileWriter:
+    """One ``model.safetensors`` written as the tensors come (bounded memory): the header
+    is laid out up front from the known names, dtypes and shapes, in writing order."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", "dgmr_version": __version__}}
+        off = 0
+        for name, dt, shape in entries:
+            nb = dt.itemsize
+            for d in shape:
+                nb *= d
+            header[name] = {"dtype": ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path, self.entries, self.next, self.total = path, list(entries), 0, off
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        want = self.entries[self.next] if self.next < len(self.entries) else None
+        if want is None or (name, t.dtype, tuple(t.shape)) != want:
+            raise AssertionError(f"stream writer: got {name} {t.dtype} {tuple(t.shape)}, expected {want}")
+        self.f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.next += 1
+
+    def finish(self) -> list[str]:
+        self.f.close()
+        if self.next != len(self.entries):
+            raise AssertionError(f"stream writer: {len(self.entries) - self.next} tensors never came")
+        return [self.path.name]
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,8 +454,8 @@ def stream_prune(
 
     meta = build_model(src, pretrained=False, meta=True)
     family = family_of(meta)
-    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    check_against(ckpt, expected)
+    tower = family.vision_root(meta)[0]
+    names, scope = match_names(ckpt, {k: tuple(v.shape) for k, v in meta.state_dict().items()}, tower)
     sites = family.mlps(meta)
     ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
     hidden_before = [s.hidden for s in sites]
@@ -402,27 +463,50 @@ def stream_prune(
     site_tensors = [_site_tensors(s, modules) for s in sites]
     owned = {name for ts in site_tensors for _, _, name in ts}
     params_before = sum(p.numel() for p in family.vision_root(meta)[1].parameters())
+    info = {n: ckpt.tensors[c] for n, c in names.items()}  # by model name
 
-    per_mlp = max((_mlp_bytes(s, ckpt.tensors, [n for _, _, n in ts], sel_dtype.itemsize) for s, ts in zip(sites, site_tensors)),
+    def read(ns: Sequence[str]) -> dict[str, torch.Tensor]:
+        got = ckpt.read([names[n] for n in ns])
+        return {n: got[names[n]] for n in ns}
+
+    per_mlp = max((_mlp_bytes(s, info, [n for _, _, n in ts], sel_dtype.itemsize) for s, ts in zip(sites, site_tensors)),
                   default=0)
-    largest = max((ckpt.tensors[n].nbytes for n in expected if n not in owned), default=0)
+    largest = max((info[n].nbytes for n in names if n not in owned), default=0)
     plan = make_plan(max_bytes, per_mlp, largest, len(sites), workers, shard_bytes)
     out_dtype = OUT_DTYPES[dtype] if dtype is not None else None
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
 
+    # writing order: the model's, each MLP's tensors together where its first one stands
+    first_of = {ts[0][2]: i for i, ts in enumerate(site_tensors)}
+    order: list[str] = []
+    for name in names:
+        if name not in owned:
+            order.append(name)
+        elif name in first_of:
+            order += [n for _, _, n in site_tensors[first_of[name]]]
+    # the output's shapes, known before any weight is read (a meta copy cut to the widths)
+    shaped = copy.deepcopy(meta)
+    apply_widths(shaped, {s.name: k for s, k in zip(sites, ks)}, family)
+    out_shapes = {k: tuple(v.shape) for k, v in shaped.state_dict().items()}
+    layout = _layout(family, shaped, scope, native, shard_bytes)
+
     request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction)) if v is not None}
     record = PruneRecord(criterion, seed, request)
-    first_of = {ts[0][2]: i for i, ts in enumerate(site_tensors)}  # site starts at its first tensor
 
     def job(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        names = [n for _, _, n in site_tensors[i]]
-        return _cut_one(sites[i], ks[i], site_tensors[i], ckpt.read(names), criterion, seed + i, dev, sel_dtype)
+        ns = [n for _, _, n in site_tensors[i]]
+        return _cut_one(sites[i], ks[i], site_tensors[i], read(ns), criterion, seed + i, dev, sel_dtype)
 
     bar = tqdm(total=len(sites), desc=f"stream prune ({criterion})", unit="block", disable=not progress, leave=False)
     with bar, PeakRss() as rss, atomic_dir(out, overwrite) as tmp, ThreadPoolExecutor(plan.workers) as pool:
-        writer = ShardWriter(tmp, plan.shard_bytes)
+        if layout == "file":
+            writer: ShardWriter | FileWriter = FileWriter(tmp / WEIGHTS, [
+                (n, out_dtype if out_dtype is not None and info[n].dtype.is_floating_point else info[n].dtype,
+                 out_shapes[n]) for n in order])
+        else:
+            writer = ShardWriter(tmp, plan.shard_bytes, sub="hf" if layout == "hf" else "")
         pending: dict[int, Future] = {}
         nxt = 0  # next site to submit: at most plan.workers in flight
 
@@ -432,7 +516,7 @@ def stream_prune(
                 pending[nxt] = pool.submit(job, nxt)
                 nxt += 1
 
-        for name in expected:
+        for name in names:
             if name in owned:
                 i = first_of.get(name)
                 if i is None:
@@ -447,14 +531,14 @@ def stream_prune(
                                       "hidden_after": ks[i], "select_seconds": round(sel_s, 4), "kept": keep})
                 bar.update(1)
             else:
-                writer.add(name, cast(ckpt.read([name])[name]))
+                writer.add(name, cast(read([name])[name]))
         files = writer.finish()
-        order = {s.name: i for i, s in enumerate(sites)}
-        record.layers.sort(key=lambda layer: order[layer["name"]])
+        order_of = {s.name: i for i, s in enumerate(sites)}
+        record.layers.sort(key=lambda layer: order_of[layer["name"]])
         record.config_updates = family.update_config(meta, src)
         save_file({layer["name"]: layer["kept"].contiguous() for layer in record.layers}, str(tmp / INDICES))
         params_after = sum(p.numel() for p in family.vision_root(meta)[1].parameters())
-        native = (_native_export(family, meta, tmp, src, files) if native
+        native = (_native_export(family, meta, tmp, src, layout, scope) if native
                   else {"skipped": "native export turned off"})
         in_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values() if t.dtype.is_floating_point})
         config = {
@@ -473,9 +557,12 @@ def stream_prune(
             "params_after": params_after,
             "random_init": False,
             "weights_from": str(Path(weights)),
+            "weights": files[-1],
             "files": files,
-            "stream": {**plan.to_json(), "select_dtype": select_dtype},
+            "stream": {**plan.to_json(), "select_dtype": select_dtype, "layout": layout},
         }
+        if scope is not None:
+            config["weights_scope"] = scope
         write_json(tmp / CONFIG, config)
     seconds = time.perf_counter() - t0
     widths_after = sorted(set(config["widths"].values()))
@@ -493,6 +580,7 @@ def stream_prune(
         "checkpoint_bytes": ckpt.nbytes,
         "output_bytes": writer.total,
         "files": len(files),
+        "weights_scope": scope,
         "workers": plan.workers,
         "peak_rss_bytes": rss.peak,
         "native_export": native.get("load", native.get("skipped")),
@@ -500,10 +588,31 @@ def stream_prune(
     }
 
 
-def _native_export(family: Family, meta: nn.Module, tmp: Path, src: Source, files: list[str]) -> dict[str, Any]:
-    """The source library's format where it needs only a config next to ``model.safetensors``."""
-    if files != [WEIGHTS]:
-        return {"skipped": "sharded output: timm/open_clip loaders read one file; open it with dgmr.load"}
+def _layout(family: Family, shaped: nn.Module, scope: str | None, native: bool, shard_bytes: int | None) -> str:
+    """Where the weights go: ``file`` (one streamed ``model.safetensors``: timm's and
+    open_clip's loaders read one file), ``hf`` (shards in ``hf/`` beside a transformers
+    config: ``from_pretrained`` reads them), or ``shards`` (HF-style shards at the top)."""
+    if not native or scope is not None:
+        return "shards" if shard_bytes is not None else "file"
+    if family.name == "hf":
+        fields, _ = family._width_fields(shaped, family.mlps(shaped))
+        return "hf" if fields is not None else "shards"
+    return "shards" if shard_bytes is not None else "file"
+
+
+def _native_export(family: Family, meta: nn.Module, tmp: Path, src: Source, layout: str,
+                   scope: str | None) -> dict[str, Any]:
+    """The source library's own format, written from the meta model's config (no weights needed)."""
+    if scope is not None:
+        return {"skipped": f"the checkpoint holds only {scope!r}: dgmr.load returns that tower"}
+    if family.name == "hf":
+        if layout != "hf":
+            return {"skipped": "per-layer MLP widths are not one transformers config width"}
+        meta.config.save_pretrained(tmp / "hf")
+        return {"format": "transformers from_pretrained", "files": ["hf/"],
+                "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}
+    if layout != "file":
+        return {"skipped": "sharded output (--shard-size): timm/open_clip loaders read one file; use dgmr.load"}
     if family.name == "timm" or (family.name == "open_clip" and not OpenClipFamily._is_timm_tower(meta)):
         try:
             return family.export_native(meta, tmp, src)
