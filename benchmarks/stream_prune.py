@@ -9,21 +9,22 @@ Not a timed test. Steps:
    ``--naive-picks`` picks are compared with the naive loop's (``--check-naive`` runs the
    naive loop in full for an exact comparison of every pick; slow).
 2. ``checkpoint``: a synthetic checkpoint with the exact tensor names and shapes of the open_clip
-   model (``--model``, default ``EVA02-E-14-plus``: vision tower + text tower, from the
-   meta-device model), random bf16 weights, written shard by shard (``--shard-size``).
+   model's vision tower (``--model``, default ``EVA02-E-14-plus``: 4.35B params, 8.7 GB; names
+   ``visual.*`` from the meta-device model; ``--with-text`` adds the text tower), random bf16
+   weights, written shard by shard (``--shard-size``).
 3. ``prune``: ``dgmr prune open_clip:MODEL --weights INDEX --mlp-ratio R --max-memory M`` in a
    child process under ``/usr/bin/time -v`` (peak RSS from the kernel), its JSON summary,
    and the per-layer selection seconds it recorded.
 4. ``verify``: the output's tensor names and shapes are exactly those of the pruned
-   architecture (what ``dgmr.load`` needs: it would also load them, but building a random
-   5B-parameter model to load into needs ~20 GB), and ``--verify-blocks`` blocks are
-   compared bit for bit with the in-memory ``dgmr.prune`` of that block's MLP built from
-   the same input tensors.
+   architecture; ``dgmr.load`` opens it in a child process (peak RSS and seconds measured;
+   a tower-only output loads as the tower); and ``--verify-blocks`` blocks are compared bit
+   for bit with the in-memory ``dgmr.prune`` of that block's MLP built from the same input
+   tensors.
 
     python benchmarks/stream_prune.py [--model EVA02-E-14-plus|ViT-g-14|ViT-bigG-14] [--mlp-ratio 1]
-        [--max-memory 3GB] [--workdir DIR] [--select-dtype float64] [--keep] [--json]
+        [--max-memory 3GB] [--workdir DIR] [--select-dtype float64] [--with-text] [--keep] [--json]
 
-Needs ~1.2x the checkpoint size of free disk (EVA02-E-14-plus: 10.1 GB in + 3.9 GB out).
+Needs ~1.3x the checkpoint size of free disk (EVA02-E-14-plus vision tower: 8.7 GB in + 2.5 GB out).
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def bench_selection(h: int, d: int, n: int, naive_picks: int, check_naive: bool)
         bound = 2 * h * d * n / rate
         out[name] = {"seconds": round(sec, 2), "gemm_gflops": round(rate / 1e9, 1), "bound_s": round(bound, 2),
                      "x_bound": round(sec / bound, 2)}
+    out["float64"]["x_float32_bound"] = round(out["float64"]["seconds"] / out["float32"]["bound_s"], 2)
     out["float32_picks_equal_float64"] = bool(torch.equal(orders["float32"], orders["float64"]))
     a = np.array(w.float().numpy(), order="C")
     t = time.perf_counter()
@@ -82,10 +84,11 @@ def bench_selection(h: int, d: int, n: int, naive_picks: int, check_naive: bool)
     return out
 
 
-def write_checkpoint(model: nn.Module, d: Path, shard_bytes: int) -> tuple[Path, int]:
-    """Random bf16 tensors with the model's names and shapes, written one shard at a time."""
+def write_checkpoint(model: nn.Module, d: Path, shard_bytes: int, prefix: str = "") -> tuple[Path, int]:
+    """Random bf16 tensors with the model's names (those starting with ``prefix``) and shapes,
+    written one shard at a time."""
     d.mkdir(parents=True, exist_ok=True)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
     groups: list[list[str]] = [[]]
     size = 0
     for k, s in shapes.items():
@@ -109,9 +112,24 @@ def write_checkpoint(model: nn.Module, d: Path, shard_bytes: int) -> tuple[Path,
 
 
 def run_prune(spec: str, index: Path, out: Path, ratio: float, max_memory: str, select_dtype: str) -> dict:
-    code = ("import json, sys; from dgmr.stream import stream_prune; "
-            f"r = stream_prune({spec!r}, {str(index)!r}, {str(out)!r}, mlp_ratio={ratio}, max_memory={max_memory!r}, "
-            f"select_dtype={select_dtype!r}, progress=True); print('RESULT ' + json.dumps(r))")
+    return run_child("import json, sys; from dgmr.stream import stream_prune; "
+                     f"r = stream_prune({spec!r}, {str(index)!r}, {str(out)!r}, mlp_ratio={ratio}, "
+                     f"max_memory={max_memory!r}, select_dtype={select_dtype!r}, progress=True); "
+                     "print('RESULT ' + json.dumps(r))")
+
+
+def run_load(out: Path) -> dict:
+    """``dgmr.load`` of the output in a child process: seconds, parameters, peak RSS."""
+    return run_child("import json, time, torch, dgmr; t = time.perf_counter(); "
+                     f"m = dgmr.load({str(out)!r}); s = time.perf_counter() - t; "
+                     "ts = [*m.parameters(), *m.buffers()]; "
+                     "print('RESULT ' + json.dumps({'class': type(m).__name__, 'load_s': round(s, 1), "
+                     "'params': sum(p.numel() for p in m.parameters()), 'meta_tensors': sum(t.is_meta for t in ts), "
+                     "'finite': all(bool(torch.isfinite(p).all()) for p in m.parameters())}))")
+
+
+def run_child(code: str) -> dict:
+    """Run ``code`` in a child Python (under ``/usr/bin/time -v`` when there is one)."""
     cmd = [sys.executable, "-c", code]
     timed = Path("/usr/bin/time").is_file()
     if timed:
@@ -120,7 +138,7 @@ def run_prune(spec: str, index: Path, out: Path, ratio: float, max_memory: str, 
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode != 0:
-        raise SystemExit(f"prune failed ({p.returncode}):\n{p.stderr[-4000:]}")
+        raise SystemExit(f"child failed ({p.returncode}):\n{p.stderr[-4000:]}")
     res = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
     res["wall_s"] = round(wall, 1)
     if timed:
@@ -137,8 +155,9 @@ def verify(spec: str, index: Path, out: Path, blocks: int) -> dict:
     sites = fam.mlps(meta)
     orig_site_modules = {s.name: copy.deepcopy(s.module) for s in sites}
     apply_widths(meta, {k: int(v) for k, v in cfg["widths"].items()}, fam)
-    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    got = open_checkpoint(out)
+    scope = cfg.get("weights_scope")
+    want = {k: tuple(v.shape) for k, v in meta.state_dict().items() if not scope or k.startswith(scope + ".")}
+    got = open_checkpoint(out / cfg["weights"])
     names_ok = set(want) == set(got.tensors)
     shapes_ok = names_ok and all(tuple(got.tensors[k].shape) == want[k] for k in want)
     src_ckpt = open_checkpoint(index)
@@ -155,7 +174,8 @@ def verify(spec: str, index: Path, out: Path, blocks: int) -> dict:
         ref = {f"{s.name}.{n}": t for n, t in mod.state_dict().items()}
         outv = got.read(list(ref))
         same[s.name] = all(torch.equal(ref[n], outv[n]) for n in ref)
-    return {"names_match": names_ok, "shapes_match": shapes_ok, "blocks_equal_in_memory_prune": same}
+    return {"names_match": names_ok, "shapes_match": shapes_ok, "blocks_equal_in_memory_prune": same,
+            "dgmr_load": run_load(out)}
 
 
 def main() -> None:
@@ -169,6 +189,7 @@ def main() -> None:
     ap.add_argument("--naive-picks", type=int, default=40)
     ap.add_argument("--check-naive", action="store_true", help="run the naive loop in full (slow: minutes)")
     ap.add_argument("--verify-blocks", type=int, default=3)
+    ap.add_argument("--with-text", action="store_true", help="write the text tower into the checkpoint too")
     ap.add_argument("--skip-selection", action="store_true")
     ap.add_argument("--skip-prune", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
@@ -191,7 +212,8 @@ def main() -> None:
         try:
             print(f"checkpoint: writing {spec} to {work / 'in'} ...", file=sys.stderr, flush=True)
             t = time.perf_counter()
-            index, nbytes = write_checkpoint(meta, work / "in", parse_size(args.shard_size))
+            tower = "" if args.with_text else fam.vision_root(meta)[0] + "."
+            index, nbytes = write_checkpoint(meta, work / "in", parse_size(args.shard_size), tower)
             report["checkpoint"] = {"bytes": nbytes, "params": nbytes // 2, "write_s": round(time.perf_counter() - t, 1)}
             print("prune: streaming ...", file=sys.stderr, flush=True)
             res = run_prune(spec, index, work / "out", args.mlp_ratio, args.max_memory, args.select_dtype)

@@ -8,6 +8,7 @@ Hugging Face config.
 from __future__ import annotations
 
 import contextlib
+import logging
 import json
 import os
 import tempfile
@@ -104,6 +105,15 @@ def _register_open_clip_cfg(name: str, cfg: dict[str, Any]) -> None:
     open_clip.add_model_config(d / f"{name}.json")
 
 
+@contextlib.contextmanager
+def _no_warnings():
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:
     import open_clip
 
@@ -115,8 +125,11 @@ def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:
         raise DgmrError(f"open_clip:{src.name} needs a pretrained tag (open_clip:{src.name}:TAG, see "
                         "open_clip.list_pretrained()) or --random-init")
     tag = src.tag if pretrained else None
-    model = open_clip.create_model(src.name, pretrained=tag, load_weights=pretrained,
-                                   device={"meta": "meta", "empty": None}.get(where, "cpu"), **src.kwargs)
+    # open_clip warns "initialized randomly" without weights: untrue on meta / for dgmr.load
+    quiet = contextlib.nullcontext() if where == "cpu" else _no_warnings()
+    with quiet:
+        model = open_clip.create_model(src.name, pretrained=tag, load_weights=pretrained,
+                                       device={"meta": "meta", "empty": None}.get(where, "cpu"), **src.kwargs)
     if src.model_cfg is None:
         src.model_cfg = open_clip.get_model_config(src.name)
     return model
