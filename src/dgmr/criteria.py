@@ -138,13 +138,15 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = 512, cache: int = 
         # chunk's dot products accumulate in float32, the chunk sums add up in float64
         nc = max(1, round(d / _CHUNK))
         ln = -(-d // nc)
-        w_lo = torch.zeros(h, nc * ln, dtype=torch.float32, device=dev)
-        w_lo[:, :d] = w
-        exact = bool(torch.equal(w_lo[:, :d].double(), w))  # bf16 / float32 weights: w is not rounded
-        w_lo = w_lo.view(h, nc, ln).transpose(0, 1).contiguous()  # (nc, h, ln)
+        w_lo = torch.empty(nc, h, ln, dtype=torch.float32, device=dev)
+        for c in range(nc):
+            part = w[:, c * ln:(c + 1) * ln]
+            w_lo[c, :, :part.shape[1]] = part
+            w_lo[c, :, part.shape[1]:] = 0
         u = 2.0**-24
         gamma = ln * u / (1 - ln * u)
-        coef = 1.01 * (gamma * (1 + u) ** 2 + u * (1 + u) + (0.0 if exact else u))
+        # the last u: rounding w to float32 (zero for bf16 / float32 weights; not worth a check)
+        coef = 1.01 * (gamma * (1 + u) ** 2 + u * (1 + u) + u)
         delta = coef * s.sqrt()  # |computed w_i . q - w_i . q| <= delta_i for a unit q
         Q_lo = torch.zeros(n, nc * ln, dtype=torch.float32, device=dev)
     alive = torch.ones(h, dtype=torch.bool, device=dev)
