@@ -43,7 +43,13 @@ def get_criterion(name: str) -> Criterion:
         raise DgmrError(f"unknown criterion {name!r}; choose one of: {', '.join(sorted(CRITERIA))}") from None
 
 
-def pivot_order(w: torch.Tensor, n: int, *, pool: int = 512) -> torch.Tensor:
+_POOL = 512  # candidate rows with exact residuals
+_CACHE = 2048  # residuals of rows that left the pool, kept for their return
+_BLOCK = 128  # pool residuals are brought up to date every this many picks at most
+_CHUNK = 448  # float32 accumulation length of the bound refresh (as fast as one GEMM, 4x tighter at d=1792)
+
+
+def pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL) -> torch.Tensor:
     """First ``n`` rows of ``w`` in greedy Gram-Schmidt order (one round).
 
     Greedy rule: pick the row whose residual has the largest l2 norm, project it out of
@@ -53,7 +59,8 @@ def pivot_order(w: torch.Tensor, n: int, *, pool: int = 512) -> torch.Tensor:
     It runs as a *lazy blocked* greedy (:func:`_lazy_pivot_order`) in ``w``'s dtype and on
     ``w``'s device (CUDA included): exact residuals are kept for a pool of ``pool`` leading
     candidates only, every other row carries an upper bound on its residual norm, and the
-    bounds are brought up to date with one GEMM per block of picks. A pick is made only when
+    bounds are brought up to date with one GEMM per block of picks (in float32 with a
+    rigorous rounding allowance when ``w`` is float64 on the CPU). A pick is made only when
     its exact residual norm beats every other row's bound, so the picks are the greedy
     loop's picks; the bulk of the work is ``2 * h * d * n`` flops of GEMM. When a residual
     becomes numerically zero (rank-deficient ``w``) the order falls back to LAPACK
@@ -95,11 +102,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-_BLOCK = 128  # pool residuals are brought up to date every this many picks at most
-_CHUNK = 448  # float32 accumulation length of the bound refresh (as fast as one GEMM, 4x tighter at d=1792)
-
-
-def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = 512, cache: int = 2048) -> torch.Tensor | None:
+def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL, cache: int = _CACHE) -> torch.Tensor | None:
     """Greedy pivot order by lazy evaluation; ``None`` when a picked residual is ~0.
 
     State: ``Q`` (the picked residual directions, orthonormal); ``s`` (per row, an upper

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .artifact import CONFIG, INDICES, WEIGHTS, atomic_dir, check_output_dir, write_json
-from .criteria import get_criterion, select_neurons
+from .criteria import _BLOCK as BLOCK, _CACHE as CACHE, _POOL as POOL, get_criterion, select_neurons
 from .errors import DgmrError
 from .families import Family, OpenClipFamily, apply_widths, family_of
 from .memory import PeakRss
@@ -228,14 +228,17 @@ class Plan:
 
 def _mlp_bytes(site: MlpSite, infos: Mapping[str, TensorInfo], names: Sequence[str], score_bytes: int) -> int:
     """Peak bytes one MLP's selection holds: its weights (twice: read + cut), the scoring
-    matrix and the selection workspace (float64 pivot directions, pool residuals, temporaries)."""
+    matrix and the selection workspace of :func:`dgmr.criteria.pivot_order` (its float32
+    copy of the scoring matrix, the pivot directions in both precisions, the pool and its
+    block coefficients, the residual cache, per-row temporaries)."""
     raw = sum(infos[n].nbytes for n in names)
     w1 = site.up.weight
     h = site.hidden
     d = w1.shape[1] * (2 if site.gated else 1)
     n = min(h, d)
     score = h * d * score_bytes
-    workspace = n * d * score_bytes + 1024 * d * score_bytes + h * 64 * score_bytes
+    workspace = (h * d * 4 + n * d * (score_bytes + 4) + (2 * POOL + CACHE) * d * score_bytes
+                 + POOL * BLOCK * score_bytes + h * 64 * score_bytes)
     return 2 * raw + 2 * score + workspace
 
 
