@@ -113,7 +113,7 @@ def test_streaming_output_opens_in_the_source_library(case, tmp_path):
 
 
 @pytest.mark.parametrize("naming", ["whole-model names", "tower names", "ddp prefix"])
-def test_vision_tower_checkpoint(naming, tmp_path):
+def test_vision_tower_checkpoint(naming, tmp_path, capsys):
     """A checkpoint of the vision tower alone (open_clip `visual.*`, or the tower's own names,
     or under DDP's `module.`): the output holds the pruned tower and dgmr.load returns it."""
     case = next(c for c in CASES if c.id == "open_clip_vit")
@@ -133,6 +133,9 @@ def test_vision_tower_checkpoint(naming, tmp_path):
     x = torch.randn(2, 3, case.image_size, case.image_size)
     with torch.no_grad():
         torch.testing.assert_close(got.eval()(x), ref.visual.eval()(x), rtol=0, atol=0)
+    # the dgmr commands need the whole model: one clear line, not a half-working tower
+    err = run_err(["prune", str(tmp_path / "out"), "--mlp-ratio", "0.5", "--out", str(tmp_path / "again")], capsys)
+    assert "holds only the vision tower" in err
     # half a tower is not a tower
     half = dict(list(tower.items())[: len(tower) // 2])
     save_file({k: v.contiguous() for k, v in half.items()}, str(tmp_path / "half.safetensors"))
@@ -140,6 +143,37 @@ def test_vision_tower_checkpoint(naming, tmp_path):
         stream_prune(src.spec, tmp_path / "half.safetensors", tmp_path / "out2", mlp_ratio=1.0,
                      model_kwargs=src.kwargs, progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_tower_names_of_a_tower_model_are_the_whole_model(tmp_path):
+    """HF CLIPVisionModel's names are all vision_model.*: a checkpoint without that prefix is
+    still the whole model (no tower-only output, native export kept)."""
+    case = next(c for c in CASES if c.id == "hf_clip_vision")
+    model, src = build(case, tmp_path)
+    sd = {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    res = stream_prune(src.spec, tmp_path / "w.safetensors", tmp_path / "out", mlp_ratio=1.0,
+                       model_kwargs=src.kwargs, progress=False)
+    assert res["weights_scope"] is None and "from_pretrained" in res["native_export"]
+    ref, _ = dgmr.prune(copy.deepcopy(model), mlp_ratio=1.0, progress=False)
+    same_state(load(tmp_path / "out"), ref)
+
+
+def test_mixed_dtype_checkpoint_loads_in_one_dtype(tmp_path):
+    """bf16 weights with a float32 tensor among them: recorded as float32, loaded as float32
+    everywhere (tensors are assigned, so they must be cast, not kept in the file's dtype)."""
+    model, src = tiny_vit()
+    sd = {k: (v if k == "cls_token" else v.to(torch.bfloat16)) for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    stream_prune(src.spec, tmp_path / "w.safetensors", tmp_path / "out", mlp_ratio=1.0,
+                 model_kwargs=src.kwargs, progress=False)
+    got = load(tmp_path / "out")
+    assert {p.dtype for p in got.parameters()} == {torch.float32}
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    ref, _ = dgmr.prune(model, mlp_ratio=1.0, progress=False)
+    same_state(got, ref)
+    with torch.no_grad():
+        assert torch.isfinite(got(torch.randn(1, 3, 32, 32))).all()
 
 
 def test_cli_single_file_output_and_native_timm_export(tmp_path, capsys):

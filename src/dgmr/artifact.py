@@ -203,6 +203,8 @@ def _load_weights(model: nn.Module, weights: Path, assign: bool, prefix: str = "
         unexpected = sorted(set(sd) - expected)
         if unexpected:
             raise RuntimeError(f"unexpected key {unexpected[0]!r} in {shard.name}")
+        if assign:  # assignment keeps the file's dtype: give each tensor the model's, as a copy would
+            sd = {k: v.to(state[k].dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=False, assign=assign)
         seen |= set(sd)
         del sd

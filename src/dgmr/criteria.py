@@ -135,7 +135,10 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL, cache: int 
     # rounding allowance of the float64 bookkeeping (generous: it only costs extra refreshes)
     slack = 8.0 * eps * d * smax
     tiny = 4.0 * eps * d * smax
-    lowp = dt == torch.float64 and dev.type == "cpu"
+    # (not when float32 matmuls may run in reduced precision, nor for magnitudes that float32
+    # cannot hold: the allowance assumes plain float32 arithmetic on normal numbers)
+    lowp = (dt == torch.float64 and dev.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+            and 1e-30 < smax < 1e30)
     if lowp:
         # w in float32, its columns cut into ``nc`` chunks of ``ln`` (zero-padded): each
         # chunk's dot products accumulate in float32, the chunk sums add up in float64
@@ -203,7 +206,7 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL, cache: int 
                     return None
                 progressed = True
                 r = res[b] - V[b, :t] @ Q[start:start + t] if t else res[b]
-                q = r / c ** 0.5
+                q = r / torch.linalg.vector_norm(r)  # unit length, as the float32 allowance assumes
                 Q[len(picks)] = q
                 if lowp:
                     Q_lo[len(picks), :d] = q

@@ -23,6 +23,9 @@ def open_model(model: str | os.PathLike, *, random_init: bool = False,
     """A model and its source from a spec (``timm:...``) or a dgmr directory."""
     if is_dgmr_dir(model):
         cfg = read_config(model)
+        if cfg.get("weights_scope"):
+            raise DgmrError(f"{model} holds only the vision tower ({cfg['weights_scope']!r}): open it in Python with "
+                            f"dgmr.load; the dgmr commands need a whole model (prune a whole-model checkpoint)")
         return load(model), (Source.from_dict(cfg["source"]) if cfg.get("source") else None)
     if os.path.isdir(str(model)):
         raise DgmrError(f"{model} is not a dgmr model directory (use hf:{model} for a Hugging Face directory)")

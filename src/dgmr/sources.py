@@ -107,11 +107,12 @@ def _register_open_clip_cfg(name: str, cfg: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _no_warnings():
-    logging.disable(logging.WARNING)
+    before = logging.root.manager.disable
+    logging.disable(max(before, logging.WARNING))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:

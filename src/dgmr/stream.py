@@ -189,10 +189,11 @@ def match_names(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]],
     if set(have) != set(want) and tower:
         pre = tower + "."
         in_tower = {k: v for k, v in expected.items() if k.startswith(pre)}
-        if set(have) == set(in_tower):
+        whole = set(in_tower) == set(want)  # e.g. HF CLIPVisionModel: every name is vision_model.*
+        if set(have) == set(in_tower) and not whole:
             scope, want = tower, in_tower
         elif {pre + k for k in have} == set(in_tower):
-            scope, want, have = tower, in_tower, {pre + k: v for k, v in have.items()}
+            scope, want, have = None if whole else tower, in_tower, {pre + k: v for k, v in have.items()}
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     bad = [n for n in want if n in have and tuple(ckpt.tensors[have[n]].shape) != tuple(want[n])]
     if missing or unexpected or bad:
@@ -243,7 +244,9 @@ def _mlp_bytes(site: MlpSite, infos: Mapping[str, TensorInfo], names: Sequence[s
 
 
 def make_plan(max_memory: int | None, per_mlp: int, largest: int, n_mlps: int,
-              workers: int | None = None, shard_bytes: int | None = None) -> Plan:
+              workers: int | None = None, shard_bytes: int | None = None, buffered: bool = True) -> Plan:
+    """Shard size and workers within ``max_memory``; ``buffered``: output shards are held in
+    memory until written (the one-file layout streams each tensor out instead)."""
     baseline = psutil.Process().memory_info().rss
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     auto_workers = max(1, min(4, cpus // 4))  # GEMMs already use every core; extra layers help on big boxes
@@ -255,12 +258,13 @@ def make_plan(max_memory: int | None, per_mlp: int, largest: int, n_mlps: int,
     shard = shard_bytes or int(min(2 * 2**30, max(32 * 2**20, room // 8)))
     shard = max(shard, largest)
     # one shard being filled (twice: save_file serialises a copy) + one copied tensor + the MLPs in flight
-    need_one = 2 * shard + largest + per_mlp
+    held = 2 * shard if buffered else 0
+    need_one = held + largest + per_mlp
     if room < need_one:
         raise DgmrError(f"--max-memory {max_memory / 1e9:.2f} GB is too small: this process already holds "
                         f"{baseline / 1e9:.2f} GB and one MLP needs about {need_one / 1e9:.2f} GB more "
-                        f"(weights, float64 scoring matrix, one output shard)")
-    workers = max(1, min(workers, (room - 2 * shard - largest) // per_mlp))
+                        f"(weights, float64 scoring matrix{', one output shard' if buffered else ''})")
+    workers = max(1, min(workers, (room - held - largest) // per_mlp))
     return Plan(max_memory, baseline, per_mlp, shard, workers)
 
 
@@ -475,8 +479,6 @@ def stream_prune(
     per_mlp = max((_mlp_bytes(s, info, [n for _, _, n in ts], sel_dtype.itemsize) for s, ts in zip(sites, site_tensors)),
                   default=0)
     largest = max((info[n].nbytes for n in names if n not in owned), default=0)
-    plan = make_plan(max_bytes, per_mlp, largest, len(sites), workers, shard_bytes)
-    out_dtype = OUT_DTYPES[dtype] if dtype is not None else None
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
@@ -494,6 +496,8 @@ def stream_prune(
     apply_widths(shaped, {s.name: k for s, k in zip(sites, ks)}, family)
     out_shapes = {k: tuple(v.shape) for k, v in shaped.state_dict().items()}
     layout = _layout(family, shaped, scope, native, shard_bytes)
+    plan = make_plan(max_bytes, per_mlp, largest, len(sites), workers, shard_bytes, buffered=layout != "file")
+    out_dtype = OUT_DTYPES[dtype] if dtype is not None else None
 
     request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction)) if v is not None}
     record = PruneRecord(criterion, seed, request)
