@@ -103,7 +103,7 @@ def _native(case, out, cfg, model, x):
 
         tc = json.loads((out / "timm_trunk" / "timm_config.json").read_text())
         trunk = timm.create_model(tc["model_name"], pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(out / "timm_trunk" / "model.safetensors")),
+                                  pretrained_cfg_overlay=dict(file=str(out / note["weights"])),
                                   **tc["kwargs"]).eval()
         if "reset_classifier" in tc:
             trunk.reset_classifier(**tc["reset_classifier"])

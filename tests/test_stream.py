@@ -102,9 +102,9 @@ def test_streaming_output_opens_in_the_source_library(case, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     got = load(out)
     assert cfg["stream"]["layout"] == ("hf" if case.family == "hf" else "file")
-    if case.id == "open_clip_timm_tower":  # its trunk export needs the weights in memory
-        assert "skipped" in cfg["native_export"]
-        return
+    if case.id == "open_clip_timm_tower":  # timm reads the trunk from the one file itself: no copy
+        assert cfg["native_export"]["weights"] == "model.safetensors"
+        assert sorted(p.name for p in (out / "timm_trunk").iterdir()) == ["timm_config.json"]
     x = _x(case)
     with torch.no_grad():
         native, ours = _native(case, out, cfg, got, x)
@@ -143,6 +143,32 @@ def test_vision_tower_checkpoint(naming, tmp_path, capsys):
         stream_prune(src.spec, tmp_path / "half.safetensors", tmp_path / "out2", mlp_ratio=1.0,
                      model_kwargs=src.kwargs, progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_timm_tower_checkpoint_opens_in_timm(tmp_path):
+    """An open_clip timm tower (EVA-CLIP's layout) from a tower-only checkpoint: timm builds
+    the pruned trunk and reads it from the output's one file (visual.trunk.* names)."""
+    import timm
+
+    from test_families import _x
+
+    case = next(c for c in CASES if c.id == "open_clip_timm_tower")
+    model, src = build(case, tmp_path)
+    tower = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
+    save_file({k: v.contiguous() for k, v in tower.items()}, str(tmp_path / "w.safetensors"))
+    res = stream_prune(src.spec, tmp_path / "w.safetensors", tmp_path / "out", mlp_ratio=1.0,
+                       model_kwargs=src.kwargs, progress=False)
+    assert res["weights_scope"] == "visual" and "timm.create_model" in res["native_export"]
+    out = tmp_path / "out"
+    tc = json.loads((out / "timm_trunk" / "timm_config.json").read_text())
+    trunk = timm.create_model(tc["model_name"], pretrained=True, **tc["kwargs"],
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()
+    if "reset_classifier" in tc:
+        trunk.reset_classifier(**tc["reset_classifier"])
+    ref, _ = dgmr.prune(copy.deepcopy(model), mlp_ratio=1.0, progress=False)
+    x = _x(case)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(x), ref.visual.trunk.eval()(x), rtol=0, atol=0)
 
 
 def test_tower_names_of_a_tower_model_are_the_whole_model(tmp_path):

@@ -205,27 +205,34 @@ class OpenClipFamily(Family):
     def _is_timm_tower(model) -> bool:
         return hasattr(model.visual, "trunk")
 
+    def export_trunk(self, model, out: Path, src: Source, separate_weights: bool) -> dict[str, Any]:
+        """open_clip's timm towers take no MLP width in their JSON: export the trunk for timm,
+        built the way open_clip's TimmModel builds it, in ``out/timm_trunk``. Its weights are
+        a copy of the trunk's (``separate_weights``), or ``out/model.safetensors`` itself:
+        timm's ViT and EVA checkpoint filters strip open_clip's ``visual.trunk.`` prefix."""
+        vc = src.model_cfg["vision_cfg"]
+        pool, proj = vc.get("timm_pool", "avg"), vc.get("timm_proj", "linear")
+        trunk = model.visual.trunk
+        if proj in ("linear", "mlp") or pool in ("abs_attn", "rot_attn"):
+            kwargs = {"num_classes": 0}
+            reset = {"num_classes": 0, "global_pool": "" if pool in ("abs_attn", "rot_attn") else pool} if pool else None
+        else:
+            kwargs, reset = {"num_classes": trunk.num_classes, "global_pool": pool}, None
+        note = TimmFamily()._export_timm(trunk, out / "timm_trunk", Source("timm", vc["timm_model_name"], kwargs=kwargs),
+                                         separate_weights=separate_weights, reset=reset,
+                                         weights=None if separate_weights else "model.safetensors")
+        if "skipped" not in note:
+            note["load"] += ("; then m = open_clip.create_model(ARCH) and m.visual.trunk = that trunk; "
+                             "visual.head weights are in DIR/model.safetensors (or use dgmr.load(DIR))")
+        return note
+
     def export_native(self, model, out, src):
         if src is None or src.model_cfg is None:
             return {"skipped": "no open_clip model config recorded"}
         sites = self.mlps(model)
         if self._is_timm_tower(model):
-            # open_clip's timm towers take no MLP width in their JSON: export the trunk for timm,
-            # built the way open_clip's TimmModel builds it
-            vc = src.model_cfg["vision_cfg"]
-            pool, proj = vc.get("timm_pool", "avg"), vc.get("timm_proj", "linear")
-            trunk = model.visual.trunk
-            if proj in ("linear", "mlp") or pool in ("abs_attn", "rot_attn"):
-                kwargs = {"num_classes": 0}
-                reset = {"num_classes": 0, "global_pool": "" if pool in ("abs_attn", "rot_attn") else pool} if pool else None
-            else:
-                kwargs, reset = {"num_classes": trunk.num_classes, "global_pool": pool}, None
-            note = TimmFamily()._export_timm(trunk, out / "timm_trunk", Source("timm", vc["timm_model_name"], kwargs=kwargs),
-                                             separate_weights=True, reset=reset)
-            if "skipped" not in note:
-                note["load"] += ("; then m = open_clip.create_model(ARCH) and m.visual.trunk = that trunk; "
-                                 "visual.head weights are in DIR/model.safetensors (or use dgmr.load(DIR))")
-            return note
+            return self.export_trunk(model, out, src, separate_weights=True)
+
         def build(r: float):
             cfg = json.loads(json.dumps(src.model_cfg))
             cfg["vision_cfg"]["mlp_ratio"] = r
@@ -371,10 +378,11 @@ class TimmFamily(Family):
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
     def _export_timm(self, model, out: Path, src: Source, separate_weights: bool = False,
-                     reset: dict[str, Any] | None = None) -> dict[str, Any]:
+                     reset: dict[str, Any] | None = None, weights: str | None = None) -> dict[str, Any]:
         """timm's convention: ``timm_config.json`` (name + create_model kwargs incl. mlp_ratio) beside
         a state dict that ``pretrained_cfg_overlay=dict(file=...)`` loads; ``separate_weights`` writes
-        the state dict of ``model`` (a sub-module, e.g. an open_clip trunk) into ``out`` too."""
+        the state dict of ``model`` (a sub-module, e.g. an open_clip trunk) into ``out`` too;
+        ``weights`` names the file to load instead, relative to the dgmr directory."""
         import timm
 
         sites = self.mlps(model)
@@ -397,12 +405,13 @@ class TimmFamily(Family):
             files.append("model.safetensors")
         (out / "timm_config.json").write_text(json.dumps(
             {"model_name": src.name, "kwargs": kwargs, **({"reset_classifier": reset} if reset else {})}, indent=2))
-        where = "DIR/timm_trunk" if separate_weights else "DIR"
-        load = (f"timm.create_model({src.name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='{where}/model.safetensors'), "
+        where = f"DIR/{weights}" if weights else "DIR/timm_trunk/model.safetensors" if separate_weights else "DIR/model.safetensors"
+        load = (f"timm.create_model({src.name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='{where}'), "
                 + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
         if reset:
             load += ".reset_classifier(" + ", ".join(f"{k}={v!r}" for k, v in reset.items()) + ")"
-        return {"format": "timm pretrained_cfg_overlay", "files": files, "mlp_ratio": r, "load": load}
+        return {"format": "timm pretrained_cfg_overlay", "files": files, "mlp_ratio": r, "load": load,
+                "weights": where.removeprefix("DIR/")}
 
     def export_native(self, model, out, src):
         if src is None:

@@ -610,20 +610,20 @@ def _layout(family: Family, shaped: nn.Module, scope: str | None, native: bool, 
 def _native_export(family: Family, meta: nn.Module, tmp: Path, src: Source, layout: str,
                    scope: str | None) -> dict[str, Any]:
     """The source library's own format, written from the meta model's config (no weights needed)."""
-    if scope is not None:
+    timm_tower = isinstance(family, OpenClipFamily) and family._is_timm_tower(meta)
+    if scope is not None and not timm_tower:
         return {"skipped": f"the checkpoint holds only {scope!r}: dgmr.load returns that tower"}
     if family.name == "hf":
         if layout != "hf":
-            return {"skipped": "per-layer MLP widths are not one transformers config width"}
+            return {"skipped": family._width_fields(meta, family.mlps(meta))[1] or "sharded at the top"}
         meta.config.save_pretrained(tmp / "hf")
         return {"format": "transformers from_pretrained", "files": ["hf/"],
                 "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}
     if layout != "file":
         return {"skipped": "sharded output (--shard-size): timm/open_clip loaders read one file; use dgmr.load"}
-    if family.name == "timm" or (family.name == "open_clip" and not OpenClipFamily._is_timm_tower(meta)):
-        try:
-            return family.export_native(meta, tmp, src)
-        except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
-            return {"skipped": f"native export failed on the meta model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
-    return {"skipped": f"the {family.name} native export needs the weights in memory; open it with dgmr.load"}
-
+    try:
+        if timm_tower:  # timm reads the trunk straight from model.safetensors (it strips visual.trunk.)
+            return family.export_trunk(meta, tmp, src, separate_weights=False)
+        return family.export_native(meta, tmp, src)
+    except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
+        return {"skipped": f"native export failed on the meta model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
