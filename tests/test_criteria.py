@@ -174,5 +174,19 @@ def test_diversity_exact_on_bf16_weights_with_many_refreshes():
 def test_residual_cache_sizes_do_not_change_the_picks(pool, cache):
     """A pool that doubles past the residual cache, a cache that holds every row, a tiny one."""
     w = torch.randn(400, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = dgmr.criteria._lazy_pivot_order(w, 48, pool=pool, cache=cache)
+    got, _ = dgmr.criteria._lazy_pivot_order(w, 48, pool=pool, cache=cache)
     assert torch.equal(got, naive_greedy(w, 48))
+
+
+@pytest.mark.parametrize("shape,k", SHAPES_K)
+def test_split_into_the_complement_keeps_the_greedy_order(shape, k, monkeypatch):
+    """After 60% of a round's picks the round goes on in the orthogonal complement of the
+    picked directions (normally for d >= 512); forced here on small shapes, recursively."""
+    monkeypatch.setattr(dgmr.criteria, "_SPLIT_MIN", 4)
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(k + 1), dtype=torch.float64)
+    assert torch.equal(dgmr.criteria.diversity(w, k), naive_greedy(w, k))
+
+
+def test_split_at_its_real_size():
+    w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(7)).bfloat16().double()
+    assert torch.equal(dgmr.criteria.pivot_order(w, 512), naive_greedy(w, 512))

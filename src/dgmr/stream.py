@@ -230,15 +230,17 @@ class Plan:
 def _mlp_bytes(site: MlpSite, infos: Mapping[str, TensorInfo], names: Sequence[str], score_bytes: int) -> int:
     """Peak bytes one MLP's selection holds: its weights (twice: read + cut), the scoring
     matrix and the selection workspace of :func:`dgmr.criteria.pivot_order` (its float32
-    copy of the scoring matrix, the pivot directions in both precisions, the pool and its
-    block coefficients, the residual cache, per-row temporaries)."""
+    copy of the scoring matrix, the projected rows of the second leg, the pivot directions
+    in both precisions, the pool and its block coefficients, the residual cache, per-row
+    temporaries)."""
     raw = sum(infos[n].nbytes for n in names)
     w1 = site.up.weight
     h = site.hidden
     d = w1.shape[1] * (2 if site.gated else 1)
     n = min(h, d)
     score = h * d * score_bytes
-    workspace = (h * d * 4 + n * d * (score_bytes + 4) + (2 * POOL + CACHE) * d * score_bytes
+    # (h * d * score_bytes: the projected rows when the round continues in the complement)
+    workspace = (h * d * (4 + score_bytes) + n * d * (score_bytes + 4) + (2 * POOL + CACHE) * d * score_bytes
                  + POOL * BLOCK * score_bytes + h * 64 * score_bytes)
     return 2 * raw + 2 * score + workspace
 
