@@ -190,3 +190,19 @@ def test_split_into_the_complement_keeps_the_greedy_order(shape, k, monkeypatch)
 def test_split_at_its_real_size():
     w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(7)).bfloat16().double()
     assert torch.equal(dgmr.criteria.pivot_order(w, 512), naive_greedy(w, 512))
+
+
+def test_single_thread_section_restores_the_thread_count_across_threads():
+    """Several layers selected at once (threads) must leave torch's thread count as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ws = [torch.randn(300, 40, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(6)]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda w: dgmr.criteria.pivot_order(w, 40, pool=8), ws))
+        assert all(torch.equal(g, naive_greedy(w, 40)) for g, w in zip(got, ws))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ returns the indices sorted ascending.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -118,18 +119,31 @@ def _qrcp_pivot_order(w: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(piv[:n])).long()
 
 
+_threads_lock = threading.Lock()
+_threads_state = {"users": 0, "saved": 1}
+
+
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run torch CPU ops single-threaded inside the block (no-op on other devices)."""
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
+    """Run torch CPU ops single-threaded inside the block (no-op on other devices).
+
+    torch's thread count is process-wide: when several layers are selected at once (one
+    Python thread each), the first to enter saves it and the last to leave restores it."""
+    if device.type != "cpu":
         yield
         return
-    torch.set_num_threads(1)
+    with _threads_lock:
+        if _threads_state["users"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_state["users"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        with _threads_lock:
+            _threads_state["users"] -= 1
+            if _threads_state["users"] == 0:
+                torch.set_num_threads(_threads_state["saved"])
 
 
 def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL,
