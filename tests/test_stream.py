@@ -177,6 +177,10 @@ def test_tower_names_of_a_tower_model_are_the_whole_model(tmp_path):
     case = next(c for c in CASES if c.id == "hf_clip_vision")
     model, src = build(case, tmp_path)
     sd = {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
+    # older HF checkpoints also carry the non-persistent position_ids buffer: ignored
+    derived = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    assert derived
+    sd.update({n.removeprefix("vision_model."): b for n, b in model.named_buffers() if n in derived})
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
     res = stream_prune(src.spec, tmp_path / "w.safetensors", tmp_path / "out", mlp_ratio=1.0,
                        model_kwargs=src.kwargs, progress=False)

@@ -174,20 +174,23 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
-def match_names(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]],
-                tower: str) -> tuple[dict[str, str], str | None]:
+def match_names(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]], tower: str,
+                derived: frozenset[str] = frozenset()) -> tuple[dict[str, str], str | None]:
     """Map the model's state-dict names to the checkpoint's: ``(model name -> checkpoint
     name, scope)``. The checkpoint holds the whole model (``scope`` None), or only the
     vision tower ``tower`` (e.g. ``visual``), named as in the whole model (``visual.…``) or
     as in the tower itself; a DDP ``module.`` prefix is dropped. Anything else, or a
-    wrong shape, is a :class:`DgmrError` naming the first offender."""
+    wrong shape, is a :class:`DgmrError` naming the first offender. Names in ``derived``
+    (the model's non-persistent buffers, e.g. HF ``position_ids`` that older checkpoints
+    carry) are ignored: the model rebuilds them."""
     names = list(ckpt.tensors)
     strip = "module." if names and all(n.startswith("module.") for n in names) else ""
-    have = {n[len(strip):]: n for n in names}
+    pre = f"{tower}." if tower else ""
+    have = {n[len(strip):]: n for n in names
+            if n[len(strip):] not in derived and pre + n[len(strip):] not in derived}
     scope = None
     want = dict(expected)
     if set(have) != set(want) and tower:
-        pre = tower + "."
         in_tower = {k: v for k, v in expected.items() if k.startswith(pre)}
         whole = set(in_tower) == set(want)  # e.g. HF CLIPVisionModel: every name is vision_model.*
         if set(have) == set(in_tower) and not whole:
@@ -464,7 +467,9 @@ def stream_prune(
     meta = build_model(src, pretrained=False, meta=True)
     family = family_of(meta)
     tower = family.vision_root(meta)[0]
-    names, scope = match_names(ckpt, {k: tuple(v.shape) for k, v in meta.state_dict().items()}, tower)
+    state = meta.state_dict()
+    derived = frozenset(n for n, _ in meta.named_buffers()) - set(state)
+    names, scope = match_names(ckpt, {k: tuple(v.shape) for k, v in state.items()}, tower, derived)
     sites = family.mlps(meta)
     ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
     hidden_before = [s.hidden for s in sites]
