@@ -153,8 +153,8 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL,
 
     State: ``Q`` (the picked residual directions, orthonormal); ``s`` (per row, an upper
     bound on its squared residual norm: exact after a refresh up to rounding, and residual
-    norms only shrink); a pool of candidate rows with their exact residuals (kept current by
-    rank-1 updates, as in the naive loop); and a cache of the residuals of rows that were in
+    norms only shrink); a pool of candidate rows with their exact residuals (brought up to
+    date once per block of picks); and a cache of the residuals of rows that were in
     the pool lately, each with the number of directions it is orthogonal to (a row that
     comes back is brought up to date with the directions it missed instead of from ``w``).
 
@@ -165,8 +165,10 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL,
     refresh made no progress, double the pool until it does).
 
     On the CPU with float64 ``w`` the refresh GEMM runs in float32 (about 3x the float64
-    rate). Its rounding error is bounded per row (``delta``, the standard dot-product
-    bound ``gamma_d |w_i| |q|`` plus the roundings of ``w`` and ``q`` to float32) and added
+    rate), its columns cut into chunks accumulated in float32 and summed in float64. Its
+    rounding error is bounded per row (``delta``: the standard dot-product bound
+    ``gamma_L |w_i| |q|`` for chunk length ``L``, plus the roundings of ``w`` and ``q`` to
+    float32) and added
     to the bound, so ``s`` stays an upper bound and the picks stay the exact float64 greedy
     picks; a pool row's bound is reset to its exact float64 norm.
     """
@@ -200,7 +202,6 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL,
         # the last u: rounding w to float32 (zero for bf16 / float32 weights; not worth a check)
         coef = 1.01 * (gamma * (1 + u) ** 2 + u * (1 + u) + u)
         delta = coef * s.sqrt()  # |computed w_i . q - w_i . q| <= delta_i for a unit q
-        Q_lo = torch.zeros(n, nc * ln, dtype=torch.float32, device=dev)
     alive = torch.ones(h, dtype=torch.bool, device=dev)
     Q = torch.empty(n, d, dtype=dt, device=dev)
     picks: list[int] = []
@@ -216,8 +217,9 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL,
         j = len(picks)
         if applied < j:
             if lowp:
-                qb = Q_lo[applied:j].view(j - applied, nc, ln).permute(1, 2, 0)  # (nc, ln, b)
-                p = torch.bmm(w_lo, qb).double().sum(0)
+                qb = torch.zeros(j - applied, nc * ln, dtype=torch.float32, device=dev)
+                qb[:, :d] = Q[applied:j]
+                p = torch.bmm(w_lo, qb.view(j - applied, nc, ln).permute(1, 2, 0)).double().sum(0)
                 s -= torch.einsum("ij,ij->i", p, p)
                 s += delta * (2.0 * p.abs().sum(1) + (j - applied) * delta)
             else:
@@ -254,8 +256,6 @@ def _lazy_pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL,
                 r = res[b] - V[b, :t] @ Q[start:start + t] if t else res[b]
                 q = r / torch.linalg.vector_norm(r)  # unit length, as the float32 allowance assumes
                 Q[len(picks)] = q
-                if lowp:
-                    Q_lo[len(picks), :d] = q
                 picks.append(int(rows[b]))
                 alive[rows[b]] = False
                 v = torch.mv(res, q)
