@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import struct
@@ -85,10 +86,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -337,9 +335,7 @@ class FileWriter:
         header: dict[str, Any] = {"__metadata__": {"format": "pt", "dgmr_version": __version__}}
         off = 0
         for name, dt, shape in entries:
-            nb = dt.itemsize
-            for d in shape:
-                nb *= d
+            nb = math.prod(shape) * dt.itemsize
             header[name] = {"dtype": ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
             off += nb
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -606,9 +602,7 @@ def _layout(family: Family, shaped: nn.Module, scope: str | None, native: bool, 
     """Where the weights go: ``file`` (one streamed ``model.safetensors``: timm's and
     open_clip's loaders read one file), ``hf`` (shards in ``hf/`` beside a transformers
     config: ``from_pretrained`` reads them), or ``shards`` (HF-style shards at the top)."""
-    if not native or scope is not None:
-        return "shards" if shard_bytes is not None else "file"
-    if family.name == "hf":
+    if native and scope is None and family.name == "hf":
         fields, _ = family._width_fields(shaped, family.mlps(shaped))
         return "hf" if fields is not None else "shards"
     return "shards" if shard_bytes is not None else "file"
@@ -622,7 +616,7 @@ def _native_export(family: Family, meta: nn.Module, tmp: Path, src: Source, layo
         return {"skipped": f"the checkpoint holds only {scope!r}: dgmr.load returns that tower"}
     if family.name == "hf":
         if layout != "hf":
-            return {"skipped": family._width_fields(meta, family.mlps(meta))[1] or "sharded at the top"}
+            return {"skipped": family._width_fields(meta, family.mlps(meta))[1]}
         meta.config.save_pretrained(tmp / "hf")
         return {"format": "transformers from_pretrained", "files": ["hf/"],
                 "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}
