@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .artifact import CONFIG, INDICES, WEIGHTS, atomic_dir, check_output_dir, write_json
+from .artifact import CONFIG, INDICES, SHARD_INDEX as INDEX, WEIGHTS, atomic_dir, check_output_dir, write_json
 from .criteria import _BLOCK as BLOCK, _CACHE as CACHE, _POOL as POOL, get_criterion, select_neurons
 from .errors import DgmrError
 from .families import Family, OpenClipFamily, apply_widths, family_of
@@ -51,7 +51,6 @@ from .mlp import MlpSite, shrink_mlp
 from .prune import PruneRecord, resolve_widths
 from .sources import Source, build_model, is_dgmr_dir, parse_spec
 
-INDEX = "model.safetensors.index.json"
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
