@@ -36,8 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dgmr
 from dgmr.distill import distill, feature_loss
-from dgmr.families import family_of
-from dgmr.sources import build_model, parse_spec
+from dgmr.models.families import family_of
+from dgmr.models.sources import build_model, parse_spec
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:

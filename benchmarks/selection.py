@@ -17,7 +17,7 @@ import time
 import torch
 
 from dgmr import select_neurons
-from dgmr.criteria import diversity
+from dgmr.prune.criteria import diversity
 
 from bench_utils import gemm_rate, naive_greedy
 

@@ -3,7 +3,7 @@
 Not a timed test. Steps:
 
 1. ``selection``: one MLP layer of the model (random bf16 weights, the real shape), timed
-   with ``dgmr.criteria.pivot_order`` in float32 and float64, next to the 2*h*d*n flop bound
+   with ``dgmr.prune.pivot.pivot_order`` in float32 and float64, next to the 2*h*d*n flop bound
    at the GEMM rate measured just before, LAPACK ``geqp3`` (scipy) and the naive greedy loop
    (timed on ``--naive-picks`` picks and extrapolated; each pick costs the same). The first
    ``--naive-picks`` picks are compared with the naive loop's (``--check-naive`` runs the
@@ -46,10 +46,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import dgmr
-from dgmr.criteria import pivot_order
-from dgmr.families import GenericFamily, apply_widths, family_of
-from dgmr.sources import build_model, parse_spec
-from dgmr.stream import INDEX, open_checkpoint, parse_size
+from dgmr.prune.pivot import pivot_order
+from dgmr.models.families import GenericFamily, apply_widths, family_of
+from dgmr.models.sources import build_model, parse_spec
+from dgmr.models.artifact import SHARD_INDEX as INDEX
+from dgmr.prune.stream import open_checkpoint, parse_size
 
 from bench_utils import gemm_rate, naive_greedy as naive
 
@@ -112,7 +113,7 @@ def write_checkpoint(model: nn.Module, d: Path, shard_bytes: int, prefix: str = 
 
 
 def run_prune(spec: str, index: Path, out: Path, ratio: float, max_memory: str, select_dtype: str) -> dict:
-    return run_child("import json, sys; from dgmr.stream import stream_prune; "
+    return run_child("import json, sys; from dgmr.prune.stream import stream_prune; "
                      f"r = stream_prune({spec!r}, {str(index)!r}, {str(out)!r}, mlp_ratio={ratio}, "
                      f"max_memory={max_memory!r}, select_dtype={select_dtype!r}, progress=True); "
                      "print('RESULT ' + json.dumps(r))")

@@ -17,7 +17,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifact import load, save, write_json
 from .errors import DgmrError
-from .families import family_of
+from .models.artifact import load, save, write_json
+from .models.families import family_of
+from .models.sources import Source, build_model
 from .prune import prune
-from .sources import Source, build_model
 
 KNN_K = 20  # fixed k for the kNN score (not picked on the test set)
 IMAGE_SIZE = 16
@@ -194,12 +194,11 @@ def score(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _cost(model: nn.Module) -> dict[str, int]:
-    from .stats import count_flops, count_params
+    from .prune.stats import count_flops, mlp_params
 
     fam = family_of(model)
-    return {"params": count_params(model, fam), "flops": count_flops(model, fam, IMAGE_SIZE),
-            "mlp_params": sum(p.numel() for site in fam.mlps(model)
-                              for m in (site.up, site.down, site.gate) if m is not None for p in m.parameters())}
+    return {"params": fam.vision_params(model), "flops": count_flops(model, fam, IMAGE_SIZE),
+            "mlp_params": mlp_params(fam, model)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +336,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Mean ± standard deviation over seeds where n > 1. CPU throughput measured in one run.", "",
         "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
         *["| " + " | ".join(r) + " |" for r in table_rows(results)], "",
-        f"MLP parameter reduction: " + ", ".join(sorted({f"r={a['mlp_ratio']:g}: {100 * a['mlp_param_reduction']:.0f}%"
+        "MLP parameter reduction: " + ", ".join(sorted({f"r={a['mlp_ratio']:g}: {100 * a['mlp_param_reduction']:.0f}%"
                                                          for a in results["summary"]})) + ".", "",
         "![recovery](recovery.png)", "", "![accuracy vs FLOPs](accuracy_vs_flops.png)", "",
         f"Wall time: {results['wall_seconds']:.0f} s.", "",

@@ -1,4 +1,6 @@
-"""The same code alone or under ``torchrun``: process-group setup and the few collectives dgmr uses.
+"""The same code alone or under ``torchrun``: process-group setup, devices, CPU count and
+the few collectives dgmr uses. Distillation and evaluation both start their process group
+here (:func:`init`/:func:`cleanup`, or :func:`session` around a block).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`init` joins the process
 group (NCCL on GPU, gloo on CPU; torchrun's rendezvous, so multi-node works the same);
@@ -6,10 +8,11 @@ alone it does nothing and every helper degrades to the single-process answer.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,23 +37,33 @@ class DistInfo:
         return self.world > 1
 
 
-def init(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
-    """Join the process group if launched by torchrun; pick this process's device.
-
-    ``device``: "cpu", "cuda", or None for cuda when available."""
-    want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    if device is not None and not str(device).startswith(("cuda", "cpu")):
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:1", None/"auto": cuda when available), checked."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DgmrError(f"unknown device {device!r}: use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
         raise DgmrError(f"unknown device {device!r}: use cpu or cuda")
-    if want_cuda and not torch.cuda.is_available():
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise DgmrError(f"device {device} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def init(device: str | torch.device | None = None, timeout_s: int = 1800) -> DistInfo:
+    """Join the process group if launched by torchrun; pick this process's device
+    (under torchrun a GPU process takes its ``LOCAL_RANK`` GPU)."""
+    dev = pick_device(device)
+    want_cuda = dev.type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if want_cuda:
-        dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        dev = torch.device("cuda", local_rank if world > 1 else (dev.index if dev.index is not None
+                                                                   else torch.cuda.current_device()))
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     started = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo",
@@ -60,6 +73,35 @@ def init(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank, world, local_rank, dev, started)
+
+
+@contextlib.contextmanager
+def session(device: str | torch.device | None = None) -> Iterator[DistInfo]:
+    """:func:`init` for the duration of a block; the group is ended if this block started it."""
+    info = init(device)
+    try:
+        yield info
+    finally:
+        cleanup(info)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the current process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for a collective of the current group (NCCL: this GPU)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cleanup(info: DistInfo) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .. import dist as D
 from ..errors import DgmrError
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -53,22 +54,6 @@ def cache_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()[:32]
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def pooled_features(model: nn.Module, family: Any) -> FeatureFn:
     """The CLS/pooled feature of ``family.features`` (what kNN and the linear probe use)."""
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +77,7 @@ def extract_features(
     float16 (N, D) on CPU, labels int64 (N,))`` in dataset order on every rank."""
     import torch.distributed as dist
 
-    rank, world = _dist()
+    rank, world = D.rank_world()
     n = len(dataset)
     if n == 0:
         raise DgmrError("cannot extract features from an empty dataset")
@@ -119,7 +104,7 @@ def extract_features(
     f, y, i = torch.cat(feats), torch.cat(labels).long(), torch.cat(idxs).long()
     if world > 1:
         # every rank holds ceil(n / world) samples (the sampler pads by repeating): gather and scatter by index
-        gather_dev = _collective_device()
+        gather_dev = D.collective_device()
         f, y, i = f.to(gather_dev), y.to(gather_dev), i.to(gather_dev)
         fs = [torch.empty_like(f) for _ in range(world)]
         ys = [torch.empty_like(y) for _ in range(world)]
@@ -179,7 +164,7 @@ class FeatureCache:
 
     def put(self, key: str, feats: torch.Tensor, labels: torch.Tensor, meta: dict[str, str]) -> None:
         p = self.path(key)
-        if p is None or _dist()[0] != 0:
+        if p is None or D.rank_world()[0] != 0:
             return
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -192,11 +177,11 @@ class FeatureCache:
         """Cached features for ``key_parts`` (a dict of strings), else ``compute()`` and store."""
         key = cache_key(*(f"{k}={v}" for k, v in sorted(key_parts.items())))
         hit = self.get(key)
-        rank, world = _dist()
+        rank, world = D.rank_world()
         if world > 1:  # every rank must agree, or the others would wait forever in all_gather
             import torch.distributed as dist
 
-            flag = torch.tensor([1 if hit is not None else 0], device=_collective_device())
+            flag = torch.tensor([1 if hit is not None else 0], device=D.collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             if not int(flag.item()):
                 hit = None

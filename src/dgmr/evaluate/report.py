@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..artifact import atomic_dir, read_config, write_json
+from ..models.artifact import atomic_dir, read_config, write_json
 from ..errors import DgmrError
-from ..sources import is_dgmr_dir
+from ..models.sources import is_dgmr_dir
 
 ROLE_ORDER = {"original": 0, "pruned": 1, "distilled": 2}
 SPLIT_NAMES = {"val", "test", "train", "validation", "images", "data"}
@@ -195,6 +195,94 @@ def _rel(v: float | None, base: float | None) -> str:
     return "" if abs(d) < 5e-4 else f" ({d:+.1%})"
 
 
+def _ordered_rows(rows_obj: "_Rows", baseline: str | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Rows by role (original, pruned, distilled; input order within a role) and the baseline row."""
+    rows = list(rows_obj.rows.values())
+    for r in rows:
+        r["role"] = r["role"] or "original"
+    rows.sort(key=lambda r: ROLE_ORDER.get(r["role"], 3))
+    if baseline is not None:
+        base = next((r for r in rows if r["model"] in (baseline, _norm(baseline))), None)
+        if base is None:
+            raise DgmrError(f"--baseline {baseline!r} is none of the models: {', '.join(r['model'] for r in rows)}")
+    else:
+        base = next((r for r in rows if r["role"] == "original"), rows[0] if rows else None)
+    _set_display_names(rows)
+    return rows, base
+
+
+COST_COLUMNS = (("params", "params"), ("flops", "FLOPs/img"), ("throughput", "img/s"), ("peak_memory_bytes", "peak mem"))
+
+
+def _cost_cell(key: str, v: float, b: float | None, is_base: bool, jr: dict[str, Any]) -> str:
+    """One params/FLOPs/throughput/memory cell, relative to the baseline's value ``b``."""
+    if key == "throughput":
+        jr["speedup"] = None if not b else v / b
+        return f"{v:.1f}" + ("" if is_base or not b else f" (×{v / b:.2f})")
+    if key == "peak_memory_bytes":
+        return _fmt_int(v, "B") + ("" if is_base else _rel(v, b))
+    jr[f"{key}_ratio"] = None if not b or not v else b / v
+    return _fmt_int(v) + ("" if is_base else _rel(v, b))
+
+
+def _table_row(r: dict[str, Any], base: dict[str, Any] | None, costs: list[str],
+               metrics: list[str]) -> tuple[str, dict[str, Any]]:
+    """(Markdown row, report.json row) of one model: costs relative, accuracies in points."""
+    is_base = r is base
+    cells = [f"`{r['display']}`", r["role"]]
+    jr = {"model": r["model"], "display": r["display"], "role": r["role"]}
+    for key in costs:
+        v = jr[key] = r.get(key)
+        cells.append("–" if v is None else _cost_cell(key, v, (base or {}).get(key), is_base, jr))
+    for m in metrics:
+        v = jr[m] = r.get(m)
+        if v is None:
+            cells.append("–")
+            continue
+        b = (base or {}).get(m)
+        jr[f"{m} delta"] = None if b is None else v - b
+        cells.append(f"{100 * v:.1f}" + ("" if is_base or b is None else f" ({100 * (v - b):+.1f})"))
+    return "| " + " | ".join(cells) + " |", jr
+
+
+def _table(rows: list[dict[str, Any]], base: dict[str, Any] | None, metrics: list[str]
+           ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(header, Markdown table lines, report.json rows); cost columns only where some row has them."""
+    costs = [key for key, _ in COST_COLUMNS if any(r.get(key) is not None for r in rows)]
+    header = ["model", "role"] + [col for key, col in COST_COLUMNS if key in costs] + metrics
+    table = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+    json_rows = []
+    for r in rows:
+        line, jr = _table_row(r, base, costs, metrics)
+        table.append(line)
+        json_rows.append(jr)
+    return header, table, json_rows
+
+
+def _plot_sections(plt: Any, tmp: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]],
+                   metrics: list[str]) -> tuple[list[str], list[str]]:
+    """Draw the recovery curves and the accuracy-vs-FLOPs plot into ``tmp``; (file names, Markdown lines)."""
+    plots: list[str] = []
+    lines: list[str] = []
+    for run in runs:
+        name = f"recovery_{_slug(run['name'])}.png"
+        if not _plot_recovery(plt, run, tmp / name):
+            continue
+        plots.append(name)
+        lines += ["", f"## Recovery: {run['name']}", "", f"![recovery curve]({name})"]
+        last = run["metrics"][-1] if run["metrics"] else {}
+        if "loss" in last:
+            first_loss = next((m["loss"] for m in run["metrics"] if "loss" in m), None)
+            lines += ["", f"Distillation loss {first_loss:.4g} → {last['loss']:.4g} over {last.get('step')} steps."]
+    pts = [r for r in rows if r.get("flops") and any(r.get(m) is not None for m in metrics)]
+    if pts and metrics:
+        name = "accuracy_vs_flops.png"
+        _plot_acc_flops(plt, pts, metrics, tmp / name)
+        plots.append(name)
+        lines += ["", "## Accuracy vs FLOPs", "", f"![accuracy vs FLOPs]({name})"]
+    return plots, lines
+
+
 def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir: str | os.PathLike, *,
                   baseline: str | None = None, overwrite: bool = False, title: str = "dgmr report") -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and PNG plots into ``out_dir`` (atomically) from
@@ -205,96 +293,20 @@ def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir
     import matplotlib.pyplot as plt
 
     rows_obj, runs = collect(results)
-    rows = list(rows_obj.rows.values())
-    for r in rows:
-        r["role"] = r["role"] or "original"
-    rows.sort(key=lambda r: ROLE_ORDER.get(r["role"], 3))  # stable: input order within a role
-    if baseline is not None:
-        base = next((r for r in rows if r["model"] in (baseline, _norm(baseline))), None)
-        if base is None:
-            raise DgmrError(f"--baseline {baseline!r} is none of the models: {', '.join(r['model'] for r in rows)}")
-    else:
-        base = next((r for r in rows if r["role"] == "original"), rows[0] if rows else None)
+    rows, base = _ordered_rows(rows_obj, baseline)
     metrics = rows_obj.metrics
-    _set_display_names(rows)
-    has = {k: any(r.get(k) is not None for r in rows) for k in ("params", "flops", "throughput", "peak_memory_bytes")}
-
-    header = ["model", "role"]
-    if has["params"]:
-        header.append("params")
-    if has["flops"]:
-        header.append("FLOPs/img")
-    if has["throughput"]:
-        header.append("img/s")
-    if has["peak_memory_bytes"]:
-        header.append("peak mem")
-    header += metrics
+    header, table, json_rows = _table(rows, base, metrics)
     lines = [f"# {title}", ""]
     if base is not None:
         lines += [f"Deltas are against **{base['display']}** ({base['role']}, `{base['model']}`): relative for params, FLOPs and "
                   "throughput, percentage points for accuracies. Accuracies in %.", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
-    json_rows = []
-    table = lines[-2:]
-    for r in rows:
-        is_base = r is base
-        cells = [f"`{r['display']}`", r["role"]]
-        jr = {"model": r["model"], "display": r["display"], "role": r["role"]}
-        for key, col in (("params", "params"), ("flops", "FLOPs/img"), ("throughput", "img/s"), ("peak_memory_bytes", "peak mem")):
-            if col not in header:
-                continue
-            v, b = r.get(key), (base or {}).get(key)
-            jr[key] = v
-            if v is None:
-                cells.append("–")
-                continue
-            if key == "throughput":
-                txt = f"{v:.1f}" + ("" if is_base or not b else f" (×{v / b:.2f})")
-                jr["speedup"] = None if not b else v / b
-            elif key == "peak_memory_bytes":
-                txt = _fmt_int(v, "B") + ("" if is_base else _rel(v, b))
-            else:
-                txt = _fmt_int(v) + ("" if is_base else _rel(v, b))
-                jr[f"{key}_ratio"] = None if not b or not v else b / v
-            cells.append(txt)
-        for m in metrics:
-            v = r.get(m)
-            jr[m] = v
-            if v is None:
-                cells.append("–")
-                continue
-            b = (base or {}).get(m)
-            delta = "" if is_base or b is None else f" ({100 * (v - b):+.1f})"
-            jr[f"{m} delta"] = None if b is None else v - b
-            cells.append(f"{100 * v:.1f}{delta}")
-        lines.append("| " + " | ".join(cells) + " |")
-        table.append(lines[-1])
-        json_rows.append(jr)
+    lines += table
     settings = sorted({r["speed_setting"] for r in rows if r.get("speed_setting")})
     if settings:
         lines += ["", "Throughput measured on: " + "; ".join(settings) + " (median over repeats, warm-up excluded)."]
-
-    plots: list[str] = []
     with atomic_dir(out_dir, overwrite) as tmp:
-        for run in runs:
-            name = f"recovery_{_slug(run['name'])}.png"
-            if _plot_recovery(plt, run, tmp / name):
-                plots.append(name)
-                lines += ["", f"## Recovery: {run['name']}", "", f"![recovery curve]({name})"]
-                last = run["metrics"][-1] if run["metrics"] else {}
-                if "loss" in last:
-                    first_loss = next((m["loss"] for m in run["metrics"] if "loss" in m), None)
-                    lines.append("")
-                    lines.append(f"Distillation loss {first_loss:.4g} → {last['loss']:.4g} over "
-                                 f"{last.get('step')} steps.")
-        pts = [r for r in rows if r.get("flops") and any(r.get(m) is not None for m in metrics)]
-        if pts and metrics:
-            name = "accuracy_vs_flops.png"
-            _plot_acc_flops(plt, pts, metrics, tmp / name)
-            plots.append(name)
-            lines += ["", "## Accuracy vs FLOPs", "", f"![accuracy vs FLOPs]({name})"]
-        md = "\n".join(lines) + "\n"
-        (tmp / "report.md").write_text(md, encoding="utf-8")
+        plots, plot_lines = _plot_sections(plt, tmp, runs, rows, metrics)
+        (tmp / "report.md").write_text("\n".join(lines + plot_lines) + "\n", encoding="utf-8")
         summary = {"title": title, "baseline": base["model"] if base else None, "columns": header, "rows": json_rows,
                    "runs": [{"name": r["name"], "path": r["path"], "model": r.get("model"), "steps": len(r["metrics"]),
                              "last": r["metrics"][-1] if r["metrics"] else None} for r in runs],

@@ -16,10 +16,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import DgmrError
-from ..families import Family, family_of
+from ..errors import DgmrError, first_line
+from ..models.families import Family, family_of
 from ..memory import PeakRss
-from ..stats import count_flops, count_params
+from ..prune.stats import count_flops
 
 
 def _sync(device: torch.device) -> None:
@@ -37,7 +37,7 @@ def check_image_size(model: nn.Module, family: Family, image_size: int, label: s
             family.image_forward(model, x)
     except (RuntimeError, AssertionError, ValueError, IndexError) as e:
         native = family.data_config(model)["image_size"]
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DgmrError(f"{label} cannot take {image_size} px images (it was built for {native} px): {first}") from e
 
 
@@ -69,7 +69,7 @@ def measure_speed(
     for name, m in models.items():
         m.to(device=device, dtype=dtype).eval()
         check_image_size(m, fams[name], size, label=name)
-        rows[name] = {"params": count_params(m, fams[name]), "flops": count_flops(m, fams[name], size),
+        rows[name] = {"params": fams[name].vision_params(m), "flops": count_flops(m, fams[name], size),
                       "native_image_size": sizes[name]}
     x = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
     times: dict[str, list[float]] = {name: [] for name in models}

@@ -8,21 +8,24 @@ on CPU), every rank extracts its share, and only rank 0 returns a result (others
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..artifact import read_config
+from .. import dist as D
+from ..dtypes import parse_dtype
 from ..errors import DgmrError
-from ..families import Family, family_of
-from ..sources import Source, is_dgmr_dir
-from ..stats import count_flops, count_params
+from ..models.artifact import read_config
+from ..models.families import Family, family_of
+from ..models.open import open_model
+from ..models.sources import Source, is_dgmr_dir
+from ..prune.stats import count_flops
 from .datasets import (CROP_PCT, ImageFolderSplit, ImageListDataset, describe_transform, eval_transform,
                        read_captions, read_lines)
 from .features import FeatureCache, default_cache_dir, extract_features, pooled_features, weights_hash
@@ -32,61 +35,6 @@ from .retrieval import retrieval_recall
 from .speed import check_image_size, measure_speed
 from .zeroshot import (ClipTowers, clip_towers, encode_texts, imagenet_classnames, imagenet_templates,
                        text_classifier, zeroshot_classify)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise DgmrError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-@contextlib.contextmanager
-def distributed_from_env() -> Iterator[tuple[int, int, torch.device | None]]:
-    """Start a process group when launched by torchrun (WORLD_SIZE > 1) and none exists;
-    yields (rank, world size, the rank's device or None)."""
-    import torch.distributed as dist
-
-    started = False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = None
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            dev = torch.device("cuda", local)
-            dist.init_process_group("nccl", device_id=dev)
-        else:
-            dist.init_process_group("gloo")
-        started = True
-    try:
-        if dist.is_available() and dist.is_initialized():
-            if dev is None and dist.get_backend() == "nccl":
-                dev = torch.device("cuda", torch.cuda.current_device())
-            yield dist.get_rank(), dist.get_world_size(), dev
-        else:
-            yield 0, 1, None
-    finally:
-        if started:
-            dist.destroy_process_group()
-
-
-def resolve_device(device: str | torch.device | None, dist_device: torch.device | None = None) -> torch.device:
-    if dist_device is not None:
-        return dist_device
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise DgmrError(f"unknown device {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DgmrError("--device cuda asked for, but no GPU is available")
-    return dev
-
 
 def model_role(model: str | os.PathLike | nn.Module) -> str:
     """original (a spec, or a dgmr dir without a prune record), pruned, or distilled
@@ -105,8 +53,6 @@ def open_eval_model(model: str | os.PathLike | nn.Module, *, random_init: bool =
                     model_kwargs: dict[str, Any] | None = None, label: str | None = None
                     ) -> tuple[nn.Module, Source | None, dict[str, Any]]:
     """(model in eval mode, its source, {"model": label, "role", "family"})."""
-    from ..pipeline import open_model
-
     if isinstance(model, nn.Module):
         net, src = model.eval(), None
         name = label or type(model).__name__
@@ -121,9 +67,7 @@ def _same_weights_on_all_ranks(net: nn.Module) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from .features import _collective_device
-
-        dev = _collective_device()
+        dev = D.collective_device()
         with torch.no_grad():
             for t in list(net.parameters()) + list(net.buffers()):
                 buf = t.detach().to(dev).contiguous()
@@ -132,7 +76,7 @@ def _same_weights_on_all_ranks(net: nn.Module) -> None:
 
 
 def _model_numbers(net: nn.Module, family: Family, image_size: int) -> dict[str, Any]:
-    return {"params": count_params(net, family), "flops": count_flops(net, family, image_size), "image_size": image_size}
+    return {"params": family.vision_params(net), "flops": count_flops(net, family, image_size), "image_size": image_size}
 
 
 def _cache(cache_dir: str | os.PathLike | None | bool) -> FeatureCache:
@@ -171,8 +115,8 @@ def _feature_key(net: nn.Module, family: Family, dc: dict[str, Any], kind: str, 
 def _classification_features(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, image_size, batch_size,
                              num_workers, device, dtype, cache_dir, random_init, model_kwargs, label, progress,
                              crop_pct) -> tuple[dict[str, Any], Any, int] | None:
-    with distributed_from_env() as (rank, world, ddev):
-        dev, dt = resolve_device(device, ddev), parse_dtype(dtype)
+    with D.session(device) as dinfo:
+        dev, dt, rank, world = dinfo.device, parse_dtype(dtype), dinfo.rank, dinfo.world
         net, _, family, info, dc = _prepare(model, image_size=image_size, device=dev, dtype=dt, random_init=random_init,
                                             model_kwargs=model_kwargs, label=label, crop_pct=crop_pct)
         tf = eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct)
@@ -272,6 +216,46 @@ def _templates(templates: str | os.PathLike | Sequence[str] | None) -> list[str]
     return [str(t) for t in templates]
 
 
+@dataclass
+class _ClipImages:
+    """CLIP image embeddings of an eval split, with what the result reports about them."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    towers: ClipTowers
+    info: dict[str, Any]
+    cache: FeatureCache
+    dinfo: D.DistInfo
+    dtype: torch.dtype
+    t0: float
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.dinfo.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def result(self, res: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        self.info.update({**fields, "world_size": self.dinfo.world, "device": str(self.dinfo.device),
+                          "seconds": round(time.perf_counter() - self.t0, 3),
+                          "cache": {"hits": self.cache.hits, "misses": self.cache.misses}})
+        return {**self.info, **res}
+
+
+def _clip_images(model: Any, text_model: Any, dataset: Callable[[Any], Dataset], dinfo: D.DistInfo, dt: torch.dtype, *,
+                 image_size, batch_size, num_workers, cache_dir, random_init, model_kwargs, label, progress,
+                 crop_pct) -> _ClipImages:
+    """Open the CLIP model (text tower from ``text_model`` if given) and embed every image of
+    ``dataset(eval transform)`` (through the feature cache): zero-shot's and retrieval's first half."""
+    net, family, info, dc, towers = _clip_setup(model, text_model, image_size=image_size, device=dinfo.device,
+                                                dtype=dt, random_init=random_init, model_kwargs=model_kwargs,
+                                                label=label, crop_pct=crop_pct)
+    ds = dataset(eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct))
+    cache = _cache(cache_dir)
+    t0 = time.perf_counter()
+    feats, labels = _split_features(towers.encode_image, ds, _feature_key(net, family, dc, "clip_image", dt), cache,
+                                    batch_size=batch_size, num_workers=num_workers, device=dinfo.device, dtype=dt,
+                                    progress=progress, desc="image embeddings")
+    return _ClipImages(feats, labels, towers, info, cache, dinfo, dt, t0)
+
+
 def eval_zeroshot(model: Any, data: str | os.PathLike, *, classnames: Any = None, templates: Any = None,
                   text_model: Any = None, image_size: int | None = None, batch_size: int = 64,
                   text_batch_size: int = 256, num_workers: int = 0, device: str | None = None,
@@ -285,27 +269,23 @@ def eval_zeroshot(model: Any, data: str | os.PathLike, *, classnames: Any = None
     tpl = _templates(templates)
     if isinstance(classnames, (str, os.PathLike)) and classnames != "imagenet":
         read_lines(classnames, "class names")  # fail before opening the model
-    with distributed_from_env() as (rank, world, ddev):
-        dev, dt = resolve_device(device, ddev), parse_dtype(dtype)
-        net, family, info, dc, towers = _clip_setup(model, text_model, image_size=image_size, device=dev, dtype=dt,
-                                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
-                                                    crop_pct=crop_pct)
-        ds = ImageFolderSplit(data, eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct))
-        names = _classnames(classnames, ds.classes, data)
-        cache = _cache(cache_dir)
-        t0 = time.perf_counter()
-        feats, labels = _split_features(towers.encode_image, ds, _feature_key(net, family, dc, "clip_image", dt), cache,
-                                        batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt,
-                                        progress=progress, desc="image embeddings")
-        if rank != 0:
+    names: list[str] = []
+
+    def dataset(transform: Any) -> Dataset:
+        ds = ImageFolderSplit(data, transform)
+        names.extend(_classnames(classnames, ds.classes, data))  # before the images are embedded
+        return ds
+
+    with D.session(device) as dinfo:
+        emb = _clip_images(model, text_model, dataset, dinfo, parse_dtype(dtype), image_size=image_size,
+                           batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
+                           random_init=random_init, model_kwargs=model_kwargs, label=label, progress=progress,
+                           crop_pct=crop_pct)
+        if dinfo.rank != 0:
             return None
-        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
-            clf = text_classifier(towers.encode_text, names, tpl, text_batch_size)
-        res = zeroshot_classify(feats, labels, clf)
-        info.update({"data": str(data), "templates": len(tpl), "world_size": world, "device": str(dev),
-                     "seconds": round(time.perf_counter() - t0, 3),
-                     "cache": {"hits": cache.hits, "misses": cache.misses}})
-        return {**info, **res}
+        with emb.autocast():
+            clf = text_classifier(emb.towers.encode_text, names, tpl, text_batch_size)
+        return emb.result(zeroshot_classify(emb.feats, emb.labels, clf), data=str(data), templates=len(tpl))
 
 
 def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.PathLike, *, text_model: Any = None,
@@ -317,28 +297,20 @@ def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.Pat
     """``dgmr eval retrieval``: image->text and text->image recall@K over a captions file
     (see :func:`~dgmr.evaluate.datasets.read_captions`) and its images."""
     caps = read_captions(captions, images)
-    with distributed_from_env() as (rank, world, ddev):
-        dev, dt = resolve_device(device, ddev), parse_dtype(dtype)
-        net, family, info, dc, towers = _clip_setup(model, text_model, image_size=image_size, device=dev, dtype=dt,
-                                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
-                                                    crop_pct=crop_pct)
-        ds = ImageListDataset(caps.images, eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct))
-        cache = _cache(cache_dir)
-        t0 = time.perf_counter()
-        feats, _ = _split_features(towers.encode_image, ds, _feature_key(net, family, dc, "clip_image", dt), cache,
-                                   batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt,
-                                   progress=progress, desc="image embeddings")
-        if rank != 0:
+    with D.session(device) as dinfo:
+        emb = _clip_images(model, text_model, lambda transform: ImageListDataset(caps.images, transform), dinfo,
+                           parse_dtype(dtype), image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+                           cache_dir=cache_dir, random_init=random_init, model_kwargs=model_kwargs, label=label,
+                           progress=progress, crop_pct=crop_pct)
+        if dinfo.rank != 0:
             return None
-        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
-            txt = encode_texts(towers.encode_text, caps.captions, text_batch_size)
-        img = torch.nn.functional.normalize(feats.float(), dim=-1)
+        with emb.autocast():
+            txt = encode_texts(emb.towers.encode_text, caps.captions, text_batch_size)
+        img = torch.nn.functional.normalize(emb.feats.float(), dim=-1)
         if img.shape[1] != txt.shape[1]:
             raise DgmrError(f"image embeddings have {img.shape[1]} dims, text embeddings {txt.shape[1]}")
-        res = retrieval_recall(img @ txt.T, caps.caption_image, ks)
-        info.update({"captions": str(captions), "images": str(images), "world_size": world, "device": str(dev),
-                     "seconds": round(time.perf_counter() - t0, 3), "cache": {"hits": cache.hits, "misses": cache.misses}})
-        return {**info, **res}
+        return emb.result(retrieval_recall(img @ txt.T, caps.caption_image, ks), captions=str(captions),
+                          images=str(images))
 
 
 def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, batch_size: int = 32,
@@ -360,7 +332,7 @@ def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, ba
             name = f"{name} #{i}"
             info["model"] = name
         nets[name], infos[name] = net, info
-    res = measure_speed(nets, batch_size=batch_size, image_size=image_size, device=resolve_device(device),
+    res = measure_speed(nets, batch_size=batch_size, image_size=image_size, device=D.pick_device(device),
                         dtype=parse_dtype(dtype), warmup=warmup, repeats=repeats)
     for name, row in res["models"].items():
         row.update({k: v for k, v in infos[name].items() if k != "model"})
@@ -369,7 +341,7 @@ def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, ba
 
 def save_result(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Write a result dict as JSON, atomically (temp file + rename)."""
-    from ..artifact import write_json
+    from ..models.artifact import write_json
 
     p = Path(path)
     if p.is_dir():

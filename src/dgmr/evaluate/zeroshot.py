@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DgmrError
-from ..families import family_of
-from ..sources import Source
+from ..errors import DgmrError, first_line
+from ..models.families import family_of
+from ..models.sources import Source
 
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
 
 
 def _package_lines(name: str) -> list[str]:
-    text = (resources.files("dgmr") / "data" / name).read_text(encoding="utf-8")
+    text = (resources.files("dgmr.evaluate") / "assets" / name).read_text(encoding="utf-8")
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
@@ -66,14 +66,14 @@ def _open_clip_tokenizer(model: nn.Module, src: Source | None) -> Callable[[Sequ
     name = src.name if src is not None else ""
     if src is not None and src.model_cfg is not None and open_clip.get_model_config(name) is None \
             and not name.startswith(("hf-hub:", "local-dir:")):
-        from ..sources import _register_open_clip_cfg
+        from ..models.sources import _register_open_clip_cfg
 
         _register_open_clip_cfg(name, src.model_cfg)
     try:
         # an unknown architecture name falls back to open_clip's default SimpleTokenizer
         return open_clip.get_tokenizer(name, context_length=ctx)
     except Exception as e:  # HF tokenizers need their files: a download or a local cache
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DgmrError(f"could not load the open_clip tokenizer for {name or 'this model'}: {first} "
                         "(no network? the tokenizer files must be cached locally)") from e
 
@@ -90,7 +90,7 @@ def _hf_tokenizer(model: nn.Module, candidates: Sequence[str | Path]) -> Callabl
         try:
             cand = transformers.AutoTokenizer.from_pretrained(str(c), local_files_only=True)
         except Exception as e:  # not there: try the next place
-            errors.append(f"{c}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            errors.append(f"{c}: {first_line(e)}")
             continue
         if len(cand) <= 2 or (vocab and len(cand) > vocab):
             continue  # an empty placeholder, or ids the text tower cannot embed

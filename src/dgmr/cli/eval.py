@@ -4,27 +4,13 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from .commands import add_model_args
-from .errors import DgmrError
+from ..dtypes import DTYPES
+from ..errors import DgmrError
+from .args import add_model_args, model_kwargs_arg, number_list
 
 
-def _number_list(cast: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
-    """An argparse type for comma-separated numbers of one kind."""
-
-    def parse(text: str) -> list[Any]:
-        try:
-            vals = [cast(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
-        if not vals:
-            raise argparse.ArgumentTypeError("empty list")
-        return vals
-
-    return parse
-
-
-_int_list = _number_list(int, "integers")
-_float_list = _number_list(float, "numbers")
+_int_list = number_list(int, "integers")
+_float_list = number_list(float, "numbers")
 
 
 def _common(p: argparse.ArgumentParser, *, model: bool = True, features: bool = True) -> None:
@@ -33,7 +19,7 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, features: bool = 
     p.add_argument("--random-init", action="store_true", help="build the architecture with random weights (no download)")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's own)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun: the rank's GPU)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="compute dtype (autocast for features; weights for speed)")
     if features:
         p.add_argument("--batch-size", type=int, default=64, help="images per forward (per process)")
@@ -58,21 +44,21 @@ def _feature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _finish(args: argparse.Namespace, result: dict[str, Any] | None) -> dict[str, Any] | None:
     if result is not None and args.save:
-        from .evaluate.tasks import save_result
+        from ..evaluate.tasks import save_result
 
         save_result(result, args.save)
     return result
 
 
 def _knn(args: argparse.Namespace) -> dict[str, Any] | None:
-    from .evaluate.tasks import eval_knn
+    from ..evaluate.tasks import eval_knn
 
     return _finish(args, eval_knn(args.model, args.train, args.val, ks=args.k, temperature=args.temperature,
                                   **_feature_kwargs(args)))
 
 
 def _linear(args: argparse.Namespace) -> dict[str, Any] | None:
-    from .evaluate.tasks import eval_linear
+    from ..evaluate.tasks import eval_linear
 
     return _finish(args, eval_linear(args.model, args.train, args.val, weight_decays=args.weight_decays,
                                      val_fraction=args.held_out, max_iter=args.max_iter, seed=args.seed,
@@ -80,21 +66,21 @@ def _linear(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
-    from .evaluate.tasks import eval_zeroshot
+    from ..evaluate.tasks import eval_zeroshot
 
     return _finish(args, eval_zeroshot(args.model, args.data, classnames=args.classnames, templates=args.templates,
                                        text_model=args.text_model, **_feature_kwargs(args)))
 
 
 def _retrieval(args: argparse.Namespace) -> dict[str, Any] | None:
-    from .evaluate.tasks import eval_retrieval
+    from ..evaluate.tasks import eval_retrieval
 
     return _finish(args, eval_retrieval(args.model, args.captions, args.images, text_model=args.text_model,
                                         ks=args.k, **_feature_kwargs(args)))
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
-    from .evaluate.tasks import eval_speed
+    from ..evaluate.tasks import eval_speed
 
     if args.batch_size < 1 or args.repeats < 1:
         raise DgmrError("--batch-size and --repeats must be >= 1")
@@ -105,7 +91,7 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    from .evaluate.report import render_report
+    from ..evaluate.report import render_report
 
     return render_report(args.inputs, args.out, baseline=args.baseline, overwrite=args.overwrite, title=args.title)
 
@@ -117,8 +103,8 @@ def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str, 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .evaluate.knn import DEFAULT_KS
-    from .evaluate.linear import DEFAULT_WEIGHT_DECAYS
+    from ..evaluate.knn import DEFAULT_KS
+    from ..evaluate.linear import DEFAULT_WEIGHT_DECAYS
 
     ev = sub.add_parser("eval", help="evaluate a model: knn, linear, zeroshot, retrieval, speed",
                         description="Standard evaluation protocols on frozen features; accuracies are fractions in "
@@ -171,8 +157,6 @@ def register(sub: argparse._SubParsersAction) -> None:
              "Measure vision-tower params, FLOPs, throughput (warm-up, then median over repeats, models alternating) "
              "and peak memory. With two models (original first), also speedup and flops_ratio.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="model specs or dgmr directories (original first)")
-    from .commands import model_kwargs_arg
-
     p.add_argument("--model-kwargs", type=model_kwargs_arg, default=None, metavar="JSON",
                    help="extra architecture arguments for the specs")
     _common(p, model=False, features=False)

@@ -1,44 +1,20 @@
-"""The ``prune`` and ``stats`` sub-commands."""
+"""The ``prune`` and ``stats`` sub-commands (see :func:`dgmr.prune_to_dir`, :mod:`dgmr.prune.stream`)."""
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from .errors import DgmrError
-
-
-def model_kwargs_arg(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def add_width_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--mlp-ratio", type=float, help="keep round(R * embed_dim) hidden neurons per MLP (the paper's r)")
-    g.add_argument("--hidden", type=int, help="keep N hidden neurons per MLP")
-    g.add_argument("--keep-fraction", type=float, help="keep this fraction of each MLP's hidden neurons")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="timm:NAME, open_clip:ARCH[:TAG], hf:REPO_OR_DIR, or a dgmr directory")
-    p.add_argument("--model-kwargs", type=model_kwargs_arg, default=None, metavar="JSON",
-                   help="extra architecture arguments (timm create_model kwargs, open_clip create_model kwargs, "
-                        "HF config overrides), e.g. '{\"img_size\": 64}'")
+from ..errors import DgmrError
+from .args import add_model_args, add_width_args
 
 
 def _prune(args: argparse.Namespace) -> dict[str, Any]:
-    from .pipeline import prune_to_dir
+    from ..prune.to_dir import prune_to_dir
 
     if args.mlp_ratio is None and args.hidden is None and args.keep_fraction is None:
         raise DgmrError("say how wide to keep the MLPs: --mlp-ratio R, --hidden N or --keep-fraction F")
     if args.weights is not None:
-        from .stream import stream_prune
+        from ..prune.stream import stream_prune
 
         if args.random_init:
             raise DgmrError("--random-init and --weights exclude each other (the weights come from --weights)")
@@ -56,27 +32,15 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _stats(args: argparse.Namespace) -> dict[str, Any]:
-    from .stats import stats
+    from ..prune.stats import stats
 
     return stats(args.model, mlp_ratio=args.mlp_ratio, hidden=args.hidden, keep_fraction=args.keep_fraction,
                  image_size=args.image_size, model_kwargs=args.model_kwargs)
 
 
-def _demo(args: argparse.Namespace) -> dict[str, Any] | None:
-    from .demo import print_table, run_demo
-
-    results = run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.json)
-    if args.json:
-        return results
-    print_table(results)
-    print(f"\nwrote {args.out}/report.md, results.json, recovery.png, accuracy_vs_flops.png "
-          f"in {results['wall_seconds']:.0f} s")
-    return None
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from .criteria import CRITERIA
-    from .pipeline import DTYPES
+    from ..dtypes import DTYPES
+    from ..prune.criteria import CRITERIA
 
     p = sub.add_parser("prune", help="prune every MLP of a vision tower (weights-only, no data)",
                        description="Keep the most diverse hidden neurons of every MLP (greedy Gram-Schmidt on "
@@ -108,14 +72,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_stats)
-
-    p = sub.add_parser("demo", help="the whole method end to end on bundled handwritten digits (offline, CPU, minutes)",
-                       description="Train a small ViT on scikit-learn's digits, prune it with diversity/l2/random at "
-                                   "r=1 and r=0.5, distill each student on the unlabeled images, evaluate everything "
-                                   "and write report.md, results.json and plots.")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo); a trained teacher "
-                                                        "there is reused")
-    p.add_argument("--seed", type=int, default=0, help="base seed (students use seed, seed+1, seed+2)")
-    p.add_argument("--quick", action="store_true", help="one seed and short runs (under a minute)")
-    p.add_argument("--json", action="store_true", help="print results.json instead of the table")
-    p.set_defaults(func=_demo)

@@ -13,23 +13,27 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from . import __version__
-from .errors import DgmrError
+from .. import __version__
+from ..dtypes import dtype_name, parse_dtype
+from ..errors import DgmrError, first_line
 from .families import Family, apply_widths, family_of, get_family
-from .prune import PruneRecord
 from .sources import Source, build_model, is_dgmr_dir
+
+if TYPE_CHECKING:
+    from ..prune import PruneRecord
 
 WEIGHTS = "model.safetensors"
 INDICES = "kept_indices.safetensors"
 CONFIG = "config.json"
-SHARD_INDEX = "model.safetensors.index.json"  # sharded weights (dgmr.stream writes them)
+SHARD_INDEX = "model.safetensors.index.json"  # sharded weights (dgmr.prune.stream writes them)
+NATIVE_OFF = {"skipped": "native export turned off"}
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -70,8 +74,32 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def vision_params(model: nn.Module, family: Family | None = None) -> int:
-    family = family or family_of(model)
-    return sum(p.numel() for p in family.vision_root(model)[1].parameters())
+    return (family or family_of(model)).vision_params(model)
+
+
+def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[str, int], vision_params: int,
+                 source: Source | None, record: "PruneRecord | None", native_export: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a dgmr directory: the one layout :func:`save` and the streaming
+    prune both write and :func:`load` reads."""
+    return {
+        "format": "dgmr",
+        "dgmr_version": __version__,
+        "spec": source.spec if source else None,
+        "source": source.to_dict() if source else None,
+        "family": family.name,
+        "class": model_class,
+        "dtype": dtype,
+        "widths": dict(widths),
+        "vision_params": vision_params,
+        "prune": record.to_json() if record is not None else None,
+        "native_export": native_export,
+        **(extra or {}),
+    }
+
+
+def write_kept_indices(path: Path, record: "PruneRecord") -> None:
+    save_file({layer["name"]: layer["kept"].contiguous() for layer in record.layers}, str(path / INDICES))
 
 
 def save(
@@ -91,22 +119,11 @@ def save(
     with atomic_dir(out, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "dgmr_version": __version__})
         if record is not None:
-            save_file({layer["name"]: layer["kept"].contiguous() for layer in record.layers}, str(tmp / INDICES))
-        notes = family.export_native(model, tmp, source) if native else {"skipped": "native export turned off"}
-        config: dict[str, Any] = {
-            "format": "dgmr",
-            "dgmr_version": __version__,
-            "spec": source.spec if source else None,
-            "source": source.to_dict() if source else None,
-            "family": family.name,
-            "class": type(model).__name__,
-            "dtype": str(dtype).removeprefix("torch."),
-            "widths": {s.name: s.hidden for s in sites},
-            "vision_params": vision_params(model, family),
-            "prune": record.to_json() if record is not None else None,
-            "native_export": notes,
-            **(extra or {}),
-        }
+            write_kept_indices(tmp, record)
+        notes = family.export_native(model, tmp, source) if native else NATIVE_OFF
+        config = build_config(family=family, model_class=type(model).__name__, dtype=dtype_name(dtype),
+                              widths={s.name: s.hidden for s in sites}, vision_params=family.vision_params(model),
+                              source=source, record=record, native_export=notes, extra=extra)
         write_json(tmp / CONFIG, config)
     return config
 
@@ -142,7 +159,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     apply_widths(model, {k: int(v) for k, v in cfg["widths"].items()}, family)
     if src is not None:
         family.update_config(model, None)
-    model.to(dtype=getattr(torch, cfg.get("dtype", "float32")))
+    model.to(dtype=parse_dtype(cfg.get("dtype", "float32"), what=f"{path / CONFIG}: dtype", any_float=True))
     weights = weights_file(path, cfg)
     scope = cfg.get("weights_scope")  # a checkpoint of the vision tower alone: return that tower
     if scope:
@@ -152,7 +169,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     except (SafetensorError, OSError) as e:
         raise DgmrError(f"corrupt or unreadable checkpoint {weights}: {e}") from e
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise DgmrError(f"checkpoint {weights} does not match the recorded architecture: {first}") from e
     return model.to(device).eval()
 

@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import DgmrError
+from ..errors import DgmrError
+from ..registry import Registry
 
 
 @dataclass
@@ -46,6 +47,11 @@ class MlpSite:
         return self.up.in_features
 
     @property
+    def parts(self) -> list[nn.Module]:
+        """Every module :func:`shrink_mlp` cuts: up, gate, hidden-dim norms, down."""
+        return [m for m in (self.up, self.gate, *self.norms, self.down) if m is not None]
+
+    @property
     def gated(self) -> bool:
         return self.gate is not None or self.packed is not None
 
@@ -63,17 +69,14 @@ class MlpSite:
 # ---------------------------------------------------------------------------------------
 # kinds registry
 MlpKind = Callable[[str, nn.Module], "MlpSite | None"]
-MLP_KINDS: dict[str, MlpKind] = {}
+MLP_KINDS: Registry[MlpKind] = Registry("MLP kind")
 
 
-def register_mlp_kind(name: str) -> Callable[[MlpKind], MlpKind]:
-    """Register ``fn(path, module) -> MlpSite | None``; kinds are tried in registration order."""
-
-    def deco(fn: MlpKind) -> MlpKind:
-        MLP_KINDS[name] = fn
-        return fn
-
-    return deco
+def register_mlp_kind(name: str, *, replace: bool = False, builtin: bool = False) -> Callable[[MlpKind], MlpKind]:
+    """Register ``fn(path, module) -> MlpSite | None``. Kinds a user registers are tried
+    before the built-ins (so a precise kind wins over the permissive ``fc1_fc2``); an
+    existing name is refused unless ``replace=True``."""
+    return MLP_KINDS.decorator(name, replace=replace, builtin=builtin)
 
 
 def _linear(module: nn.Module, attr: str) -> nn.Linear | None:
@@ -94,7 +97,7 @@ def _hidden_norms(module: nn.Module, attrs: tuple[str, ...], hidden: int, path: 
     return norms
 
 
-@register_mlp_kind("timm_glu_packed")
+@register_mlp_kind("timm_glu_packed", builtin=True)
 def _timm_glu(path: str, m: nn.Module) -> MlpSite | None:
     """timm GluMlp / SwiGLUPacked: fc1 = [x1; x2] chunked on the last dim, gate_last picks the gate half."""
     up, down = _linear(m, "fc1"), _linear(m, "fc2")
@@ -106,7 +109,7 @@ def _timm_glu(path: str, m: nn.Module) -> MlpSite | None:
                    norms=_hidden_norms(m, ("norm",), down.in_features, path))
 
 
-@register_mlp_kind("swiglu_split")
+@register_mlp_kind("swiglu_split", builtin=True)
 def _swiglu_split(path: str, m: nn.Module) -> MlpSite | None:
     """timm SwiGLU (EVA02): fc1_g (gate), fc1_x (up), optional hidden norm, fc2."""
     gate, up, down = _linear(m, "fc1_g"), _linear(m, "fc1_x"), _linear(m, "fc2")
@@ -115,7 +118,7 @@ def _swiglu_split(path: str, m: nn.Module) -> MlpSite | None:
     return MlpSite(path, m, "swiglu_split", up, down, gate=gate, norms=_hidden_norms(m, ("norm",), down.in_features, path))
 
 
-@register_mlp_kind("gate_up_down")
+@register_mlp_kind("gate_up_down", builtin=True)
 def _gate_up_down(path: str, m: nn.Module) -> MlpSite | None:
     """Hugging Face gated MLPs (Dinov2SwiGLUFFN and LLaMA-style): gate_proj, up_proj, down_proj."""
     gate, up, down = _linear(m, "gate_proj"), _linear(m, "up_proj"), _linear(m, "down_proj")
@@ -124,7 +127,7 @@ def _gate_up_down(path: str, m: nn.Module) -> MlpSite | None:
     return MlpSite(path, m, "gate_up_down", up, down, gate=gate)
 
 
-@register_mlp_kind("fc1_fc2")
+@register_mlp_kind("fc1_fc2", builtin=True)
 def _fc1_fc2(path: str, m: nn.Module) -> MlpSite | None:
     """timm Mlp (ViT, DeiT, DINOv2, Swin, EVA) and HF ViT/CLIP/SigLIP/Dinov2 MLPs: fc1, act, [norm], fc2."""
     up, down = _linear(m, "fc1"), _linear(m, "fc2")
@@ -133,7 +136,7 @@ def _fc1_fc2(path: str, m: nn.Module) -> MlpSite | None:
     return MlpSite(path, m, "fc1_fc2", up, down, norms=_hidden_norms(m, ("norm",), down.in_features, path))
 
 
-@register_mlp_kind("open_clip")
+@register_mlp_kind("open_clip", builtin=True)
 def _open_clip(path: str, m: nn.Module) -> MlpSite | None:
     """open_clip ResidualAttentionBlock.mlp: Sequential(c_fc, gelu, [ln], c_proj)."""
     up, down = _linear(m, "c_fc"), _linear(m, "c_proj")
@@ -167,8 +170,9 @@ def _walk(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
 def find_mlps(root: nn.Module, exclude: re.Pattern | None = None, prefix: str = "") -> list[MlpSite]:
     """All MLPs under ``root`` (names relative to the model when ``prefix`` is its path).
 
-    Registered kinds are tried first; the generic Linear->act->Linear fallback only runs
-    when no registered kind matched anything. Modules whose path matches ``exclude``
+    Registered kinds are tried first (user kinds before built-ins); the generic
+    Linear->act->Linear fallback, which is not a registry entry, only runs when no
+    registered kind matched anything. Modules whose path matches ``exclude``
     (pooling heads, say) are skipped with everything below them.
     """
 

@@ -1,48 +1,19 @@
-"""Neuron-selection criteria: small pure functions over weight tensors.
+"""The greedy Gram-Schmidt kernel: the pivot order of QR with column pivoting, fast and exact.
 
-Each criterion takes the scoring matrix ``w`` (one row per hidden neuron, float64 or
-float32, on the CPU or GPU) and the number ``k`` of neurons to keep, and returns the kept
-row indices. Criteria are registered by name with :func:`register_criterion`; adding one
-is writing one function. :func:`select_neurons` is the public entry point: it builds the
-scoring matrix (gate and up rows concatenated for gated MLPs), fixes the compute dtype and
-returns the indices sorted ascending.
+One round of DGMR's selection (docs/method.md, "The algorithm") picks rows of the scoring
+matrix in greedy Gram-Schmidt order. This module computes that order; the criteria in
+:mod:`dgmr.prune.criteria` call it. It is the one place in dgmr allowed a long function
+(:func:`_lazy_pivot_order`): the blocked lazy loop reads best in one piece.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 import scipy.linalg
 import torch
-
-from .errors import DgmrError
-
-
-class Criterion(Protocol):
-    def __call__(self, w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor: ...
-
-
-CRITERIA: dict[str, Criterion] = {}
-
-
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Register ``fn(w, k, *, seed) -> LongTensor`` under ``name``."""
-
-    def deco(fn: Criterion) -> Criterion:
-        CRITERIA[name] = fn
-        return fn
-
-    return deco
-
-
-def get_criterion(name: str) -> Criterion:
-    try:
-        return CRITERIA[name]
-    except KeyError:
-        raise DgmrError(f"unknown criterion {name!r}; choose one of: {', '.join(sorted(CRITERIA))}") from None
-
 
 _POOL = 512  # candidate rows with exact residuals
 _CACHE = 2048  # residuals of rows that left the pool, kept for their return
@@ -50,6 +21,16 @@ _BLOCK = 128  # pool residuals are brought up to date every this many picks at m
 _SPLIT = 0.6  # a round continues in the complement of its first picks after this fraction of d
 _SPLIT_MIN = 512  # ... when d is at least this
 _CHUNK = 448  # float32 accumulation length of the bound refresh (as fast as one GEMM, 4x tighter at d=1792)
+
+
+def selection_workspace_bytes(h: int, d: int, itemsize: int = 8) -> int:
+    """Peak bytes :func:`pivot_order` holds, beyond its input, for an h x d matrix of
+    ``itemsize``-byte floats: the float32 copy of the matrix, the rows projected onto the
+    complement (second leg), the pivot directions in both precisions, the pool and its
+    block coefficients, the residual cache and per-row temporaries."""
+    n = min(h, d)
+    return (h * d * (4 + itemsize) + n * d * (itemsize + 4) + (2 * _POOL + _CACHE) * d * itemsize
+            + _POOL * _BLOCK * itemsize + h * 64 * itemsize)
 
 
 def pivot_order(w: torch.Tensor, n: int, *, pool: int = _POOL) -> torch.Tensor:
@@ -339,82 +320,3 @@ def _store_residuals(rows, res, norms, level, s, slot, c_res, c_row, c_lvl):
     c_res[slots] = res[new]
     c_lvl[slots] = level
     slot[rows[new]] = slots
-
-
-@register_criterion("diversity")
-def diversity(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
-    """DGMR: multi-round greedy Gram-Schmidt on the rows of ``w`` (method.md section 2).
-
-    A round starts from the *original* rows not yet kept and picks at most
-    ``min(d, rows left, k - kept)`` of them; rounds repeat until ``k`` rows are kept.
-    """
-    h, d = w.shape
-    remaining = torch.arange(h)
-    picked: list[torch.Tensor] = []
-    kept = 0
-    while kept < k:
-        n = min(d, remaining.numel(), k - kept)
-        order = pivot_order(w[remaining], n)
-        chosen = remaining[order]
-        picked.append(chosen)
-        kept += n
-        mask = torch.ones(remaining.numel(), dtype=torch.bool)
-        mask[order] = False
-        remaining = remaining[mask]
-    return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
-
-
-@register_criterion("l2")
-def l2(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
-    """The ``k`` rows with the largest l2 norm (ties broken by lower index)."""
-    norms = torch.linalg.vector_norm(w, dim=1)
-    return torch.sort(torch.argsort(-norms, stable=True)[:k]).values
-
-
-@register_criterion("random")
-def random(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
-    """``k`` rows drawn uniformly without replacement, reproducible from ``seed``."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(w.shape[0], generator=g)[:k]
-
-
-def scoring_matrix(w1: torch.Tensor, w_gate: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
-    """Row j = what hidden neuron j owns: its fc1 row, or [gate row, up row] for gated MLPs."""
-    if w_gate is not None:
-        if w_gate.shape != w1.shape:
-            raise DgmrError(f"gate weight shape {tuple(w_gate.shape)} differs from up weight shape {tuple(w1.shape)}")
-        w1 = torch.cat([w_gate.to(dtype), w1.to(dtype)], dim=1)
-    return w1.detach().to(dtype)
-
-
-def select_neurons(
-    w1: torch.Tensor,
-    k: int,
-    criterion: str = "diversity",
-    *,
-    w_gate: torch.Tensor | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Indices (ascending LongTensor) of the ``k`` hidden neurons to keep.
-
-    ``w1`` is the first MLP weight, shape (hidden, in). For gated MLPs pass the gate weight
-    as ``w_gate`` (same shape): neuron j is scored on [gate_j, up_j] and kept or dropped as
-    a pair. Selection runs in ``dtype`` (float64 by default) whatever the weights' dtype.
-    """
-    if w1.ndim != 2:
-        raise DgmrError(f"w1 must be a 2-D weight (hidden, in), got shape {tuple(w1.shape)}")
-    if w1.device.type == "meta":
-        raise DgmrError("cannot score weights on the meta device: load real weights first")
-    h = w1.shape[0]
-    if not 0 < k <= h:
-        raise DgmrError(f"cannot keep {k} of {h} hidden neurons: need 0 < k <= {h}")
-    fn = get_criterion(criterion)
-    w = scoring_matrix(w1, w_gate, dtype)
-    if not torch.isfinite(w).all():
-        raise DgmrError("weights contain NaN or inf: refusing to score them")
-    idx = fn(w, k, seed=seed)
-    idx = torch.sort(idx.long().cpu()).values
-    if idx.numel() != k or torch.unique(idx).numel() != k:
-        raise AssertionError(f"criterion {criterion!r} returned {idx.numel()} indices (unique {torch.unique(idx).numel()}), expected {k}")
-    return idx

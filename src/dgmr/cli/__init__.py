@@ -13,11 +13,11 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import DgmrError
+from .. import __version__
+from ..errors import DgmrError
 
 # modules that add sub-commands (each has register(subparsers))
-COMMAND_MODULES = ("dgmr.commands", "dgmr.distill_cli", "dgmr.eval_cli")
+COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.demo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result is not None:
         print_result(result, getattr(args, "json", False))
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -14,9 +14,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -24,7 +24,11 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from .errors import DgmrError
+if TYPE_CHECKING:
+    from .settings import DistillSettings
+
+from .. import dist as D
+from ..errors import DgmrError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -307,3 +311,69 @@ def _shards(urls: list[str], description: str) -> DataSource:
     if n == 0:
         raise DgmrError(f"no images in the shards {description}")
     return DataSource("shards", urls, f"{len(urls)} shards ({description})", n)
+
+
+@dataclass
+class Loader:
+    source: DataSource
+    transform: TrainTransform
+    info: D.DistInfo
+    settings: "DistillSettings"
+    workers: int
+    pin: bool
+    batches_per_epoch: int = field(init=False)  # per rank, micro-batches
+
+    def __post_init__(self) -> None:
+        s, world = self.settings, self.info.world
+        n = self.source.num_samples
+        if n is None:
+            self.batches_per_epoch = 0  # unknown: streaming shards with --steps
+            return
+        per_rank = n // world
+        self.batches_per_epoch = per_rank // s.batch_size
+        if self.batches_per_epoch < s.accum:
+            raise DgmrError(f"{self.source.description}: {n} images are fewer than one global batch "
+                            f"({s.batch_size} x {world} process(es) x {s.accum} accumulation): lower --batch-size")
+
+    def batches(self, start_micro: int, steps_per_epoch: int) -> Iterator[tuple[int, torch.Tensor | None, list[str]]]:
+        """Endless (epoch, images, unreadable names) micro-batches from micro-batch ``start_micro``."""
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        s, info = self.settings, self.info
+        common = dict(batch_size=s.batch_size, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin,
+                      drop_last=True)
+        if self.source.kind == "shards":
+            ds = ShardImages(self.source.items, self.transform, seed=s.seed, rank=info.rank, world=info.world,
+                             batch_size=s.batch_size, skip_batches=start_micro)
+            micro = start_micro
+            for x, bad in DataLoader(ds, **common):
+                yield (micro // (steps_per_epoch * s.accum) if steps_per_epoch else 0), x, bad
+                micro += 1
+            raise DgmrError(f"no readable images in {self.source.description}")
+        ds = ImageDataset(self.source.items, self.transform, seed=s.seed,
+                          name="images" if self.source.kind == "memory" else "files")
+        per_epoch = steps_per_epoch * s.accum  # micro-batches used per epoch
+        epoch, skip = divmod(start_micro, per_epoch)
+        while True:
+            sampler = DistributedSampler(ds, num_replicas=info.world, rank=info.rank, shuffle=True, seed=s.seed,
+                                         drop_last=True)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(ds, sampler=EpochIndexSampler(sampler, epoch, skip * s.batch_size), **common)
+            used, readable = skip, 0
+            for x, bad in loader:
+                if used >= per_epoch:
+                    break
+                readable += 0 if x is None else x.shape[0]
+                yield epoch, x, bad
+                used += 1
+            if readable == 0 and skip == 0:
+                raise DgmrError(f"no readable images in {self.source.description}")
+            epoch, skip = epoch + 1, 0
+
+
+def default_workers(source: DataSource, info: D.DistInfo) -> int:
+    if source.kind == "memory":
+        return 0
+    return max(0, min(8, D.usable_cpus() // info.world - 1))
+
+

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DgmrError
+from ..errors import DgmrError, first_line
 
 LIBRARIES = ("timm", "open_clip", "hf")
 
@@ -173,6 +173,6 @@ def build_model(src: Source, *, pretrained: bool = True, meta: bool = False, emp
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         hint = " (no network? pass --random-init, or a local directory)" if pretrained else ""
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DgmrError(f"could not build {src.spec}: {first}{hint}") from e
     return model.eval()

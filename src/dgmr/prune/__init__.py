@@ -1,4 +1,11 @@
-"""``dgmr.prune``: score every MLP of a vision tower and cut it to the requested width."""
+"""Prune: score every MLP of a vision tower and cut it to the requested width.
+
+``dgmr.prune`` (this package's :func:`prune`, re-exported at the top level) works on a model
+in memory; :mod:`.to_dir` opens and saves (``dgmr prune``), :mod:`.stream` prunes checkpoints
+too big for memory, :mod:`.criteria` scores neurons (with the kernel in :mod:`.pivot`),
+:mod:`.mlp` finds MLPs and cuts them, :mod:`.stats` counts params and FLOPs. The method is
+docs/method.md.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,11 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import DgmrError
+from .mlp import MlpSite, shrink_mlp  # first: the model families build on it
+from ..models.families import Family, family_of
+from ..models.sources import Source
 from .criteria import select_neurons
-from .errors import DgmrError
-from .families import Family, family_of
-from .mlp import MlpSite, shrink_mlp
-from .sources import Source
 
 
 @dataclass
@@ -32,6 +39,20 @@ class PruneRecord:
     @property
     def kept(self) -> dict[str, torch.Tensor]:
         return {layer["name"]: layer["kept"] for layer in self.layers}
+
+    @classmethod
+    def start(cls, criterion: str, seed: int, *, mlp_ratio: float | None = None, hidden: int | None = None,
+              keep_fraction: float | None = None) -> "PruneRecord":
+        """An empty record of a uniform width request (the request keeps only what was given)."""
+        request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction))
+                   if v is not None}
+        return cls(criterion, seed, request)
+
+    def add(self, site: MlpSite, hidden_before: int, keep: torch.Tensor, **extra: Any) -> None:
+        """Record that ``site`` (already cut) kept ``keep`` of its ``hidden_before`` neurons."""
+        self.layers.append({"name": site.name, "kind": site.kind, "in_features": site.in_features,
+                            "hidden_before": hidden_before, "hidden_after": int(keep.numel()), **extra,
+                            "kept": keep})
 
     def to_json(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "seed": self.seed, **self.request,
@@ -103,8 +124,7 @@ def prune(
     family = family or family_of(model)
     sites = family.mlps(model)
     ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
-    request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction)) if v is not None}
-    record = PruneRecord(criterion, seed, request)
+    record = PruneRecord.start(criterion, seed, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction)
     bar = tqdm(list(zip(sites, ks)), desc=f"prune ({criterion})", unit="layer", disable=not progress, leave=False)
     for i, (site, k) in enumerate(bar):
         w1, w_gate = site.scoring_weights()
@@ -112,7 +132,6 @@ def prune(
         with torch.no_grad():
             keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed + i)
             shrink_mlp(site, keep)
-        record.layers.append({"name": site.name, "kind": site.kind, "in_features": site.in_features,
-                              "hidden_before": h, "hidden_after": k, "kept": keep})
+        record.add(site, h, keep)
     record.config_updates = family.update_config(model, source)
     return model, record

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import DgmrError
-from .families import Family, apply_widths, family_of, get_family
-from .prune import resolve_widths
-from .sources import Source, build_model, is_dgmr_dir, parse_spec
+from ..errors import DgmrError
+from ..models.families import Family, apply_widths, family_of, get_family
+from ..models.open import model_source
+from ..models.sources import build_model
+from . import resolve_widths
 
 
 def count_flops(model: nn.Module, family: Family, image_size: int, batch: int = 1) -> int:
@@ -29,17 +30,9 @@ def count_flops(model: nn.Module, family: Family, image_size: int, batch: int = 
     return int(counter.get_total_flops())
 
 
-def count_params(model: nn.Module, family: Family) -> int:
-    return sum(p.numel() for p in family.vision_root(model)[1].parameters())
-
-
-def _mlp_params(family: Family, model: nn.Module) -> int:
-    total = 0
-    for s in family.mlps(model):
-        for m in [s.up, s.down, s.gate, *s.norms]:
-            if m is not None:
-                total += sum(p.numel() for p in m.parameters())
-    return total
+def mlp_params(family: Family, model: nn.Module) -> int:
+    """Parameters of the vision tower's MLPs (weights, biases, hidden-dim norms)."""
+    return sum(p.numel() for s in family.mlps(model) for m in s.parts for p in m.parameters())
 
 
 def stats(
@@ -57,27 +50,19 @@ def stats(
     Returns ``params_before``, ``params_after``, ``param_reduction``, ``flops_before``,
     ``flops_after``, ``flop_reduction`` (reductions are fractions in [0, 1]) and more.
     """
-    widths_from_dir = None
-    if is_dgmr_dir(model):
-        from .artifact import read_config
-
-        cfg = read_config(model)
-        if cfg.get("source") is None:
+    src, cfg = model_source(model, model_kwargs=model_kwargs)
+    family = widths_from_dir = None
+    if cfg is not None:
+        if src is None:
             raise DgmrError(f"{model} records no model source; stats needs one")
-        src = Source.from_dict(cfg["source"])
         family = get_family(cfg["family"])
         widths_from_dir = {k: int(v) for k, v in cfg["widths"].items()}
         if any(v is not None for v in (mlp_ratio, hidden, keep_fraction)):
             raise DgmrError("a dgmr directory already has its widths; drop --mlp-ratio/--hidden/--keep-fraction")
-    else:
-        if os.path.isdir(str(model)):
-            raise DgmrError(f"{model} is not a dgmr model directory (use hf:{model} for a Hugging Face directory)")
-        src = parse_spec(str(model), model_kwargs)
-        family = None
     net = build_model(src, meta=True)
     family = family or family_of(net)
     size = image_size or family.image_size(net)
-    before = {"params": count_params(net, family), "mlp_params": _mlp_params(family, net),
+    before = {"params": family.vision_params(net), "mlp_params": mlp_params(family, net),
               "flops": count_flops(net, family, size)}
     sites = family.mlps(net)
     widths_before = [s.hidden for s in sites]
@@ -86,7 +71,7 @@ def stats(
     elif any(v is not None for v in (mlp_ratio, hidden, keep_fraction)):
         ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction)
         apply_widths(net, {s.name: k for s, k in zip(sites, ks)}, family)
-    after = {"params": count_params(net, family), "mlp_params": _mlp_params(family, net),
+    after = {"params": family.vision_params(net), "mlp_params": mlp_params(family, net),
              "flops": count_flops(net, family, size)}
     widths_after = [s.hidden for s in family.mlps(net)]
     return {

@@ -1,0 +1,121 @@
+"""open_clip models: ``VisionTransformer`` towers (ViT-B/L/H/g/bigG) and ``TimmModel`` towers
+(EVA-CLIP). Only ``model.visual`` is pruned; the text tower is kept as is.
+
+Exported as open_clip's ``local-dir:`` format (``open_clip_config.json``); timm towers take
+no MLP width in open_clip's JSON, so their trunk is exported for timm in ``timm_trunk/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+from ..sources import Source, build_model
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Family, _uniform_ratio, loaded_module, register_family
+from .timm import TimmFamily, _final_block_tokens, _is_eva
+
+
+@register_family(builtin=True)
+class OpenClipFamily(Family):
+    name = "open_clip"
+    library = "open_clip"
+
+    @classmethod
+    def classes(cls):
+        oc = loaded_module("open_clip")
+        if oc is None:
+            return ()
+        return tuple(c for c in (getattr(oc, "CLIP", None), getattr(oc, "CustomTextCLIP", None),
+                                 getattr(oc, "CoCa", None)) if isinstance(c, type))
+
+    def vision_root(self, model):
+        return "visual", model.visual
+
+    def image_forward(self, model, x):
+        return model.encode_image(x)
+
+    def image_size(self, model):
+        s = getattr(model.visual, "image_size", 224)
+        return int(s[0] if isinstance(s, (tuple, list)) else s)
+
+    def data_config(self, model):
+        pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        mean = tuple(pp.get("mean") or getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
+        std = tuple(pp.get("std") or getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD)
+        return {"image_size": self.image_size(model), "mean": mean, "std": std}
+
+    def features(self, model, x):
+        visual = model.visual
+        if self._is_timm_tower(model):
+            trunk = visual.trunk
+            prefix = getattr(trunk, "num_prefix_tokens", 1)
+            if _is_eva(trunk):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
+                tokens = _final_block_tokens(trunk, x)
+                return {"pooled": tokens[:, 0], "tokens": tokens[:, prefix:]}
+            tokens = trunk.forward_features(x)  # one trunk pass: pooled = head(pool(tokens)), as visual(x)
+            return {"pooled": visual.head(trunk.forward_head(tokens)), "tokens": tokens[:, prefix:]}
+        old = getattr(visual, "output_tokens", False)
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(x)
+        finally:
+            visual.output_tokens = old
+        return {"pooled": pooled, "tokens": tokens}
+
+    @staticmethod
+    def _is_timm_tower(model) -> bool:
+        return hasattr(model.visual, "trunk")
+
+    def export_trunk(self, model, out: Path, src: Source, separate_weights: bool) -> dict[str, Any]:
+        """open_clip's timm towers take no MLP width in their JSON: export the trunk for timm,
+        built the way open_clip's TimmModel builds it, in ``out/timm_trunk``. Its weights are
+        a copy of the trunk's (``separate_weights``), or ``out/model.safetensors`` itself:
+        timm's ViT and EVA checkpoint filters strip open_clip's ``visual.trunk.`` prefix."""
+        vc = src.model_cfg["vision_cfg"]
+        pool, proj = vc.get("timm_pool", "avg"), vc.get("timm_proj", "linear")
+        trunk = model.visual.trunk
+        if proj in ("linear", "mlp") or pool in ("abs_attn", "rot_attn"):
+            kwargs = {"num_classes": 0}
+            reset = {"num_classes": 0, "global_pool": "" if pool in ("abs_attn", "rot_attn") else pool} if pool else None
+        else:
+            kwargs, reset = {"num_classes": trunk.num_classes, "global_pool": pool}, None
+        note = TimmFamily().export_timm(trunk, out / "timm_trunk", Source("timm", vc["timm_model_name"], kwargs=kwargs),
+                                         separate_weights=separate_weights, reset=reset,
+                                         weights=None if separate_weights else "model.safetensors")
+        if "skipped" not in note:
+            note["load"] += ("; then m = open_clip.create_model(ARCH) and m.visual.trunk = that trunk; "
+                             "visual.head weights are in DIR/model.safetensors (or use dgmr.load(DIR))")
+        return note
+
+    def export_native(self, model, out, src):
+        if src is None or src.model_cfg is None:
+            return {"skipped": "no open_clip model config recorded"}
+        if self._is_timm_tower(model):
+            return self.export_trunk(model, out, src, separate_weights=True)
+
+        def build(r: float):
+            cfg = json.loads(json.dumps(src.model_cfg))
+            cfg["vision_cfg"]["mlp_ratio"] = r
+            digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+            return build_model(Source("open_clip", f"dgmr-verify-{digest}", model_cfg=cfg), meta=True)
+
+        r = _uniform_ratio(model, build, self)
+        if r is None:
+            return {"skipped": "no single open_clip mlp_ratio rebuilds these shapes (per-layer MLP widths differ); "
+                               "use dgmr.load"}
+        cfg = json.loads(json.dumps(src.model_cfg))
+        cfg["vision_cfg"]["mlp_ratio"] = r
+        preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
+        return {"format": "open_clip local-dir", "files": ["open_clip_config.json", "model.safetensors"],
+                "load": "open_clip.create_model('local-dir:DIR')"}
+
+    def export_streamed(self, meta, out, src, layout, tower_only):
+        if not self._is_timm_tower(meta):
+            return super().export_streamed(meta, out, src, layout, tower_only)
+        if layout != "file":
+            return super().export_streamed(meta, out, src, layout, None)
+        # timm reads the trunk straight from model.safetensors (its filters strip visual.trunk.)
+        return self.export_trunk(meta, out, src, separate_weights=False)

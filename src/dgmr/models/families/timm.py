@@ -1,0 +1,110 @@
+"""timm models: VisionTransformer (ViT, DeiT, DINOv2), Eva (EVA02, EVA-CLIP trunks), Swin, ...
+
+Exported the timm way: ``timm_config.json`` (model name + ``create_model`` kwargs with the
+new ``mlp_ratio``) beside a state dict that ``pretrained_cfg_overlay=dict(file=...)`` loads.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sources import Source
+from .base import Family, _uniform_ratio, loaded_module, register_family
+
+
+def _is_eva(model: nn.Module) -> bool:
+    """timm's EVA / EVA02 towers (also the trunks of open_clip's EVA-CLIP models)."""
+    tm = loaded_module("timm")
+    return tm is not None and isinstance(model, tm.models.Eva)
+
+
+def _final_block_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of the last transformer block (before the final norm) of a timm ViT-like model."""
+    seen: list[torch.Tensor] = []
+    handle = model.blocks[-1].register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        model.forward_features(x)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+@register_family(builtin=True)
+class TimmFamily(Family):
+    name = "timm"
+    library = "timm"
+
+    @classmethod
+    def detect(cls, model):
+        # timm models share no base class: an instance of any class timm defines (a user's
+        # subclass of a timm VisionTransformer included) is a timm model
+        return loaded_module("timm") is not None and any(
+            c.__module__.startswith("timm.") for c in type(model).__mro__ if issubclass(c, nn.Module))
+
+    def image_size(self, model):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size", (3, 224, 224))
+        img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        return int(img[0]) if img else int(size[-1])
+
+    def data_config(self, model):
+        import timm.data
+
+        cfg = timm.data.resolve_data_config({}, model=model)
+        return {"image_size": self.image_size(model), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+    def features(self, model, x):
+        if _is_eva(model):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
+            tokens = _final_block_tokens(model, x)
+            return {"pooled": tokens[:, 0], "tokens": tokens[:, getattr(model, "num_prefix_tokens", 1):]}
+        tokens = model.forward_features(x)
+        if tokens.ndim == 4:  # Swin & co: (B, H, W, C)
+            tokens = tokens.flatten(1, 2)
+            return {"pooled": tokens.mean(1), "tokens": tokens}
+        prefix = getattr(model, "num_prefix_tokens", 0)
+        pooled = model.forward_head(tokens, pre_logits=True)
+        return {"pooled": pooled, "tokens": tokens[:, prefix:]}
+
+    def export_timm(self, model, out: Path, src: Source, separate_weights: bool = False,
+                     reset: dict[str, Any] | None = None, weights: str | None = None) -> dict[str, Any]:
+        """timm's convention: ``timm_config.json`` (name + create_model kwargs incl. mlp_ratio) beside
+        a state dict that ``pretrained_cfg_overlay=dict(file=...)`` loads; ``separate_weights`` writes
+        the state dict of ``model`` (a sub-module, e.g. an open_clip trunk) into ``out`` too;
+        ``weights`` names the file to load instead, relative to the dgmr directory."""
+        import timm
+
+        def build(r: float):
+            with torch.device("meta"):
+                return timm.create_model(src.name, pretrained=False, **{**src.kwargs, "mlp_ratio": r})
+
+        r = _uniform_ratio(model, build, self)
+        if r is None:
+            return {"skipped": "no single timm mlp_ratio rebuilds these shapes (per-layer MLP widths, or a head MLP "
+                               "timm sizes from the same ratio, e.g. attn_pool); use dgmr.load"}
+        out.mkdir(parents=True, exist_ok=True)
+        kwargs = {**src.kwargs, "mlp_ratio": r}
+        files = ["timm_config.json"]
+        if separate_weights:
+            from safetensors.torch import save_file
+
+            sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+            files.append("model.safetensors")
+        (out / "timm_config.json").write_text(json.dumps(
+            {"model_name": src.name, "kwargs": kwargs, **({"reset_classifier": reset} if reset else {})}, indent=2))
+        where = f"DIR/{weights}" if weights else "DIR/timm_trunk/model.safetensors" if separate_weights else "DIR/model.safetensors"
+        load = (f"timm.create_model({src.name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='{where}'), "
+                + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+        if reset:
+            load += ".reset_classifier(" + ", ".join(f"{k}={v!r}" for k, v in reset.items()) + ")"
+        return {"format": "timm pretrained_cfg_overlay", "files": files, "mlp_ratio": r, "load": load,
+                "weights": where.removeprefix("DIR/")}
+
+    def export_native(self, model, out, src):
+        if src is None:
+            return {"skipped": "no timm model name recorded"}
+        return self.export_timm(model, out, src)

@@ -1,0 +1,45 @@
+"""Opening a model: the one place that turns what a user typed (a spec or a dgmr directory)
+into a source, a config and a built model, with one wording for every mistake."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from ..errors import DgmrError
+from .artifact import load, read_config
+from .sources import Source, build_model, is_dgmr_dir, parse_spec
+
+
+def model_source(model: str | os.PathLike, *, model_kwargs: dict[str, Any] | None = None,
+                 role: str = "") -> tuple[Source | None, dict[str, Any] | None]:
+    """(source, dgmr config) of a spec (config None) or a dgmr directory (source None when
+    it records none); any other directory is an error naming ``role`` (e.g. "teacher")."""
+    if is_dgmr_dir(model):
+        cfg = read_config(model)
+        return (Source.from_dict(cfg["source"]) if cfg.get("source") else None), cfg
+    if os.path.isdir(str(model)):
+        who = f"{role} " if role else ""
+        raise DgmrError(f"{who}{model} is not a dgmr model directory (use hf:{model} for a Hugging Face directory)")
+    return parse_spec(str(model), model_kwargs), None
+
+
+def open_model_with_config(model: str | os.PathLike, *, random_init: bool = False,
+                           model_kwargs: dict[str, Any] | None = None, role: str = ""
+                           ) -> tuple[nn.Module, Source | None, dict[str, Any] | None]:
+    """(model, source, dgmr config or None) from a spec or a dgmr directory."""
+    src, cfg = model_source(model, model_kwargs=model_kwargs, role=role)
+    if cfg is None:
+        return build_model(src, pretrained=not random_init), src, None
+    if cfg.get("weights_scope"):
+        raise DgmrError(f"{model} holds only the vision tower ({cfg['weights_scope']!r}): open it in Python with "
+                        f"dgmr.load; the dgmr commands need a whole model (prune a whole-model checkpoint)")
+    return load(model), src, cfg
+
+
+def open_model(model: str | os.PathLike, *, random_init: bool = False,
+               model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Source | None]:
+    """A model and its source from a spec (``timm:...``) or a dgmr directory."""
+    net, src, _ = open_model_with_config(model, random_init=random_init, model_kwargs=model_kwargs)
+    return net, src

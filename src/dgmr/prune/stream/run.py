@@ -1,0 +1,304 @@
+"""The streaming prune itself: plan, then cut MLP by MLP, then write the dgmr directory."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...dtypes import dtype_name, parse_dtype
+from ...errors import DgmrError, first_line
+from ...memory import PeakRss
+from ...models.artifact import (CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, check_output_dir, write_json,
+                                write_kept_indices)
+from ...models.families import Family, apply_widths, family_of
+from ...models.open import model_source
+from ...models.sources import Source, build_model
+from .. import PruneRecord, resolve_widths
+from ..criteria import get_criterion, select_neurons
+from ..mlp import MlpSite, shrink_mlp
+from ..to_dir import prune_summary
+from .checkpoint import Checkpoint, match_names, open_checkpoint
+from .plan import Plan, make_plan, mlp_bytes, parse_size
+from .writers import FileWriter, ShardWriter
+
+def _site_tensors(site: MlpSite, modules: dict[int, str]) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute, state-dict name) of every parameter :func:`shrink_mlp` touches."""
+    out = []
+    for m in site.parts:
+        for pname, _ in m.named_parameters(recurse=False):
+            prefix = modules[id(m)]
+            out.append((m, pname, f"{prefix}.{pname}" if prefix else pname))
+    return out
+
+
+def _cut_one(site: MlpSite, k: int, tensors: list[tuple[nn.Module, str, str]], values: dict[str, torch.Tensor],
+             criterion: str, seed: int, select_device: torch.device | None,
+             select_dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """Load one MLP's weights into its meta module, select, cut; return (kept, cut tensors,
+    selection seconds) and put meta tensors of the new shapes back so no weight stays referenced."""
+    for m, pname, name in tensors:
+        setattr(m, pname, nn.Parameter(values.pop(name), requires_grad=False))
+    w1, w_gate = site.scoring_weights()
+    if select_device is not None:
+        w1 = w1.to(select_device)
+        w_gate = w_gate.to(select_device) if w_gate is not None else None
+    with torch.no_grad():
+        t = time.perf_counter()
+        try:
+            keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed, dtype=select_dtype)
+        except DgmrError as e:
+            raise DgmrError(f"{site.name}: {e}") from None
+        seconds = time.perf_counter() - t
+        del w1, w_gate
+        shrink_mlp(site, keep)
+    out = {}
+    for m, pname, name in tensors:
+        p = getattr(m, pname)
+        out[name] = p.detach()
+        setattr(m, pname, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
+    return keep, out, seconds
+
+
+@dataclass
+class StreamJob:
+    """Everything a streaming prune decides before reading a weight (:func:`plan_stream`)."""
+
+    src: Source
+    weights: Path
+    ckpt: Checkpoint
+    meta: nn.Module  # the architecture on meta; each MLP is cut in it as the run goes
+    family: Family
+    names: dict[str, str]  # model state-dict name -> checkpoint name
+    scope: str | None  # the tower's name when the checkpoint holds only the vision tower
+    sites: list[MlpSite]
+    ks: list[int]
+    site_tensors: list[list[tuple[nn.Module, str, str]]]
+    order: list[str]  # writing order: the model's, each MLP's tensors together
+    out_shapes: dict[str, tuple[int, ...]]
+    out_dtype: torch.dtype | None
+    layout: str
+    plan: Plan
+    criterion: str
+    seed: int
+    select_device: torch.device | None
+    select_dtype: torch.dtype
+    record: PruneRecord
+    params_before: int
+
+    @property
+    def owned(self) -> set[str]:
+        return {name for ts in self.site_tensors for _, _, name in ts}
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        got = self.ckpt.read([self.names[n] for n in names])
+        return {n: got[self.names[n]] for n in names}
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.out_dtype) if self.out_dtype is not None and t.is_floating_point() else t
+
+    def out_entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every output tensor, in writing order."""
+        infos = {n: self.ckpt.tensors[c] for n, c in self.names.items()}
+        return [(n, self.out_dtype if self.out_dtype is not None and infos[n].dtype.is_floating_point
+                 else infos[n].dtype, self.out_shapes[n]) for n in self.order]
+
+
+def _spec_source(model: str | Source, model_kwargs: dict[str, Any] | None) -> Source:
+    if isinstance(model, Source):
+        return model
+    if os.path.isdir(str(model)):
+        raise DgmrError(f"with --weights, MODEL must be an architecture spec (timm:NAME, open_clip:ARCH, "
+                        f"hf:DIR), not the directory {model}")
+    return model_source(model, model_kwargs=model_kwargs)[0]
+
+
+def _select_where(select_device: str | torch.device | None, select_dtype: str) -> tuple[torch.device | None, torch.dtype]:
+    dev = torch.device(select_device) if select_device is not None else None
+    if select_dtype not in ("float32", "float64"):
+        raise DgmrError(f"selection dtype must be float32 or float64, got {select_dtype!r}")
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        raise DgmrError("selection on cuda was asked for but no CUDA device is available")
+    return dev, getattr(torch, select_dtype)
+
+
+def _writing_order(names: Sequence[str], site_tensors: list[list[tuple[nn.Module, str, str]]]) -> list[str]:
+    """The model's order, each MLP's tensors together where its first one stands."""
+    owned = {name for ts in site_tensors for _, _, name in ts}
+    first_of = {ts[0][2]: i for i, ts in enumerate(site_tensors)}
+    order: list[str] = []
+    for name in names:
+        if name not in owned:
+            order.append(name)
+        elif name in first_of:
+            order += [n for _, _, n in site_tensors[first_of[name]]]
+    return order
+
+
+def plan_stream(model: str | Source, weights: str | os.PathLike, *, widths: dict[str, Any], criterion: str,
+                seed: int, model_kwargs: dict[str, Any] | None, dtype: str | None, max_memory: int | str | None,
+                workers: int | None, shard_size: int | str | None, select_device: str | torch.device | None,
+                select_dtype: str, native: bool) -> StreamJob:
+    """Check everything and size the work; reads only checkpoint headers. ``widths`` holds
+    the width request (``mlp_ratio``, ``hidden``, ``keep_fraction`` or ``widths``)."""
+    get_criterion(criterion)
+    out_dtype = parse_dtype(dtype) if dtype is not None else None
+    src = _spec_source(model, model_kwargs)
+    max_bytes = parse_size(max_memory) if max_memory is not None else None
+    shard_bytes = parse_size(shard_size) if shard_size is not None else None
+    dev, sel_dtype = _select_where(select_device, select_dtype)
+    ckpt = open_checkpoint(weights)
+    meta = build_model(src, pretrained=False, meta=True)
+    family = family_of(meta)
+    state = meta.state_dict()
+    derived = frozenset(n for n, _ in meta.named_buffers()) - set(state)
+    names, scope = match_names(ckpt, {k: tuple(v.shape) for k, v in state.items()}, family.vision_root(meta)[0],
+                               derived)
+    sites = family.mlps(meta)
+    ks = resolve_widths(sites, **widths)
+    modules = {id(m): name for name, m in meta.named_modules()}
+    site_tensors = [_site_tensors(s, modules) for s in sites]
+    owned = {name for ts in site_tensors for _, _, name in ts}
+    infos = {n: ckpt.tensors[c] for n, c in names.items()}
+    per_mlp = max((mlp_bytes(s, infos, [n for _, _, n in ts], sel_dtype) for s, ts in zip(sites, site_tensors)),
+                  default=0)
+    largest = max((infos[n].nbytes for n in names if n not in owned), default=0)
+    shaped = copy.deepcopy(meta)  # the output's shapes, known before any weight is read
+    apply_widths(shaped, {s.name: k for s, k in zip(sites, ks)}, family)
+    layout = family.stream_layout(shaped, tower_only=scope is not None, native=native,
+                                  sharded=shard_bytes is not None)
+    plan = make_plan(max_bytes, per_mlp, largest, len(sites), workers, shard_bytes, buffered=layout != "file")
+    request = {k: v for k, v in widths.items() if k != "widths"}
+    return StreamJob(src, Path(weights), ckpt, meta, family, names, scope, sites, ks, site_tensors,
+                     _writing_order(list(names), site_tensors), {k: tuple(v.shape) for k, v in shaped.state_dict().items()},
+                     out_dtype, layout, plan, criterion, seed, dev, sel_dtype,
+                     PruneRecord.start(criterion, seed, **request), family.vision_params(meta))
+
+
+def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], int]:
+    """Cut every MLP (``plan.workers`` at once) and copy everything else into ``tmp``, in
+    writing order; fills ``job.record``. Returns (files written, output bytes)."""
+    if job.layout == "file":
+        writer: ShardWriter | FileWriter = FileWriter(tmp / WEIGHTS, job.out_entries())
+    else:
+        writer = ShardWriter(tmp, job.plan.shard_bytes, sub="hf" if job.layout == "hf" else "")
+    owned = job.owned
+    first_of = {ts[0][2]: i for i, ts in enumerate(job.site_tensors)}
+    hidden_before = [s.hidden for s in job.sites]
+
+    def cut(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        ns = [n for _, _, n in job.site_tensors[i]]
+        return _cut_one(job.sites[i], job.ks[i], job.site_tensors[i], job.read(ns), job.criterion, job.seed + i,
+                        job.select_device, job.select_dtype)
+
+    pending: dict[int, Future] = {}
+    nxt = 0  # the next MLP to submit
+    bar = tqdm(total=len(job.sites), desc=f"stream prune ({job.criterion})", unit="block", disable=not progress,
+               leave=False)
+    with bar, ThreadPoolExecutor(job.plan.workers) as pool:
+        for name in job.names:
+            if name not in owned:
+                writer.add(name, job.cast(job.read([name])[name]))
+                continue
+            i = first_of.get(name)
+            if i is None:
+                continue  # written with its MLP
+            while nxt < min(len(job.sites), i + job.plan.workers):  # keep plan.workers MLPs in flight
+                pending[nxt] = pool.submit(cut, nxt)
+                nxt += 1
+            keep, tensors, seconds = pending.pop(i).result()
+            for n, t in tensors.items():
+                writer.add(n, job.cast(t))
+            del tensors
+            job.record.add(job.sites[i], hidden_before[i], keep, select_seconds=round(seconds, 4))
+            bar.update(1)
+    return writer.finish(), writer.total
+
+
+def write_stream_config(job: StreamJob, tmp: Path, files: list[str], native: bool) -> dict[str, Any]:
+    """kept_indices.safetensors, the native export and config.json, beside the weights in ``tmp``."""
+    order_of = {s.name: i for i, s in enumerate(job.sites)}
+    job.record.layers.sort(key=lambda layer: order_of[layer["name"]])
+    job.record.config_updates = job.family.update_config(job.meta, job.src)
+    write_kept_indices(tmp, job.record)
+    note = _native_export(job, tmp) if native else NATIVE_OFF
+    in_dtypes = sorted({dtype_name(t.dtype) for t in job.ckpt.tensors.values() if t.dtype.is_floating_point})
+    params_after = job.family.vision_params(job.meta)
+    extra = {"params_before": job.params_before, "params_after": params_after, "random_init": False,
+             "weights_from": str(job.weights), "weights": files[-1], "files": files,
+             "stream": {**job.plan.to_json(), "select_dtype": dtype_name(job.select_dtype), "layout": job.layout}}
+    if job.scope is not None:
+        extra["weights_scope"] = job.scope
+    config = build_config(family=job.family, model_class=type(job.meta).__name__,
+                          dtype=dtype_name(job.out_dtype) if job.out_dtype is not None
+                          else (in_dtypes[0] if len(in_dtypes) == 1 else "float32"),
+                          widths={s.name: s.hidden for s in job.sites}, vision_params=params_after, source=job.src,
+                          record=job.record, native_export=note, extra=extra)
+    write_json(tmp / CONFIG, config)
+    return config
+
+
+def _native_export(job: StreamJob, tmp: Path) -> dict[str, Any]:
+    """The source library's own format, written from the meta model's config (no weights needed)."""
+    try:
+        return job.family.export_streamed(job.meta, tmp, job.src, job.layout, job.scope)
+    except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
+        return {"skipped": f"native export failed on the meta model: {first_line(e)}"}
+
+
+def stream_prune(
+    model: str | Source,
+    weights: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mlp_ratio: float | None = None,
+    hidden: int | None = None,
+    keep_fraction: float | None = None,
+    widths: Mapping[str, int] | Sequence[int] | None = None,
+    criterion: str = "diversity",
+    seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    max_memory: int | str | None = None,
+    workers: int | None = None,
+    shard_size: int | str | None = None,
+    select_device: str | torch.device | None = None,
+    select_dtype: str = "float64",
+    overwrite: bool = False,
+    native: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prune the safetensors checkpoint ``weights`` of architecture ``model`` into ``out``.
+
+    ``model`` is a spec (``timm:NAME``, ``open_clip:ARCH``, ``hf:ID_OR_DIR``) or a
+    :class:`Source`; it is only built on the ``meta`` device. Widths and ``criterion`` mean
+    what they mean for :func:`dgmr.prune`. ``max_memory`` (bytes or ``"3GB"``) bounds the
+    resident set: it sizes the output shards and how many MLPs are selected at once
+    (``workers``, default: by core count), and is refused up front when one MLP cannot fit.
+    ``select_device`` runs the selection there (e.g. ``"cuda"``) while everything else
+    stays on the CPU; ``select_dtype`` is its compute dtype (``float64`` by default, as in
+    :func:`dgmr.prune`, which makes the two bit-for-bit equal; ``float32`` is faster but can
+    depart from the exact greedy order where two residual norms tie to ~1e-6). Returns a
+    summary dict (also the ``dgmr prune --weights`` output).
+    """
+    t0 = time.perf_counter()
+    request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction),
+                                 ("widths", widths)) if v is not None}
+    check_output_dir(out, overwrite)
+    job = plan_stream(model, weights, widths=request, criterion=criterion, seed=seed, model_kwargs=model_kwargs,
+                      dtype=dtype, max_memory=max_memory, workers=workers, shard_size=shard_size,
+                      select_device=select_device, select_dtype=select_dtype, native=native)
+    with PeakRss() as rss, atomic_dir(out, overwrite) as tmp:
+        files, out_bytes = run_stream(job, tmp, progress)
+        config = write_stream_config(job, tmp, files, native)
+    return prune_summary(out, job.src.spec, job.family, criterion, config["widths"], job.params_before,
+                         config["params_after"], config["native_export"], t0, weights=str(Path(weights)),
+                         checkpoint_bytes=job.ckpt.nbytes, output_bytes=out_bytes, files=len(files),
+                         weights_scope=job.scope, workers=job.plan.workers, peak_rss_bytes=rss.peak)
