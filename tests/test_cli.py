@@ -9,13 +9,8 @@ import torch
 import dgmr
 from dgmr.cli import main
 
-TINY = ["timm:vit_tiny_patch16_224", "--random-init", "--model-kwargs", '{"img_size": 32, "patch_size": 8, "depth": 2}']
+from helpers import TINY_VIT_ARGV as TINY
 
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +34,8 @@ def test_prune_writes_artifact(pruned):
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
 
 
-def test_prune_json_summary(capsys, tmp_path):
-    code, out, err = run(capsys, "prune", *TINY, "--mlp-ratio", "0.5", "--criterion", "l2", "--dtype", "bfloat16",
+def test_prune_json_summary(cli, tmp_path):
+    code, out, err = cli("prune", *TINY, "--mlp-ratio", "0.5", "--criterion", "l2", "--dtype", "bfloat16",
                          "--out", str(tmp_path / "o"), "--json")
     assert code == 0, err
     res = json.loads(out)
@@ -49,22 +44,22 @@ def test_prune_json_summary(capsys, tmp_path):
     assert dgmr.load(tmp_path / "o").blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
 
 
-def test_prune_a_pruned_dir_again(capsys, pruned, tmp_path):
-    code, out, err = run(capsys, "prune", str(pruned), "--keep-fraction", "0.5", "--out", str(tmp_path / "again"), "--json")
+def test_prune_a_pruned_dir_again(cli, pruned, tmp_path):
+    code, out, err = cli("prune", str(pruned), "--keep-fraction", "0.5", "--out", str(tmp_path / "again"), "--json")
     assert code == 0, err
     assert json.loads(out)["hidden_after"] == [96]
     assert dgmr.load(tmp_path / "again").blocks[1].mlp.fc2.in_features == 96
 
 
-def test_stats_json(capsys, pruned):
-    code, out, err = run(capsys, "stats", *[a for a in TINY if a != "--random-init"], "--mlp-ratio", "1", "--json")
+def test_stats_json(cli, pruned):
+    code, out, err = cli("stats", *[a for a in TINY if a != "--random-init"], "--mlp-ratio", "1", "--json")
     assert code == 0, err
     s = json.loads(out)
     for key in ("params_before", "params_after", "param_reduction", "flops_before", "flops_after", "flop_reduction"):
         assert key in s
     assert 0 < s["param_reduction"] < 1 and 0 < s["flop_reduction"] < 1
     # the same numbers for the directory dgmr prune wrote
-    code, out, err = run(capsys, "stats", str(pruned), "--json")
+    code, out, err = cli("stats", str(pruned), "--json")
     d = json.loads(out)
     assert code == 0 and d["params_after"] == s["params_after"] and d["flops_after"] == s["flops_after"]
     # and params_after is what the saved model really holds in its vision tower
@@ -91,28 +86,28 @@ def _one_line_error(code, out, err, needle):
     (["prune", *TINY, "--keep-fraction", "1.5"], "keep fraction"),
     (["prune", "timm:resnet18", "--random-init", "--mlp-ratio", "1"], "no MLP found"),
 ])
-def test_user_mistakes(capsys, tmp_path, argv, needle):
+def test_user_mistakes(cli, tmp_path, argv, needle):
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, *argv, "--out", str(out_dir))
+    code, out, err = cli(*argv, "--out", str(out_dir))
     _one_line_error(code, out, err, needle)
     assert not out_dir.exists() and not list(tmp_path.glob(".*"))
 
 
-def test_hub_unreachable_is_one_line(capsys, tmp_path, monkeypatch):
+def test_hub_unreachable_is_one_line(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, out, err = run(capsys, "prune", "hf:no-such-org/no-such-model", "--mlp-ratio", "1", "--out", str(tmp_path / "o"))
+    code, out, err = cli("prune", "hf:no-such-org/no-such-model", "--mlp-ratio", "1", "--out", str(tmp_path / "o"))
     _one_line_error(code, out, err, "could not build")
     assert not (tmp_path / "o").exists()
 
 
-def test_non_empty_output_needs_overwrite(capsys, tmp_path):
+def test_non_empty_output_needs_overwrite(cli, tmp_path):
     out_dir = tmp_path / "o"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("mine")
-    code, out, err = run(capsys, "prune", *TINY, "--mlp-ratio", "1", "--out", str(out_dir))
+    code, out, err = cli("prune", *TINY, "--mlp-ratio", "1", "--out", str(out_dir))
     _one_line_error(code, out, err, "not empty")
     assert (out_dir / "keep.txt").read_text() == "mine"
-    code, out, err = run(capsys, "prune", *TINY, "--mlp-ratio", "1", "--out", str(out_dir), "--overwrite")
+    code, out, err = cli("prune", *TINY, "--mlp-ratio", "1", "--out", str(out_dir), "--overwrite")
     assert code == 0 and not (out_dir / "keep.txt").exists() and (out_dir / "config.json").exists()
 
 
@@ -123,45 +118,45 @@ def _copy(src, dst):
     return dst
 
 
-def test_missing_and_corrupt_checkpoint(capsys, pruned, tmp_path):
+def test_missing_and_corrupt_checkpoint(cli, pruned, tmp_path):
     missing = _copy(pruned, tmp_path / "missing")
     (missing / "model.safetensors").unlink()
-    code, out, err = run(capsys, "prune", str(missing), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o1"))
+    code, out, err = cli("prune", str(missing), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o1"))
     _one_line_error(code, out, err, "missing checkpoint")
 
     corrupt = _copy(pruned, tmp_path / "corrupt")
     data = (corrupt / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    code, out, err = run(capsys, "prune", str(corrupt), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o2"))
+    code, out, err = cli("prune", str(corrupt), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o2"))
     _one_line_error(code, out, err, "corrupt")
 
     garbage = _copy(pruned, tmp_path / "garbage")
     (garbage / "model.safetensors").write_bytes(b"\x00" * 64)
-    code, out, err = run(capsys, "prune", str(garbage), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o3"))
+    code, out, err = cli("prune", str(garbage), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o3"))
     _one_line_error(code, out, err, "corrupt")
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
 
 
-def test_mismatched_checkpoint_and_unknown_family(capsys, pruned, tmp_path):
+def test_mismatched_checkpoint_and_unknown_family(cli, pruned, tmp_path):
     wrong = _copy(pruned, tmp_path / "wrong")
     cfg = json.loads((wrong / "config.json").read_text())
     cfg["widths"] = {k: 100 for k in cfg["widths"]}
     (wrong / "config.json").write_text(json.dumps(cfg))
-    code, out, err = run(capsys, "stats", str(wrong))
+    code, out, err = cli("stats", str(wrong))
     assert code == 0  # stats reads shapes only
-    code, out, err = run(capsys, "prune", str(wrong), "--mlp-ratio", "0.25", "--out", str(tmp_path / "o"))
+    code, out, err = cli("prune", str(wrong), "--mlp-ratio", "0.25", "--out", str(tmp_path / "o"))
     _one_line_error(code, out, err, "does not match")
 
     fam = _copy(pruned, tmp_path / "fam")
     cfg = json.loads((fam / "config.json").read_text())
     cfg["family"] = "martian"
     (fam / "config.json").write_text(json.dumps(cfg))
-    code, out, err = run(capsys, "prune", str(fam), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o2"))
+    code, out, err = cli("prune", str(fam), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o2"))
     _one_line_error(code, out, err, "unknown family")
 
 
-def test_plain_directory_is_not_a_model(capsys, tmp_path):
-    code, out, err = run(capsys, "stats", str(tmp_path))
+def test_plain_directory_is_not_a_model(cli, tmp_path):
+    code, out, err = cli("stats", str(tmp_path))
     _one_line_error(code, out, err, "not a dgmr model directory")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dgmr
 from dgmr import DgmrError, select_neurons
-from dgmr.criteria import CRITERIA, register_criterion
+from dgmr.prune import criteria, pivot
+from dgmr.prune.criteria import CRITERIA, register_criterion
 
 
 def naive_greedy(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ def test_diversity_equals_naive_greedy_loop(shape, k):
     got = select_neurons(w, k, "diversity")
     assert torch.equal(got, torch.sort(ref).values)
     # the order within a round is the greedy order too
-    order = dgmr.criteria.diversity(w.clone(), k)
+    order = criteria.diversity(w.clone(), k)
     assert torch.equal(order, ref)
 
 
@@ -64,7 +64,7 @@ def test_first_round_is_pivoted_qr_of_w_transposed():
 
     w = torch.randn(256, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     _, _, piv = scipy.linalg.qr(w.T.numpy(), pivoting=True)
-    assert torch.equal(dgmr.criteria.pivot_order(w, 32), torch.from_numpy(piv[:32]).long())
+    assert torch.equal(pivot.pivot_order(w, 32), torch.from_numpy(piv[:32]).long())
     assert torch.equal(w, torch.randn(256, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64))  # untouched
 
 
@@ -80,12 +80,12 @@ def test_gated_scoring_uses_gate_and_up_rows_together():
     got = select_neurons(up, 40, w_gate=gate)
     assert torch.equal(got, torch.sort(naive_greedy(torch.cat([gate, up], 1), 40)).values)
     # a round holds 2d = 32 picks on the concatenation, not d
-    assert torch.equal(got, torch.sort(dgmr.criteria.diversity(torch.cat([gate, up], 1), 40)).values)
+    assert torch.equal(got, torch.sort(criteria.diversity(torch.cat([gate, up], 1), 40)).values)
     assert not torch.equal(got, select_neurons(up, 40))  # the gate matters
 
 
 def test_gated_neurons_kept_as_pairs_in_packed_layout():
-    from dgmr.mlp import find_mlps, shrink_mlp
+    from dgmr.prune.mlp import find_mlps, shrink_mlp
     from timm.layers import SwiGLUPacked
 
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def test_adding_a_criterion_is_one_function():
     try:
         assert select_neurons(torch.randn(10, 4), 3, "last_k_for_test").tolist() == [7, 8, 9]
     finally:
-        CRITERIA.pop("last_k_for_test")
+        CRITERIA.remove("last_k_for_test")
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -162,19 +162,19 @@ def test_diversity_exact_where_float32_cannot_tell_rows_apart(seed):
         y[i] = -(5.0 - 0.1 * i) * (1 + (1e-10 if seed % 2 else -1e-10))
         rows += [x, y]
     w = torch.stack(rows) @ rot
-    assert torch.equal(dgmr.criteria.pivot_order(w, d, pool=1), naive_greedy(w, d))
+    assert torch.equal(pivot.pivot_order(w, d, pool=1), naive_greedy(w, d))
 
 
 def test_diversity_exact_on_bf16_weights_with_many_refreshes():
     wb = torch.randn(2048, 64, generator=torch.Generator().manual_seed(0)).bfloat16().double()
-    assert torch.equal(dgmr.criteria.pivot_order(wb, 64, pool=32), naive_greedy(wb, 64))
+    assert torch.equal(pivot.pivot_order(wb, 64, pool=32), naive_greedy(wb, 64))
 
 
 @pytest.mark.parametrize("pool,cache", [(4, 4), (8, 64), (64, 8)])
 def test_residual_cache_sizes_do_not_change_the_picks(pool, cache):
     """A pool that doubles past the residual cache, a cache that holds every row, a tiny one."""
     w = torch.randn(400, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got, _ = dgmr.criteria._lazy_pivot_order(w, 48, pool=pool, cache=cache)
+    got, _ = pivot._lazy_pivot_order(w, 48, pool=pool, cache=cache)
     assert torch.equal(got, naive_greedy(w, 48))
 
 
@@ -182,14 +182,14 @@ def test_residual_cache_sizes_do_not_change_the_picks(pool, cache):
 def test_split_into_the_complement_keeps_the_greedy_order(shape, k, monkeypatch):
     """After 60% of a round's picks the round goes on in the orthogonal complement of the
     picked directions (normally for d >= 512); forced here on small shapes, recursively."""
-    monkeypatch.setattr(dgmr.criteria, "_SPLIT_MIN", 4)
+    monkeypatch.setattr(pivot, "_SPLIT_MIN", 4)
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(k + 1), dtype=torch.float64)
-    assert torch.equal(dgmr.criteria.diversity(w, k), naive_greedy(w, k))
+    assert torch.equal(criteria.diversity(w, k), naive_greedy(w, k))
 
 
 def test_split_at_its_real_size():
     w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(7)).bfloat16().double()
-    assert torch.equal(dgmr.criteria.pivot_order(w, 512), naive_greedy(w, 512))
+    assert torch.equal(pivot.pivot_order(w, 512), naive_greedy(w, 512))
 
 
 def test_single_thread_section_restores_the_thread_count_across_threads():
@@ -201,7 +201,7 @@ def test_single_thread_section_restores_the_thread_count_across_threads():
     try:
         ws = [torch.randn(300, 40, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(6)]
         with ThreadPoolExecutor(3) as pool:
-            got = list(pool.map(lambda w: dgmr.criteria.pivot_order(w, 40, pool=8), ws))
+            got = list(pool.map(lambda w: pivot.pivot_order(w, 40, pool=8), ws))
         assert all(torch.equal(g, naive_greedy(w, 40)) for g, w in zip(got, ws))
         assert torch.get_num_threads() == 2
     finally:

@@ -2,25 +2,19 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dgmr.data import (EpochIndexSampler, ImageDataset, ShardImages, TrainTransform, collate, resolve_data,
+from dgmr.distill.data import (EpochIndexSampler, ImageDataset, ShardImages, TrainTransform, collate, resolve_data,
                        sample_generator)
 from dgmr.errors import DgmrError
 
+from helpers import image_folder
+
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-
-
-def _png(path: Path, seed: int, size: tuple[int, int] = (30, 20)) -> Path:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def test_transform_is_seeded_per_sample_and_normalises():
@@ -42,8 +36,7 @@ def test_transform_is_seeded_per_sample_and_normalises():
 
 
 def test_folder_list_and_errors(tmp_path):
-    for i in range(3):
-        _png(tmp_path / "imgs" / f"class{i}" / f"{i}.png", i)
+    image_folder(tmp_path / "imgs", [f"class{i}" for i in range(3)], 1, style="noise", size=(30, 20), name="{i}.png")
     (tmp_path / "imgs" / "meta.json").write_text("{}")
     (tmp_path / "imgs" / ".hidden.png").write_bytes(b"x")
     src = resolve_data(tmp_path / "imgs")
@@ -67,7 +60,7 @@ def test_folder_list_and_errors(tmp_path):
 
 
 def test_corrupt_items_are_reported_not_raised(tmp_path):
-    good = _png(tmp_path / "a.png", 0)
+    (good,) = image_folder(tmp_path, ["good"], 1, style="noise", size=(30, 20))
     bad = tmp_path / "b.jpg"
     bad.write_bytes(b"\xff\xd8 broken")
     ds = ImageDataset([str(good), str(bad), str(tmp_path / "gone.png")], TrainTransform(8, MEAN, STD))
@@ -81,10 +74,11 @@ def test_corrupt_items_are_reported_not_raised(tmp_path):
 def test_shard_stream_skips_exactly_and_splits_ranks(tmp_path):
     import webdataset as wds
 
+    pngs = image_folder(tmp_path / "src", ["s0", "s1", "s2"], 4, style="noise", size=(30, 20))
     for s in range(3):
         with wds.TarWriter(str(tmp_path / f"s-{s}.tar")) as w:
             for i in range(4):
-                w.write({"__key__": f"{s}/{i}", "jpg": (_png(tmp_path / "src" / f"{s}{i}.png", 10 * s + i)).read_bytes()})
+                w.write({"__key__": f"{s}/{i}", "jpg": pngs[4 * s + i].read_bytes()})
     src = resolve_data(str(tmp_path / "s-{0..2}.tar"))
     assert src.kind == "shards" and src.num_samples == 12
     tr = TrainTransform(8, MEAN, STD)

@@ -17,12 +17,14 @@ from safetensors.torch import load_file
 
 import dgmr
 from dgmr.cli import main
-from dgmr.data import TrainTransform, sample_generator
+from dgmr.distill.data import TrainTransform, sample_generator
 from dgmr.distill import DistillSettings, distill, feature_loss, load_checkpoint, lr_at, wd_at
-from dgmr.sources import build_model, parse_spec
+from dgmr.models.sources import build_model, parse_spec
 
-TINY = dict(img_size=32, patch_size=8, depth=2)
-SPEC = "timm:vit_tiny_patch16_224"
+from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, run_cli
+
+TINY = TINY_VIT_KWARGS
+SPEC = TINY_VIT_SPEC
 KW = json.dumps(TINY)
 
 
@@ -35,16 +37,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _images(folder: Path, n: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        sub = folder / ("cat" if i % 2 else "dog")  # ImageFolder-style nesting; labels are ignored
-        sub.mkdir(parents=True, exist_ok=True)
-        # smooth random images (low-frequency noise upsampled), various sizes
-        small = rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((40 + i % 3 * 8, 36 + i % 4 * 6), Image.BILINEAR).save(sub / f"{i:03d}.png")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random-init teacher saved unpruned, its r=1 student, and 24 images + 2 corrupt + 1 non-image."""
@@ -54,7 +46,10 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     dgmr.save(build_model(src, pretrained=False), root / "teacher", source=src)
     student, record = dgmr.prune(dgmr.load(root / "teacher"), mlp_ratio=1, progress=False)
     dgmr.save(student, root / "student", source=src, record=record)
-    _images(root / "images", 24)
+    # smooth random images (low-frequency noise upsampled), various sizes, in ImageFolder-style
+    # nesting (the labels are ignored): 000.png in dog/, 001.png in cat/, ...
+    image_folder(root / "images", ["dog", "cat"], 12, style="noise", cells=(5, 6), interleave=True,
+                 size=lambda i: (40 + i % 3 * 8, 36 + i % 4 * 6), name="{i:03d}.png")
     (root / "images" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     good = (root / "images" / "cat" / "001.png").read_bytes()
     (root / "images" / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
@@ -261,8 +256,9 @@ def test_in_memory_modules_and_pil_images_open_clip(tmp_path):
 
 
 def _err(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    err = err.strip()
     assert err.startswith("dgmr: error: ") and "\n" not in err, err
     return err
 

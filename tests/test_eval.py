@@ -5,40 +5,27 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 import dgmr
 from dgmr.cli import main
 from dgmr.errors import DgmrError
-from dgmr.evaluate import (eval_knn, eval_linear, eval_retrieval, eval_speed, eval_zeroshot, imagenet_classnames,
+from dgmr.evaluate import (eval_knn, eval_linear, eval_retrieval, eval_zeroshot, imagenet_classnames,
                            imagenet_templates, knn_classify, linear_probe, read_captions, retrieval_recall,
                            text_classifier, zeroshot_classify)
-from dgmr.sources import Source, build_model
+from dgmr.models.sources import Source, build_model
+
+from helpers import TINY_VIT_ARGV as TINY_TIMM, image_folder
 
 COLORS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30), "yellow": (230, 220, 30)}
-TINY_TIMM = ["timm:vit_tiny_patch16_224", "--random-init", "--model-kwargs", '{"img_size": 32, "patch_size": 8, "depth": 2}']
 TINY_CLIP_CFG = {"embed_dim": 32,
                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-def make_split(root: Path, n: int, seed: int = 0, size: int = 24) -> Path:
-    """root/CLASS/i.png: a noisy solid colour per class with a random grey disc on it."""
-    rng = random.Random(seed)
-    for c, rgb in COLORS.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            im = Image.new("RGB", (size, size), tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in rgb))
-            x, y = rng.randint(0, size // 2), rng.randint(0, size // 2)
-            ImageDraw.Draw(im).ellipse([x, y, x + size // 3, y + size // 3], fill=(rng.randint(0, 255),) * 3)
-            im.save(root / c / f"{i}.png")
-    return root
 
 
 class MeanColor(nn.Module):
@@ -57,8 +44,9 @@ class MeanColor(nn.Module):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evaldata")
-    make_split(root / "train", 6, seed=0)
-    make_split(root / "val", 3, seed=1)
+    # root/SPLIT/CLASS/i.png: a noisy solid colour per class with a random grey disc on it
+    image_folder(root / "train", COLORS, 6, seed=0, size=(24, 24), jitter=25, disc=True)
+    image_folder(root / "val", COLORS, 3, seed=1, size=(24, 24), jitter=25, disc=True)
     return root
 
 
@@ -73,12 +61,6 @@ def clip_dirs(tmp_path_factory) -> tuple[Path, Path]:
     pruned, rec = dgmr.prune(model, mlp_ratio=1.0, source=src, progress=False)
     dgmr.save(pruned, root / "pruned", source=src, record=rec)
     return root / "orig", root / "pruned"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- kNN -------------------------------------------------------------------------------
@@ -230,27 +212,27 @@ def test_zeroshot_open_clip_end_to_end(data, clip_dirs, tmp_path):
     assert res_p["flops"] < res["flops"] and res_p["params"] < res["params"]
 
 
-def test_zeroshot_and_retrieval_cli(data, clip_dirs, tmp_path, capsys):
+def test_zeroshot_and_retrieval_cli(data, clip_dirs, tmp_path, cli):
     orig, pruned = clip_dirs
     names = tmp_path / "names.json"
     names.write_text(json.dumps(sorted(COLORS)))
-    code, out, err = run(capsys, "eval", "zeroshot", str(pruned), "--data", str(data / "val"), "--classnames", str(names),
+    code, out, err = cli("eval", "zeroshot", str(pruned), "--data", str(data / "val"), "--classnames", str(names),
                          "--no-cache", "--json", "--save", str(tmp_path / "zs.json"))
     assert code == 0, err
     assert json.loads(out)["top1"] == json.loads((tmp_path / "zs.json").read_text())["top1"]
     caps = [{"image": f"val/{c}/{i}.png", "captions": [f"a {c} picture", f"{c}"]} for c in COLORS for i in range(2)]
     (tmp_path / "caps.json").write_text(json.dumps(caps))
-    code, out, err = run(capsys, "eval", "retrieval", str(orig), "--captions", str(tmp_path / "caps.json"),
+    code, out, err = cli("eval", "retrieval", str(orig), "--captions", str(tmp_path / "caps.json"),
                          "--images", str(data), "--no-cache", "--json")
     assert code == 0, err
     res = json.loads(out)
     assert res["n_images"] == 8 and res["n_captions"] == 16
     assert set(res["image_to_text"]) == {"R@1", "R@5", "R@10"} and res["image_to_text"]["R@10"] == 1.0
     res2 = eval_retrieval(orig, tmp_path / "caps.json", data, cache_dir=False, ks=(1,))
-    code, _, err = run(capsys, "eval", "zeroshot", str(orig), "--data", str(data / "val"), "--no-cache")
+    code, _, err = cli("eval", "zeroshot", str(orig), "--data", str(data / "val"), "--no-cache")
     assert code == 2 and "give --classnames" in err and err.count("\n") == 1
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
-    code, _, err = run(capsys, "eval", "zeroshot", str(orig), "--data", str(data / "val"), "--no-cache",
+    code, _, err = cli("eval", "zeroshot", str(orig), "--data", str(data / "val"), "--no-cache",
                        "--classnames", str(tmp_path / "three.txt"))
     assert code == 2 and "3 class names for 4 class folders" in err
     assert res2["image_to_text"]["R@1"] == res["image_to_text"]["R@1"]
@@ -279,8 +261,8 @@ def test_zeroshot_hf_clip_with_local_tokenizer(data, tmp_path):
     assert res["family"] == "hf" and res["num_classes"] == 4 and 0 <= res["top1"] <= 1
 
 
-def test_zeroshot_user_mistakes(data, capsys, tmp_path):
-    code, _, err = run(capsys, "eval", "zeroshot", *TINY_TIMM, "--data", str(data / "val"), "--no-cache")
+def test_zeroshot_user_mistakes(data, cli, tmp_path):
+    code, _, err = cli("eval", "zeroshot", *TINY_TIMM, "--data", str(data / "val"), "--no-cache")
     assert code == 2 and "CLIP-style" in err and err.count("\n") == 1
     with pytest.raises(DgmrError, match="CLIP-style"):
         eval_zeroshot(MeanColor(), data / "val", classnames=sorted(COLORS), cache_dir=False)
@@ -289,11 +271,11 @@ def test_zeroshot_user_mistakes(data, capsys, tmp_path):
 
 
 # -- speed -----------------------------------------------------------------------------
-def test_speed_reports_both_models(tmp_path, capsys):
+def test_speed_reports_both_models(tmp_path, capsys, cli):
     pruned = tmp_path / "pruned"
     assert main(["prune", *TINY_TIMM, "--mlp-ratio", "1", "--out", str(pruned), "--json"]) == 0
     capsys.readouterr()
-    code, out, err = run(capsys, "eval", "speed", "timm:vit_tiny_patch16_224", str(pruned), "--random-init",
+    code, out, err = cli("eval", "speed", "timm:vit_tiny_patch16_224", str(pruned), "--random-init",
                          "--model-kwargs", '{"img_size": 32, "patch_size": 8, "depth": 2}', "--batch-size", "4",
                          "--repeats", "3", "--warmup", "1", "--json", "--save", str(tmp_path / "speed.json"))
     assert code == 0, err
@@ -307,17 +289,17 @@ def test_speed_reports_both_models(tmp_path, capsys):
     assert json.loads((tmp_path / "speed.json").read_text())["flops_ratio"] == res["flops_ratio"]
 
 
-def test_bad_input_is_one_line(data, tmp_path, capsys):
+def test_bad_input_is_one_line(data, tmp_path, cli):
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    code, _, err = run(capsys, "eval", "knn", *TINY_TIMM, "--train", str(tmp_path / "empty"), "--val", str(data / "val"),
+    code, _, err = cli("eval", "knn", *TINY_TIMM, "--train", str(tmp_path / "empty"), "--val", str(data / "val"),
                        "--no-cache")
     assert code == 2 and "empty split" in err and err.count("\n") == 1
-    code, _, err = run(capsys, "eval", "knn", *TINY_TIMM, "--train", str(data / "train"), "--val", str(data / "val"),
+    code, _, err = cli("eval", "knn", *TINY_TIMM, "--train", str(data / "train"), "--val", str(data / "val"),
                        "--image-size", "48", "--no-cache")
     assert code == 2 and "cannot take 48 px" in err and err.count("\n") == 1
-    code, _, err = run(capsys, "eval", "speed", *TINY_TIMM, "--image-size", "48")
+    code, _, err = cli("eval", "speed", *TINY_TIMM, "--image-size", "48")
     assert code == 2 and "cannot take 48 px" in err
-    code, _, err = run(capsys, "eval", "knn", *TINY_TIMM, "--train", str(tmp_path / "nope"), "--val", str(data / "val"))
+    code, _, err = cli("eval", "knn", *TINY_TIMM, "--train", str(tmp_path / "nope"), "--val", str(data / "val"))
     assert code == 2 and "does not exist" in err
     (tmp_path / "corrupt" / "red").mkdir(parents=True)
     (tmp_path / "corrupt" / "red" / "0.png").write_text("not an image")
@@ -329,8 +311,8 @@ def test_bad_input_is_one_line(data, tmp_path, capsys):
         eval_knn(MeanColor(), data / "train", tmp_path / "v2", image_size=16, cache_dir=False)
 
 
-def test_knn_cli_matches_library(data, tmp_path, capsys):
-    code, out, err = run(capsys, "eval", "knn", *TINY_TIMM, "--train", str(data / "train"), "--val", str(data / "val"),
+def test_knn_cli_matches_library(data, tmp_path, cli):
+    code, out, err = cli("eval", "knn", *TINY_TIMM, "--train", str(data / "train"), "--val", str(data / "val"),
                          "--k", "1,3", "--cache-dir", str(tmp_path), "--json")
     assert code == 0, err
     res = json.loads(out)

@@ -8,14 +8,16 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-from PIL import Image
 
 import dgmr
-from dgmr.sources import parse_spec, build_model
+from dgmr.models.sources import parse_spec, build_model
 from dgmr.evaluate import eval_knn
+
+from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder
+
+COLORS = {"red": (200, 30, 30), "green": (30, 190, 40), "blue": (40, 40, 210)}
 
 
 def _free_port() -> int:
@@ -24,24 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _split(root: Path, n_per_class: dict[str, int], seed: int) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    base = {"red": (200, 30, 30), "green": (30, 190, 40), "blue": (40, 40, 210)}
-    for c, n in n_per_class.items():
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            noise = torch.randint(-40, 40, (20, 20, 3), generator=g)
-            arr = (torch.tensor(base[c]) + noise).clamp(0, 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / c / f"{i}.png")
-    return root
-
-
 def test_torchrun_two_processes_match_single(tmp_path):
     # odd split sizes: the sampler pads rank 1 with a repeated sample
-    train = _split(tmp_path / "train", {"red": 3, "green": 4, "blue": 2}, 0)
-    val = _split(tmp_path / "val", {"red": 2, "green": 1, "blue": 2}, 1)
+    train, val = tmp_path / "train", tmp_path / "val"
+    image_folder(train, COLORS, {"red": 3, "green": 4, "blue": 2}, seed=0, noise=40)
+    image_folder(val, COLORS, {"red": 2, "green": 1, "blue": 2}, seed=1, noise=40)
     torch.manual_seed(0)
-    src = parse_spec("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
+    src = parse_spec(TINY_VIT_SPEC, TINY_VIT_KWARGS)
     model_dir = tmp_path / "model"
     dgmr.save(build_model(src, pretrained=False), model_dir, source=src)
     out = tmp_path / "dist.json"
@@ -62,7 +53,7 @@ def test_torchrun_two_processes_match_single(tmp_path):
     from safetensors.torch import load_file
     from dgmr.evaluate.datasets import ImageFolderSplit, eval_transform
     from dgmr.evaluate.features import extract_features, pooled_features
-    from dgmr.families import family_of
+    from dgmr.models.families import family_of
 
     net = dgmr.load(model_dir)
     fam = family_of(net)

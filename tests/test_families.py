@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import dgmr
-from dgmr.families import family_of
+from dgmr.models import artifact
+from dgmr.models.families import family_of
 
 from tiny_models import CASES, GenericNet, build, output
 
@@ -141,7 +142,7 @@ def test_export_reload_identical(case, cfgdir, tmp_path):
         pair = _native(case, out, cfg, model, x)
     if pair is not None:
         torch.testing.assert_close(pair[0], pair[1], rtol=0, atol=0)
-    kept = dgmr.artifact.load_kept_indices(out)
+    kept = artifact.load_kept_indices(out)
     assert set(kept) == set(rec.widths) and all(torch.equal(kept[k], rec.kept[k]) for k in kept)
 
 
@@ -150,7 +151,7 @@ def test_load_builds_parameters_on_meta_and_buffers_for_real(case, cfgdir):
     """dgmr.load never random-initialises: the architecture comes with parameters on meta
     (filled from the checkpoint by assignment) and real non-persistent buffers."""
     _, src = build(case, cfgdir)
-    empty = dgmr.artifact._build_empty(src)
+    empty = artifact._build_empty(src)
     assert empty is not None
     assert all(p.is_meta for p in empty.parameters())
     assert not any(b.is_meta for b in empty.buffers())

@@ -3,7 +3,6 @@ the PNG plots, from real eval results on generated data and a distillation run d
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,9 @@ import dgmr
 from dgmr.cli import main
 from dgmr.errors import DgmrError
 from dgmr.evaluate import eval_knn, eval_speed, render_report, save_result
-from dgmr.sources import build_model, parse_spec
+from dgmr.models.sources import build_model, parse_spec
 
-
-def _split(root: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    for c, rgb in {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}.items():
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            Image.new("RGB", (20, 20), tuple(min(255, max(0, v + rng.randint(-30, 30))) for v in rgb)).save(root / c / f"{i}.png")
-    return root
+from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder
 
 
 def _metrics(run: Path, steps: int = 20) -> None:
@@ -39,9 +31,12 @@ def _metrics(run: Path, steps: int = 20) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    train, val = _split(root / "data" / "train", 4, 0), _split(root / "data" / "val", 2, 1)
+    colors = {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    train, val = root / "data" / "train", root / "data" / "val"
+    image_folder(train, colors, 4, seed=0, jitter=30)
+    image_folder(val, colors, 2, seed=1, jitter=30)
     torch.manual_seed(0)
-    src = parse_spec("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
+    src = parse_spec(TINY_VIT_SPEC, TINY_VIT_KWARGS)
     teacher = build_model(src, pretrained=False)
     dgmr.save(teacher, root / "original", source=src)
     student, rec = dgmr.prune(teacher, mlp_ratio=1.0, source=src, progress=False)

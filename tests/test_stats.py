@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dgmr.stats import stats
+from dgmr.prune.stats import stats
 
 
 @pytest.mark.parametrize("spec,ratio,reduction,params_b", [

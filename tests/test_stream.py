@@ -11,15 +11,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dgmr
-from dgmr.artifact import load, load_kept_indices
+from dgmr.models.artifact import load, load_kept_indices
 from dgmr.cli import main
-from dgmr.families import family_of
-from dgmr.sources import build_model, parse_spec
-from dgmr.stream import open_checkpoint, parse_size, stream_prune
+from dgmr.models.families import family_of
+from dgmr.models.sources import build_model, parse_spec
+from dgmr.prune.stream import open_checkpoint, parse_size, stream_prune
 
+from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, run_cli
 from tiny_models import CASES, build
 
-TINY_VIT = ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2})
+TINY_VIT = (TINY_VIT_SPEC, TINY_VIT_KWARGS)
 
 
 def write_sharded(sd: dict[str, torch.Tensor], d: Path, n_shards: int = 2) -> Path:
@@ -225,8 +226,8 @@ def test_cli_single_file_output_and_native_timm_export(tmp_path, capsys):
 
 
 def run_err(argv, capsys) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err.split("\r")[-1].strip()  # after the cleared progress bar
+    rc, _, err = run_cli(capsys, *argv)
+    err = err.split("\r")[-1].strip()  # after the cleared progress bar
     assert rc == 2 and err.startswith("dgmr: error: ") and len(err.splitlines()) == 1, err
     return err
 

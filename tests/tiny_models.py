@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dgmr.sources import Source
+from dgmr.models.sources import Source
 
 TINY_OPEN_CLIP = {
     "embed_dim": 32,
@@ -90,7 +90,7 @@ def _hf_cases() -> list[Case]:
 
 
 def _src(spec: str, kwargs: dict[str, Any] | None = None) -> Source:
-    from dgmr.sources import parse_spec
+    from dgmr.models.sources import parse_spec
 
     return parse_spec(spec, kwargs)
 
@@ -122,7 +122,7 @@ CASES: list[Case] = [
 
 
 def build(case: Case, tmp: Path) -> tuple[nn.Module, Source | None]:
-    from dgmr.sources import build_model
+    from dgmr.models.sources import build_model
 
     torch.manual_seed(0)
     src = case.make(tmp)

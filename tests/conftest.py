@@ -1,0 +1,39 @@
+"""Fixtures every test module may use; the plain helpers live in ``helpers.py``."""
+from __future__ import annotations
+
+import pytest
+
+from dgmr import CRITERIA, FAMILIES, MLP_KINDS
+
+from helpers import run_cli
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli("prune", ...)`` runs ``dgmr prune ...`` in-process: (exit code, stdout, stderr)."""
+    return lambda *argv: run_cli(capsys, *argv)
+
+
+@pytest.fixture(autouse=True)
+def registries_left_as_found():
+    """The extension registries are process-global: a test that registers a criterion, MLP
+    kind or family must take it out again (or the next test runs with it). Fails the test
+    that leaks one, and puts the registries back so that the others still run clean."""
+    regs = {"criterion": CRITERIA, "MLP kind": MLP_KINDS, "family": FAMILIES}
+    before = {what: (dict(r._user), dict(r._builtin)) for what, r in regs.items()}
+    yield
+    leaks = []
+    for what, r in regs.items():
+        user, builtin = before[what]
+        # built-ins a module registers on first import are fine; changed or removed ones are not
+        changed = (r._user != user or any(r._builtin.get(k) is not v for k, v in builtin.items())
+                   or [k for k in r._builtin if k in builtin] != list(builtin))
+        if changed:
+            leaks.append(f"{what}: {list(r)} (was {[*reversed(list(user)), *builtin]})")
+            r._user.clear()
+            r._user.update(user)
+            extra = {k: v for k, v in r._builtin.items() if k not in builtin}
+            r._builtin.clear()
+            r._builtin.update(builtin)
+            r._builtin.update(extra)
+    assert not leaks, "the test left the registries changed: " + "; ".join(leaks)

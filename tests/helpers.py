@@ -1,0 +1,100 @@
+"""Helpers the test modules share (``conftest.py`` turns the ones that need pytest into fixtures).
+
+* :func:`image_folder` writes every generated image folder the tests use (ImageFolder layout,
+  solid colours or noise, fixed or varying sizes, one seed for all the pixels);
+* :func:`run_cli` runs ``dgmr`` in-process and returns ``(exit code, stdout, stderr)``;
+* ``TINY_VIT_*``: the tiny random-init timm ViT most command-line tests prune.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dgmr.cli import main
+
+TINY_VIT_SPEC = "timm:vit_tiny_patch16_224"
+TINY_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2}
+# `dgmr prune TINY_VIT_ARGV ...`: the spec, random weights, the small architecture
+TINY_VIT_ARGV = (TINY_VIT_SPEC, "--random-init", "--model-kwargs", json.dumps(TINY_VIT_KWARGS))
+
+Size = tuple[int, int]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``dgmr ARGV`` in this process: (exit code, captured stdout, captured stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def image_folder(
+    root: str | Path,
+    classes: Mapping[str, tuple[int, int, int]] | Sequence[str],
+    per_class: int | Mapping[str, int] = 1,
+    *,
+    seed: int = 0,
+    style: str = "color",
+    size: Size | Callable[[int], Size] = (20, 20),
+    jitter: int = 0,
+    noise: int = 0,
+    disc: bool = False,
+    cells: Size | None = None,
+    interleave: bool = False,
+    name: str = "{j}.png",
+) -> list[Path]:
+    """Write generated PNGs as ``root/CLASS/NAME``; returns their paths in the order written.
+
+    ``classes``: class names, or (for ``style="color"``) a name -> (r, g, b) mapping.
+    ``per_class``: images per class, one count or a name -> count mapping. Images are
+    written class after class, or round-robin over the classes with ``interleave``; ``name``
+    is formatted with ``i`` (the image's index among all written) and ``j`` (its index in
+    its class). ``size`` is (width, height), or a function of ``i``.
+
+    ``style="color"``: the class colour, shifted per image by up to +-``jitter`` per channel
+    and per pixel by up to +-``noise``; with ``disc`` a grey disc (a third of the size, random
+    place and grey level) on top. ``style="noise"``: uniform random pixels on a grid of
+    ``cells`` (width, height; default one cell per pixel) resized bilinearly to ``size``.
+
+    One ``numpy.random.default_rng(seed)`` draws everything, image after image, in the
+    order written: the same call writes the same pixels.
+    """
+    if style not in ("color", "noise"):
+        raise ValueError(f"style must be 'color' or 'noise', got {style!r}")
+    if style == "color" and not isinstance(classes, Mapping):
+        raise ValueError("style='color' needs a class name -> (r, g, b) mapping")
+    root = Path(root)
+    names = list(classes)
+    counts = {c: per_class[c] if isinstance(per_class, Mapping) else per_class for c in names}
+    if interleave:
+        order = [(c, j) for j in range(max(counts.values(), default=0)) for c in names if j < counts[c]]
+    else:
+        order = [(c, j) for c in names for j in range(counts[c])]
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (c, j) in enumerate(order):
+        w, h = size(i) if callable(size) else size
+        if style == "noise":
+            cw, ch = cells or (w, h)
+            im = Image.fromarray(rng.integers(0, 255, (ch, cw, 3), dtype=np.uint8))
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+        else:
+            pix = np.broadcast_to(np.asarray(classes[c], dtype=np.int64), (h, w, 3))
+            if jitter:
+                pix = pix + rng.integers(-jitter, jitter + 1, 3)
+            if noise:
+                pix = pix + rng.integers(-noise, noise + 1, (h, w, 3))
+            im = Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8))
+            if disc:
+                x, y = int(rng.integers(0, w // 2 + 1)), int(rng.integers(0, h // 2 + 1))
+                grey = int(rng.integers(0, 256))
+                ImageDraw.Draw(im).ellipse([x, y, x + w // 3, y + h // 3], fill=(grey,) * 3)
+        path = root / c / name.format(i=i, j=j)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path)
+        paths.append(path)
+    return paths
