@@ -183,6 +183,7 @@ def test_split_into_the_complement_keeps_the_greedy_order(shape, k, monkeypatch)
     """After 60% of a round's picks the round goes on in the orthogonal complement of the
     picked directions (normally for d >= 512); forced here on small shapes, recursively."""
     monkeypatch.setattr(pivot, "_SPLIT_MIN", 4)
+    monkeypatch.setattr(pivot, "_QRCP_MAX", 0)  # small layers would go to geqp3: keep the lazy kernel
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(k + 1), dtype=torch.float64)
     assert torch.equal(criteria.diversity(w, k), naive_greedy(w, k))
 
@@ -206,3 +207,62 @@ def test_single_thread_section_restores_the_thread_count_across_threads():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- the method dispatch and the GPU method (blocked pivoted Cholesky) -----------------------
+@pytest.mark.parametrize("shape,n,block", [((300, 40), 40, 16), ((512, 64), 64, 128), ((800, 100), 60, 7),
+                                           ((64, 64), 64, 8), ((1000, 24), 24, 5)])
+def test_cholesky_order_is_the_greedy_order(shape, n, block):
+    """The same code that runs as a CUDA graph on GPUs, here on CPU tensors: its picks equal
+    the textbook loop's and LAPACK geqp3's, whatever the block size."""
+    g = torch.Generator().manual_seed(n + block)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.rand(shape[0], 1, generator=g, dtype=torch.float64)
+    got = pivot.cholesky_pivot_order(w, n, block=block)
+    assert torch.equal(got, naive_greedy(w, n))
+    assert torch.equal(got, pivot._qrcp_pivot_order(w, n))
+
+
+def test_cholesky_on_bf16_weights_and_through_diversity(monkeypatch):
+    wb = torch.randn(2048, 64, generator=torch.Generator().manual_seed(3)).bfloat16().double()
+    assert torch.equal(pivot.cholesky_pivot_order(wb, 64, block=16), naive_greedy(wb, 64))
+    # diversity's rounds (k > d) with the GPU method forced on the CPU
+    real = pivot.greedy_order
+    monkeypatch.setattr(criteria, "greedy_order", lambda w, n: real(w, n, method="cholesky"))
+    w = torch.randn(200, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.equal(criteria.diversity(w, 50), naive_greedy(w, 50))
+
+
+def test_cholesky_rank_deficient_falls_back_to_geqp3():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64)
+    assert pivot.cholesky_pivot_order(w, 8) is None  # rank 3: picks 4..8 would be rounding noise
+    assert torch.equal(pivot.greedy_order(w, 8, method="cholesky"), pivot._qrcp_pivot_order(w, 8))
+
+
+def test_greedy_order_dispatch(monkeypatch):
+    w = torch.randn(96, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    calls = []
+    for name in ("pivot_order", "_qrcp_pivot_order", "cholesky_pivot_order"):
+        real = getattr(pivot, name)
+        monkeypatch.setattr(pivot, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    ref = naive_greedy(w, 12)
+    assert torch.equal(pivot.greedy_order(w, 12), ref) and calls == ["_qrcp_pivot_order"]  # small layer: geqp3
+    monkeypatch.setattr(pivot, "_QRCP_MAX", 96 * 12 - 1)
+    assert torch.equal(pivot.greedy_order(w, 12), ref) and calls[-1] == "pivot_order"  # larger: the lazy kernel
+    for method, called in (("lazy", "pivot_order"), ("qrcp", "_qrcp_pivot_order"), ("cholesky", "cholesky_pivot_order")):
+        assert torch.equal(pivot.greedy_order(w, 12, method=method), ref) and calls[-1] == called
+    with pytest.raises(ValueError, match="unknown selection method"):
+        pivot.greedy_order(w, 12, method="magic")
+    with pytest.raises(ValueError, match="at most"):
+        pivot.greedy_order(w, 13)
+
+
+@pytest.mark.cuda
+def test_cuda_selection_matches_the_cpu():
+    """On a GPU ``auto`` runs the Cholesky method as a CUDA graph: same picks as the CPU's
+    float64 lazy kernel and geqp3, and the whole multi-round diversity selection too."""
+    w = torch.randn(4096, 512, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    cpu = pivot.pivot_order(w, 512)
+    assert torch.equal(pivot.greedy_order(w.cuda(), 512), cpu)
+    assert torch.equal(cpu, pivot._qrcp_pivot_order(w, 512))
+    assert torch.equal(select_neurons(w.cuda(), 1024), select_neurons(w, 1024))

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DgmrError
 from ..registry import Registry
-from .pivot import pivot_order, selection_workspace_bytes
+from .pivot import greedy_order, selection_workspace_bytes
 
 
 class Criterion(Protocol):
@@ -55,7 +55,7 @@ def diversity(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     kept = 0
     while kept < k:
         n = min(d, remaining.numel(), k - kept)
-        order = pivot_order(w[remaining], n)
+        order = greedy_order(w[remaining], n)
         chosen = remaining[order]
         picked.append(chosen)
         kept += n

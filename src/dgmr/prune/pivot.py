@@ -1,15 +1,22 @@
 """The greedy Gram-Schmidt kernel: the pivot order of QR with column pivoting, fast and exact.
 
 One round of DGMR's selection (docs/method.md, "The algorithm") picks rows of the scoring
-matrix in greedy Gram-Schmidt order. This module computes that order; the criteria in
-:mod:`dgmr.prune.criteria` call it. It is the one place in dgmr allowed a long function
-(:func:`_lazy_pivot_order`): the blocked lazy loop reads best in one piece.
+matrix in greedy Gram-Schmidt order. This module computes that order three ways, with the
+same picks, and :func:`greedy_order` takes the fastest for the device and shape:
+
+* :func:`pivot_order`: a lazy blocked greedy on the rows themselves (CPU, large layers);
+* LAPACK ``geqp3`` (:func:`_qrcp_pivot_order`; CPU, layers up to ViT-L's size);
+* :func:`cholesky_pivot_order`: blocked pivoted Cholesky of the Gram matrix, one
+  fixed-shape step per pick replayed as a CUDA graph (GPUs).
+
+The criteria in :mod:`dgmr.prune.criteria` call it. It is the one place in dgmr allowed a
+long function (:func:`_lazy_pivot_order`): the blocked lazy loop reads best in one piece.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import scipy.linalg
@@ -24,10 +31,12 @@ _CHUNK = 448  # float32 accumulation length of the bound refresh (as fast as one
 
 
 def selection_workspace_bytes(h: int, d: int, itemsize: int = 8) -> int:
-    """Peak bytes :func:`pivot_order` holds, beyond its input, for an h x d matrix of
-    ``itemsize``-byte floats: the float32 copy of the matrix, the rows projected onto the
-    complement (second leg), the pivot directions in both precisions, the pool and its
-    block coefficients, the residual cache and per-row temporaries."""
+    """Peak host bytes :func:`greedy_order` holds on the CPU, beyond its input, for an h x d
+    matrix of ``itemsize``-byte floats: the lazy kernel's (the larger of the two CPU methods;
+    ``geqp3`` holds one copy of the matrix): the float32 copy of the matrix, the rows
+    projected onto the complement (second leg), the pivot directions in both precisions, the
+    pool and its block coefficients, the residual cache and per-row temporaries. (On a GPU
+    the Cholesky method holds the h x h Gram matrix in device memory.)"""
     n = min(h, d)
     return (h * d * (4 + itemsize) + n * d * (itemsize + 4) + (2 * _POOL + _CACHE) * d * itemsize
             + _POOL * _BLOCK * itemsize + h * 64 * itemsize)
@@ -320,3 +329,132 @@ def _store_residuals(rows, res, norms, level, s, slot, c_res, c_row, c_lvl):
     c_res[slots] = res[new]
     c_lvl[slots] = level
     slot[rows[new]] = slots
+
+
+# ---------------------------------------------------------------------------------------
+# choosing the method, and the GPU method
+_QRCP_MAX = 4096 * 1024  # CPU: up to ViT-L's layer size LAPACK geqp3 is as fast or faster (benchmarks/selection.py)
+_CHOL_BLOCK = 128  # picks between two trailing updates of the Gram matrix
+METHODS = ("auto", "lazy", "qrcp", "cholesky")
+
+
+def greedy_order(w: torch.Tensor, n: int, *, method: str = "auto") -> torch.Tensor:
+    """First ``n`` rows of ``w`` in greedy Gram-Schmidt order, by the method that suits the
+    device and shape (``auto``): on a GPU the blocked pivoted Cholesky
+    (:func:`cholesky_pivot_order`), on the CPU LAPACK ``geqp3`` up to ViT-L's layer size
+    and the lazy blocked greedy (:func:`pivot_order`) above it. Every method gives the
+    greedy picks (docs/method.md, "The algorithm"); they differ in speed only."""
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "auto":
+        method = "cholesky" if w.device.type == "cuda" else "qrcp" if w.numel() <= _QRCP_MAX else "lazy"
+    h, d = w.shape
+    if n > min(h, d):
+        raise ValueError(f"one round picks at most min(rows, cols) = {min(h, d)} rows, asked {n}")
+    if method == "lazy":
+        return pivot_order(w, n)
+    if n == 0:
+        return torch.empty(0, dtype=torch.long)
+    if method == "cholesky":
+        order = cholesky_pivot_order(w, n)
+        if order is not None:
+            return order
+    return _qrcp_pivot_order(w, n)
+
+
+class _CholeskyRound:
+    """A round of greedy Gram-Schmidt as blocked pivoted Cholesky of ``G = w w^T``.
+
+    ``dres`` holds every row's squared residual norm (the diagonal of ``G - L L^T``). A pick
+    takes its argmax ``p`` (the lowest index on ties), forms column ``p`` of the residual
+    Gram matrix from ``G`` (brought up to date once per block) and the block's columns ``L``,
+    scales it by ``1/sqrt(dres[p])`` into the next column of ``L`` and subtracts its square
+    from ``dres``: one greedy step written on inner products. ``G`` and ``L`` share one buffer
+    so that one gather reads both rows ``p``. A pick has fixed shapes and keeps every index
+    on the device (no host sync), so a CUDA graph replays it: its ten small kernels would
+    otherwise cost more to launch than to run."""
+
+    def __init__(self, w: torch.Tensor, block: int):
+        h, dev, dt = w.shape[0], w.device, w.dtype
+        self.h = h
+        self.GL = torch.zeros(h, h + block, dtype=dt, device=dev)  # [G | L]
+        torch.mm(w, w.T, out=self.G)
+        self.dres = torch.diagonal(self.G).clone()
+        self.scale = float(self.dres.max()) or 1.0
+        self.picked = torch.zeros(block, dtype=torch.long, device=dev)  # the block's picks, in order
+        self.col = torch.zeros(1, dtype=torch.long, device=dev)  # the column of L the next pick fills
+        self.taken = torch.full((1,), -float("inf"), dtype=dt, device=dev)
+
+    @property
+    def G(self) -> torch.Tensor:
+        return self.GL[:, :self.h]
+
+    @property
+    def L(self) -> torch.Tensor:
+        return self.GL[:, self.h:]
+
+    def pick(self) -> None:
+        p = torch.argmax(self.dres).view(1)
+        row = self.GL.index_select(0, p).view(-1)
+        g = torch.addmv(row[:self.h], self.L, row[self.h:], alpha=-1)  # L's unfilled columns are 0
+        col = g * g.index_select(0, p).rsqrt()
+        self.L.index_copy_(1, self.col, col.view(-1, 1))
+        self.dres.addcmul_(col, col, value=-1)
+        self.dres.index_copy_(0, p, self.taken)
+        self.picked.index_copy_(0, self.col, p)
+        self.col += 1
+
+    def end_block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trailing update ``G -= L L^T``; returns (the block's picks, their squared residual norms)."""
+        picks = self.picked[:b].clone()
+        values = self.L[picks, torch.arange(b, device=picks.device)] ** 2
+        self.G.addmm_(self.L, self.L.T, alpha=-1)
+        self.L.zero_()
+        self.col.zero_()
+        return picks, values
+
+
+def _capture(fn: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:
+    """``fn`` captured as a CUDA graph (warmed up on a side stream first, its effect on
+    ``state`` undone), returned as the graph's replay."""
+    saved = [t.clone() for t in state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, v in zip(state, saved):
+        t.copy_(v)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def cholesky_pivot_order(w: torch.Tensor, n: int, *, block: int = _CHOL_BLOCK,
+                         graph: bool | None = None) -> torch.Tensor | None:
+    """First ``n`` rows of ``w`` in greedy Gram-Schmidt order by blocked pivoted Cholesky of
+    ``w w^T`` (whose pivot order is the greedy order): ``2 h^2 (d + n)`` flops of GEMM plus
+    ten small kernels per pick, replayed as a CUDA graph on GPUs (``graph``, default: on
+    CUDA). Holds the h x h Gram matrix, so it suits GPUs; the same code runs on CPU tensors
+    (tests). ``None`` when a residual is numerically zero (rank-deficient ``w``)."""
+    if not w.dtype.is_floating_point or w.dtype.itemsize < 4:
+        w = w.float()
+    block = max(1, min(block, n))
+    rnd = _CholeskyRound(w.detach(), block)
+    use_graph = w.device.type == "cuda" if graph is None else graph
+    # the warm-up pick of the capture only touches what the state list restores (not G)
+    pick = _capture(rnd.pick, [rnd.L, rnd.dres, rnd.picked, rnd.col]) if use_graph else rnd.pick
+    picks, values = [], []
+    for start in range(0, n, block):
+        b = min(block, n - start)
+        for _ in range(b):
+            pick()
+        p, v = rnd.end_block(b)
+        picks.append(p)
+        values.append(v)
+    # a pick whose squared residual is within the Gram matrix's rounding error is no direction
+    smallest = float(torch.cat(values).min()) / rnd.scale
+    if not smallest > 64 * w.shape[1] * torch.finfo(w.dtype).eps:
+        return None
+    return torch.cat(picks).cpu()
