@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dgmr.distill.data import (EpochIndexSampler, ImageDataset, ShardImages, TrainTransform, collate, resolve_data,
+from dgmr.distill.data import (ImageDataset, RunSampler, ShardImages, TrainTransform, collate, resolve_data,
                        sample_generator)
 from dgmr.errors import DgmrError
 
@@ -64,11 +64,33 @@ def test_corrupt_items_are_reported_not_raised(tmp_path):
     bad = tmp_path / "b.jpg"
     bad.write_bytes(b"\xff\xd8 broken")
     ds = ImageDataset([str(good), str(bad), str(tmp_path / "gone.png")], TrainTransform(8, MEAN, STD))
-    sampler = EpochIndexSampler(range(3), epoch=4)
-    x, names = collate([ds[key] for key in sampler])
+    x, names = collate([ds[(4, i)] for i in range(3)])
     assert x.shape == (1, 3, 8, 8)
     assert [n.split(":")[0] for n in names] == [str(bad), str(tmp_path / "gone.png")]
-    assert list(EpochIndexSampler(range(5), epoch=1, skip=3)) == [(1, 3), (1, 4)]
+
+
+def test_run_sampler_crosses_epochs_like_one_sampler_per_epoch():
+    """One endless sampler (one DataLoader, workers never restart) yields exactly what a fresh
+    DistributedSampler per epoch would, cut to whole batches, resuming mid-epoch by skipping."""
+    from itertools import islice
+
+    from torch.utils.data import DistributedSampler
+
+    from dgmr.dist import DistInfo
+
+    ds = list(range(23))
+
+    def epoch_order(epoch: int, rank: int) -> list[int]:
+        s = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True)
+        s.set_epoch(epoch)
+        return list(s)[:8]
+
+    for rank in (0, 1):
+        got = list(islice(RunSampler(ds, DistInfo(rank=rank, world=2), seed=5, per_epoch=8, epoch=0, skip=0), 24))
+        assert got == [(e, i) for e in range(3) for i in epoch_order(e, rank)]
+    resumed = list(islice(RunSampler(ds, DistInfo(rank=1, world=2), seed=5, per_epoch=8, epoch=1, skip=3), 13))
+    assert resumed == [(1, i) for i in epoch_order(1, 1)[3:]] + [(2, i) for i in epoch_order(2, 1)]
+    assert set(epoch_order(0, 0)).isdisjoint(epoch_order(0, 1))  # ranks see different images
 
 
 def test_shard_stream_skips_exactly_and_splits_ranks(tmp_path):

@@ -341,3 +341,60 @@ def test_cli_config_file_with_flag_override_and_overwrite(tiny, tmp_path):
     assert main(argv) == 2  # the run directory is not empty
     assert main(argv + ["--overwrite", "--steps", "1"]) == 0
     assert [r["step"] for r in _metrics(run)] == [1]
+
+
+def test_failed_compile_falls_back_to_eager_with_the_same_result(tiny, tmp_path, monkeypatch):
+    """compile=on with a compiler that breaks at the first step: one warning, then the run is
+    exactly the eager run (nothing was learned from the failed attempt)."""
+    kw = dict(steps=3, batch_size=8, lr=2e-3, workers=0, progress=False, log_every=1)
+    distill(str(tiny["teacher"]), str(tiny["student"]), str(tiny["images"]), tmp_path / "eager", compile="off", **kw)
+
+    def broken_compile(module, *a, **k):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler\nsecond line")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
+        r = distill(str(tiny["teacher"]), str(tiny["student"]), str(tiny["images"]), tmp_path / "fallback",
+                    compile="on", **kw)
+    assert r["steps"] == 3
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "fallback")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [row["loss"] for row in _metrics(tmp_path / "eager")] == [row["loss"] for row in _metrics(tmp_path / "fallback")]
+
+
+def test_compile_setting_is_checked_and_mutable_on_resume():
+    with pytest.raises(dgmr.DgmrError, match="unknown compile mode 'fast'"):
+        DistillSettings.resolve(compile="fast")
+    from dgmr.distill.settings import RESUME_MUTABLE
+
+    assert "compile" in RESUME_MUTABLE and DistillSettings().compile == "auto"
+
+
+def test_background_checkpoint_writer_is_atomic_and_reports_errors(tmp_path):
+    from dgmr.distill.recipe import _BackgroundWriter, _to_cpu
+
+    live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"step": 4}]}
+    snap = _to_cpu(live)
+    live["w"].add_(1)  # training goes on: the snapshot must not change
+    writer = _BackgroundWriter()
+    writer.write(snap, tmp_path / "checkpoint.pt")
+    writer.wait()
+    got = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert torch.equal(got["w"], torch.ones(3)) and got["nested"][1] == {"step": 4}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+    writer.write(snap, tmp_path / "missing-dir" / "checkpoint.pt")
+    with pytest.raises(dgmr.DgmrError, match="writing the checkpoint failed"):
+        writer.wait()
+    writer.wait()  # the error is reported once
+
+
+def test_attention_backend_setting(tiny, tmp_path):
+    """The attention backend is a setting: checked, recorded, and (math on a CPU) trains."""
+    with pytest.raises(dgmr.DgmrError, match="unknown attention backend 'fast'"):
+        DistillSettings.resolve(attention="fast")
+    r = distill(str(tiny["teacher"]), str(tiny["student"]), str(tiny["images"]), tmp_path / "run", steps=2,
+                batch_size=8, workers=0, progress=False, attention="math")
+    cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert r["steps"] == 2 and cfg["settings"]["attention"] == "math"

@@ -79,26 +79,10 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
     return img.convert("RGB")
 
 
-class EpochIndexSampler(torch.utils.data.Sampler):
-    """Wrap an index sampler so each index arrives with its epoch: ``(epoch, index)``,
-    optionally skipping the first ``skip`` indices (resuming mid-epoch)."""
-
-    def __init__(self, sampler: torch.utils.data.Sampler, epoch: int, skip: int = 0):
-        self.sampler, self.epoch, self.skip = sampler, epoch, skip
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i, idx in enumerate(self.sampler):
-            if i >= self.skip:
-                yield self.epoch, idx
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)  # type: ignore[arg-type]
-
-
 class ImageDataset(Dataset):
     """Map-style images from files (paths), PIL images, or another dataset of image tensors.
 
-    Items are looked up as ``dataset[(epoch, index)]`` (see :class:`EpochIndexSampler`) and
+    Items are looked up as ``dataset[(epoch, index)]`` (see :class:`RunSampler`) and
     return ``(tensor, None)`` or ``(None, name)`` when the image cannot be read.
     """
 
@@ -337,7 +321,7 @@ class Loader:
 
     def batches(self, start_micro: int, steps_per_epoch: int) -> Iterator[tuple[int, torch.Tensor | None, list[str]]]:
         """Endless (epoch, images, unreadable names) micro-batches from micro-batch ``start_micro``."""
-        from torch.utils.data import DataLoader, DistributedSampler
+        from torch.utils.data import DataLoader
 
         s, info = self.settings, self.info
         common = dict(batch_size=s.batch_size, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin,
@@ -354,20 +338,43 @@ class Loader:
                           name="images" if self.source.kind == "memory" else "files")
         per_epoch = steps_per_epoch * s.accum  # micro-batches used per epoch
         epoch, skip = divmod(start_micro, per_epoch)
+        # one loader for the whole run: its workers never restart, so epoch boundaries do not stall
+        sampler = RunSampler(ds, info, seed=s.seed, per_epoch=per_epoch * s.batch_size, epoch=epoch,
+                             skip=skip * s.batch_size)
+        extra = {"prefetch_factor": 4} if self.workers > 0 else {}
+        readable = 0
+        for x, bad in DataLoader(ds, sampler=sampler, **common, **extra):
+            readable += 0 if x is None else x.shape[0]
+            yield epoch, x, bad
+            skip += 1
+            if skip == per_epoch:  # batches never straddle epochs: each epoch is a whole number of them
+                if readable == 0 and start_micro <= (epoch * per_epoch):
+                    raise DgmrError(f"no readable images in {self.source.description}")
+                epoch, skip, readable = epoch + 1, 0, 0
+
+
+class RunSampler(torch.utils.data.Sampler):
+    """``(epoch, index)`` pairs for every epoch from ``epoch`` on, without end: each epoch is
+    the :class:`DistributedSampler` order of this rank (reshuffled per epoch), cut to
+    ``per_epoch`` items (whole batches), the first epoch skipping ``skip`` items (resuming)."""
+
+    def __init__(self, ds: Dataset, info: D.DistInfo, *, seed: int, per_epoch: int, epoch: int, skip: int):
+        self.ds, self.info, self.seed = ds, info, seed
+        self.per_epoch, self.epoch, self.skip = per_epoch, epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        from torch.utils.data import DistributedSampler
+
+        epoch, skip = self.epoch, self.skip
         while True:
-            sampler = DistributedSampler(ds, num_replicas=info.world, rank=info.rank, shuffle=True, seed=s.seed,
-                                         drop_last=True)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(ds, sampler=EpochIndexSampler(sampler, epoch, skip * s.batch_size), **common)
-            used, readable = skip, 0
-            for x, bad in loader:
-                if used >= per_epoch:
+            order = DistributedSampler(self.ds, num_replicas=self.info.world, rank=self.info.rank, shuffle=True,
+                                       seed=self.seed, drop_last=True)
+            order.set_epoch(epoch)
+            for i, idx in enumerate(order):
+                if i >= self.per_epoch:
                     break
-                readable += 0 if x is None else x.shape[0]
-                yield epoch, x, bad
-                used += 1
-            if readable == 0 and skip == 0:
-                raise DgmrError(f"no readable images in {self.source.description}")
+                if i >= skip:
+                    yield epoch, idx
             epoch, skip = epoch + 1, 0
 
 

@@ -28,7 +28,9 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -67,6 +69,59 @@ class FeatureNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.family.features(self.model, x)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A CPU copy of every tensor in a nested checkpoint dict (a snapshot training cannot change)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class _BackgroundWriter:
+    """Writes checkpoints in a thread so the GPU does not wait on the disk; one write at a
+    time (a new one first waits for the last), errors surface at the next :meth:`wait`."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def write(self, obj: Any, path: Path) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                atomic_torch_save(obj, path)
+            except BaseException as e:  # reported by wait(), in the training thread
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="dgmr-checkpoint", daemon=False)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise DgmrError(f"writing the checkpoint failed: {first_line(e)}") from e
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """``torch.nn.attention.sdpa_kernel`` with backend ``name`` tried first ("auto": no change)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    rest = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH) if b != first]
+    return sdpa_kernel([first, *rest], set_priority=True)
 
 
 def _open(model: nn.Module | str | os.PathLike, role: str, settings: DistillSettings) -> tuple[nn.Module, Source | None, dict | None]:
@@ -225,6 +280,7 @@ class DistillRecipe:
         self.t_start = time.perf_counter() if t_start is None else t_start
         self.saved = None
         self.state = TrainState()
+        self.ckpt_writer = _BackgroundWriter()
 
     @property
     def sharded(self) -> bool:
@@ -325,6 +381,10 @@ class DistillRecipe:
             return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
+    def attention_backend(self) -> contextlib.AbstractContextManager:
+        """The ``attention`` setting's backend first, then PyTorch's usual order."""
+        return attention_backend(self.settings.attention)
+
     def _probe(self) -> list[tuple[str, nn.Parameter]]:
         """One forward/backward on noise: the feature shapes must match, and only the parameters
         that get a gradient are trained (a CLIP text tower or an unused head stays frozen)."""
@@ -409,6 +469,18 @@ class DistillRecipe:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.net = DDP(self.net, device_ids=[self.device.index] if self.cuda else None)
+        self.t_net = FeatureNet(self.t_model, self.family)
+        self.s_forward, self.t_forward = self.net, self.t_net
+        self.compile_pending = self.compiling
+        if self.compiling:  # compiled lazily, at the first step (see _micro_step for the fallback)
+            mode = "max-autotune-no-cudagraphs" if self.settings.compile == "max-autotune" else None
+            self.s_forward, self.t_forward = torch.compile(self.net, mode=mode), torch.compile(self.t_net, mode=mode)
+
+    @property
+    def compiling(self) -> bool:
+        """``compile``: on, or auto on CUDA (FSDP2 stays eager under auto)."""
+        mode = self.settings.compile
+        return mode in ("on", "max-autotune") or (mode == "auto" and self.cuda and not self.sharded)
 
     def setup_optimizer(self) -> None:
         """AdamW over the trainable parameters (no weight decay on biases, norms, tokens,
@@ -526,24 +598,45 @@ class DistillRecipe:
 
     def _micro_step(self, x: torch.Tensor | None, last: bool) -> None:
         """Forward and backward of one micro-batch; gradients sync across ranks on the ``last`` one only."""
-        s, st = self.settings, self.state
+        st = self.state
         weight = 1.0
         if x is None:  # every image of this micro-batch was unreadable: keep ranks in step, learn nothing
             x, weight = torch.zeros(1, 3, self.image_size, self.image_size), 0.0
         x = x.to(self.device, non_blocking=True)
-        with torch.no_grad(), self.autocast():
-            tf = self.family.features(self.t_model, x)
-        sync = contextlib.nullcontext() if last or not self.ddp else self.net.no_sync()
-        if self.sharded:
-            self.net.set_requires_gradient_sync(last)
-        with sync:
-            with self.autocast():
-                sf = self.net(x)
-            loss, lp, lt = feature_loss(sf, tf, s.loss, s.pooled_weight, s.tokens_weight)
-            (loss * (weight / s.accum)).backward()
+        try:
+            loss, lp, lt = self._forward_backward(x, last, weight)
+        except Exception as e:  # torch.compile fails in many ways (dynamo, inductor, the C++ toolchain)
+            if not self.compile_pending:
+                raise
+            self._compile_failed(e)
+            loss, lp, lt = self._forward_backward(x, last, weight)
+        self.compile_pending = False
         n = x.shape[0] * int(weight)
         st.sums[:3] += torch.stack([loss.detach(), lp, lt]).double() * n  # no host sync: summed on device
         st.sums[3] += n
+
+    def _forward_backward(self, x: torch.Tensor, last: bool, weight: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.settings
+        with torch.no_grad(), self.autocast(), self.attention_backend():
+            tf = self.t_forward(x)
+        sync = contextlib.nullcontext() if last or not self.ddp else self.net.no_sync()
+        if self.sharded:
+            self.net.set_requires_gradient_sync(last)
+        with sync, self.attention_backend():
+            with self.autocast():
+                sf = self.s_forward(x)
+            loss, lp, lt = feature_loss(sf, tf, s.loss, s.pooled_weight, s.tokens_weight)
+            (loss * (weight / s.accum)).backward()
+        return loss, lp, lt
+
+    def _compile_failed(self, e: Exception) -> None:
+        """The first compiled step failed: train eagerly (nothing was learned yet, so drop any
+        partial gradients and redo the step). A compiler problem costs speed, not the run."""
+        warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); training without it")
+        self.s_forward, self.t_forward = self.net, self.t_net
+        self.compile_pending = False
+        self.optim.zero_grad(set_to_none=True)
 
     def _optimizer_step(self) -> tuple[float, float, torch.Tensor | None]:
         s, st = self.settings, self.state
@@ -614,9 +707,13 @@ class DistillRecipe:
         bad = D.all_gather_objects(sorted(st.unreadable), info)
         if info.is_main:
             unreadable = sorted(set().union(*map(set, bad)))
-            atomic_torch_save(checkpoint_dict(
-                step=st.step, epoch=st.epoch, images_seen=st.images_seen, unreadable=unreadable, student=msd,
-                optimizer=osd, ema=ema_sd, rng=rngs, cuda_rng=cuda_rngs, world_size=info.world), self.out / CHECKPOINT)
+            ckpt = checkpoint_dict(step=st.step, epoch=st.epoch, images_seen=st.images_seen, unreadable=unreadable,
+                                   student=msd, optimizer=osd, ema=ema_sd, rng=rngs, cuda_rng=cuda_rngs,
+                                   world_size=info.world)
+            if self.cuda:  # snapshot to host memory, then the disk write overlaps the next steps
+                self.ckpt_writer.write(_to_cpu(ckpt), self.out / CHECKPOINT)
+            else:
+                atomic_torch_save(ckpt, self.out / CHECKPOINT)
         D.barrier(info)
 
     # -- end ------------------------------------------------------------------------------------
@@ -625,6 +722,7 @@ class DistillRecipe:
         """The EMA becomes the student; ranks must hold identical weights; rank 0 exports the
         student and writes summary.json. Returns the summary."""
         st, info = self.state, self.info
+        self.ckpt_writer.wait()  # the last checkpoint is on disk before anything is exported
         if st.ema is not None:
             with torch.no_grad():
                 for (_, p), t in zip(self.trainable, st.ema.values()):

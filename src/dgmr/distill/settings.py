@@ -18,8 +18,10 @@ from ..errors import DgmrError, first_line
 
 LOSSES = ("mse", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
-# settings that may change when resuming (they do not change the trained weights)
-RESUME_MUTABLE = {"workers", "log_every", "save_every", "tensorboard", "device"}
+COMPILE_MODES = ("auto", "on", "off", "max-autotune")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+# settings that may change when resuming (they do not change what is trained)
+RESUME_MUTABLE = {"workers", "log_every", "save_every", "tensorboard", "device", "compile", "attention"}
 DEFAULT_EPOCHS = 10  # the paper's run length, when neither epochs nor steps is set
 
 SCHEDULE, LOSS_AND_DATA, HARDWARE = "schedule", "loss and data", "hardware and output"
@@ -59,6 +61,12 @@ class DistillSettings:
                                                         "count; 0 for in-memory data)")
     precision: str = _setting("auto", HARDWARE, "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
     device: str | None = _setting(None, HARDWARE, "cpu or cuda (unset: cuda when available)")
+    compile: str = _setting("auto", HARDWARE, "torch.compile the teacher forward and the student forward/backward "
+                                              "(auto: on CUDA without FSDP; max-autotune: also tune the GEMMs, "
+                                              "minutes of compiling; a failed compile falls back to eager)",
+                            choices=COMPILE_MODES)
+    attention: str = _setting("auto", HARDWARE, "scaled-dot-product attention backend tried first (auto: PyTorch's "
+                              "choice)", choices=ATTENTION_BACKENDS)
     fsdp: bool = _setting(False, HARDWARE, "shard the student with FSDP2 per block instead of DDP (under torchrun)")
     save_every: int = _setting(1000, HARDWARE, "checkpoint every N steps; 0: only at the end")
     log_every: int = _setting(10, HARDWARE, "metrics line every N steps")
@@ -102,6 +110,10 @@ class DistillSettings:
             raise DgmrError("pooled_weight and tokens_weight are both 0: nothing to learn")
         if self.loss not in LOSSES:
             raise DgmrError(f"unknown loss {self.loss!r}; choose {' or '.join(LOSSES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise DgmrError(f"unknown attention backend {self.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.compile not in COMPILE_MODES:
+            raise DgmrError(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise DgmrError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.ema is not None and not 0 < self.ema < 1:
