@@ -9,6 +9,7 @@ import torch
 import dgmr
 from dgmr.models import artifact
 from dgmr.models.families import family_of
+from dgmr.prune.mlp import in_dim, out_dim
 
 from tiny_models import CASES, GenericNet, build, output
 
@@ -27,8 +28,8 @@ def _x(case, n=2):
 def _params_per_neuron(site) -> int:
     """Parameters that one hidden neuron owns, counted from the layer shapes."""
     rows = 2 if site.gated else 1
-    n = rows * (site.up.in_features + (site.up.bias is not None))
-    n += site.down.out_features
+    n = rows * (in_dim(site.up) + (site.up.bias is not None))  # in_dim: Linear or 1x1 conv
+    n += out_dim(site.down)
     for norm in site.norms:
         n += sum(p is not None for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)))
     return n
@@ -90,6 +91,9 @@ def _native(case, out, cfg, model, x):
     note = cfg["native_export"]
     if case.family == "generic":
         assert "skipped" in note
+        return None
+    if not case.native:
+        assert "takes no mlp_ratio" in note["skipped"], note
         return None
     assert "skipped" not in note, note
     if case.family == "timm":
@@ -167,3 +171,128 @@ def test_hf_dinov2_swiglu_refuses_unexpressible_width(cfgdir, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(pixel_values=x).last_hidden_state, model(pixel_values=x).last_hidden_state)
+
+
+# -- 1x1-conv MLPs: hidden norms, meta shapes, the CLI --------------------------------------
+def _conv_mlp(norm_layer, h=32, d=8, seed=0):
+    """timm ConvMlp (fc1 1x1 conv, norm over the hidden channels, act, fc2 1x1 conv), with
+    random norm affine parameters and running stats so that slicing them is visible."""
+    from timm.layers import ConvMlp
+
+    torch.manual_seed(seed)
+    m = ConvMlp(d, h, norm_layer=norm_layer).eval()
+    with torch.no_grad():
+        for t in [*m.norm.parameters(), *(b for b in m.norm.buffers() if b.ndim)]:
+            t.copy_(torch.rand_like(t) + 0.5)
+    return m
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "groupnorm"])
+def test_conv_mlp_cut_equals_dropping_hidden_channels(norm):
+    """With a per-channel norm in eval mode (BatchNorm; GroupNorm with one channel per group),
+    the cut MLP computes exactly what the original computes with the dropped channels zeroed
+    before fc2: the kept rows, norm entries and fc2 columns are the original values."""
+    from dgmr.prune.mlp import find_mlps, shrink_mlp
+
+    h = 32
+    make = torch.nn.BatchNorm2d if norm == "batchnorm" else (lambda c, **kw: torch.nn.GroupNorm(c, c, **kw))
+    ref, m = _conv_mlp(make, h), _conv_mlp(make, h)
+    (site,) = find_mlps(m)
+    assert site.kind == "conv1x1" and site.norms == [m.norm] and (site.in_features, site.hidden) == (8, h)
+    w1, w_gate = site.scoring_weights()
+    assert w1.shape == (h, 8) and w_gate is None
+    keep = torch.tensor([1, 4, 5, 9, 20, 31])
+    mask = torch.zeros(1, h, 1, 1)
+    mask[:, keep] = 1
+    ref.fc2.register_forward_pre_hook(lambda mod, args: (args[0] * mask,))
+    with torch.no_grad():
+        shrink_mlp(site, keep)
+        x = torch.randn(2, 8, 5, 5)
+        torch.testing.assert_close(m(x), ref(x))
+    assert (m.fc1.out_channels, m.fc2.in_channels) == (6, 6)
+    if norm == "batchnorm":
+        assert m.norm.num_features == 6 and torch.equal(m.norm.running_var, ref.norm.running_var[keep])
+    else:
+        assert m.norm.num_channels == m.norm.num_groups == 6  # one group per channel stays so
+
+
+def test_group_norm_refuses_a_width_its_groups_do_not_divide():
+    from dgmr.prune.mlp import find_mlps, shrink_mlp
+
+    m = _conv_mlp(lambda c, **kw: torch.nn.GroupNorm(4, c, **kw), h=32)
+    (site,) = find_mlps(m)
+    with pytest.raises(dgmr.DgmrError, match=r"4 groups.*divide 10"):
+        shrink_mlp(site, torch.arange(10))
+    assert m.fc1.out_channels == 32 and m.norm.weight.shape == (32,)  # refused before any cut
+    shrink_mlp(site, torch.arange(0, 32, 2))  # 16 = 4 groups of 4
+    assert m.norm.num_channels == 16 and m(torch.randn(1, 8, 3, 3)).shape == (1, 8, 3, 3)
+
+
+def test_a_width_refused_at_a_later_mlp_leaves_the_whole_model_uncut():
+    """dgmr.prune checks every MLP's width before it cuts the first one."""
+    model = torch.nn.Sequential(_conv_mlp(torch.nn.BatchNorm2d, h=32),
+                                _conv_mlp(lambda c, **kw: torch.nn.GroupNorm(4, c, **kw), h=32))
+    with pytest.raises(dgmr.DgmrError, match=r"4 groups.*divide 10"):
+        dgmr.prune(model, hidden=10, progress=False)
+    assert [m.fc1.out_channels for m in model] == [32, 32] and model[0].norm.num_features == 32
+
+
+def test_conv_mlp_norm_over_more_than_the_channels_is_refused():
+    from dgmr.prune.mlp import find_mlps
+
+    m = _conv_mlp(None)
+    m.norm = torch.nn.LayerNorm((32, 4, 4))  # not a per-channel norm: slicing it means nothing
+    with pytest.raises(dgmr.DgmrError, match=r"norm: LayerNorm over the hidden dim is not a per-channel norm"):
+        find_mlps(m)
+
+
+def test_conv_mlp_shrinks_on_meta():
+    """dgmr.load and dgmr stats rebuild shapes on meta: conv weights and BatchNorm buffers included."""
+    from timm.layers import ConvMlp
+
+    from dgmr.prune.mlp import find_mlps, shrink_mlp
+
+    with torch.device("meta"):
+        m = ConvMlp(8, 32, norm_layer=torch.nn.BatchNorm2d)
+    (site,) = find_mlps(m)
+    shrink_mlp(site, torch.arange(12))
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["fc1.weight"] == (12, 8, 1, 1) and shapes["fc1.bias"] == (12,)
+    assert shapes["fc2.weight"] == (8, 12, 1, 1) and shapes["norm.running_mean"] == (12,)
+    assert all(v.is_meta for v in m.state_dict().values())
+
+
+def test_cli_prunes_convnext_with_conv_mlp(cli, tmp_path):
+    """`dgmr prune timm:convnext_atto` (conv_mlp=True: 1x1-conv MLPs), then dgmr.load and a forward."""
+    out = tmp_path / "cnx"
+    kwargs = json.dumps({"depths": [1, 1, 1, 1]})  # the real atto widths (40/80/160/320), fewer blocks
+    code, stdout, err = cli("prune", "timm:convnext_atto", "--random-init", "--mlp-ratio", "1",
+                            "--model-kwargs", kwargs, "--out", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["hidden_after"] == [40, 80, 160, 320]
+    cfg = json.loads((out / "config.json").read_text())
+    assert "takes no mlp_ratio" in cfg["native_export"]["skipped"]  # timm's ConvNeXt has no such argument
+    model = dgmr.load(out)
+    assert [m.fc1.out_channels for m in (model.stages[i].blocks[0].mlp for i in range(4))] == [40, 80, 160, 320]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    code, stdout, err = cli("stats", "timm:convnext_atto", "--model-kwargs", kwargs, "--mlp-ratio", "1", "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert 0 < s["param_reduction"] < 1 and 0 < s["flop_reduction"] < 1
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "convnext" in c.id or "poolformer" in c.id or c.id == "timm_swin"],
+                         ids=lambda c: c.id)
+def test_timm_4d_features_are_tokens_by_channels(case, cfgdir):
+    """ConvNeXt/MetaFormer features are NCHW, Swin's NHWC: both come out as (B, H*W, C) tokens."""
+    model, _ = build(case, cfgdir)
+    fam = family_of(model)
+    x = _x(case)
+    with torch.no_grad():
+        f = fam.features(model, x)
+        maps = model.forward_features(x)
+    c = model.num_features
+    assert f["pooled"].shape == (2, c) and f["tokens"].shape[0] == 2 and f["tokens"].shape[2] == c
+    if case.id != "timm_swin":
+        torch.testing.assert_close(f["tokens"], maps.flatten(2).transpose(1, 2))

@@ -69,6 +69,9 @@ class Case:
     image_size: int
     make: Callable[[Path], Source | None] = field(repr=False)
     kinds: tuple[str, ...] = ()
+    # False where the library's config cannot express a pruned width at all (timm ConvNeXt and
+    # MetaFormer take no mlp_ratio): the native export is skipped and says why
+    native: bool = True
 
 
 def _hf_cases() -> list[Case]:
@@ -105,6 +108,28 @@ def _open_clip_timm(t: Path) -> Source:
     return _src("open_clip:dgmr-tiny-EVA")
 
 
+def _tiny_poolformer(t: Path) -> Source:
+    """timm's MetaFormer as poolformer_s12 builds it (1x1-conv MLPs, GroupNorm1), at tiny dims.
+    poolformer_s12 fixes depths/dims (passing them again is a TypeError), so a tiny entry point
+    is registered with timm, like the open_clip configs above; dgmr.load rebuilds it by name."""
+    import timm
+    from timm.models import register_model
+    from timm.models.metaformer import _create_metaformer
+
+    if not timm.models.is_model("dgmr_tiny_poolformer"):
+        def dgmr_tiny_poolformer(pretrained=False, **kwargs):
+            return _create_metaformer("poolformer_s12", pretrained=pretrained, **dict(dict(
+                depths=(1, 1), dims=(16, 24), downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True,
+                norm_layers=timm.layers.GroupNorm1, layer_scale_init_values=1e-5, res_scale_init_values=None,
+                use_mlp_head=False), **kwargs))
+
+        register_model(dgmr_tiny_poolformer)
+    return _src("timm:dgmr_tiny_poolformer")
+
+
+# ConvNeXt at tiny widths that still differ per stage (like atto's 40/80/160/320)
+TINY_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
+
 CASES: list[Case] = [
     Case("timm_vit", "timm", 32, lambda t: _src("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)), ("fc1_fc2",)),
     Case("timm_dinov2_swiglu_packed", "timm", 28, lambda t: _src("timm:vit_giant_patch14_dinov2", dict(
@@ -114,6 +139,15 @@ CASES: list[Case] = [
         img_size=28, depth=2, scale_mlp=True)), ("swiglu_split",)),
     Case("timm_swin", "timm", 56, lambda t: _src("timm:swin_tiny_patch4_window7_224", dict(
         img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7)), ("fc1_fc2",)),
+    Case("timm_convnext_conv_mlp", "timm", 32, lambda t: _src("timm:convnext_atto", dict(TINY_CONVNEXT, conv_mlp=True)),
+         ("conv1x1",), native=False),
+    Case("timm_convnext_linear_mlp", "timm", 32, lambda t: _src("timm:convnext_atto", dict(TINY_CONVNEXT, conv_mlp=False)),
+         ("fc1_fc2",), native=False),
+    Case("timm_convnextv2_conv_grn", "timm", 32, lambda t: _src("timm:convnextv2_atto", dict(TINY_CONVNEXT)),
+         ("conv1x1",), native=False),
+    Case("timm_convnextv2_linear_grn", "timm", 32, lambda t: _src("timm:convnextv2_atto", dict(
+        TINY_CONVNEXT, conv_mlp=False)), ("fc1_fc2",), native=False),
+    Case("timm_poolformer_conv_mlp", "timm", 32, _tiny_poolformer, ("conv1x1",), native=False),
     Case("open_clip_vit", "open_clip", 32, _open_clip, ("open_clip",)),
     Case("open_clip_timm_tower", "open_clip", 224, _open_clip_timm, ("timm_glu_packed",)),
     *_hf_cases(),

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import DgmrError
-from .mlp import MlpSite, shrink_mlp  # first: the model families build on it
+from .mlp import MlpSite, check_width, shrink_mlp  # first: the model families build on it
 from ..models.families import Family, family_of
 from ..models.sources import Source
 from .criteria import select_neurons
@@ -99,6 +99,7 @@ def resolve_widths(
         if not 0 < k <= s.hidden:
             raise DgmrError(f"{s.name}: cannot keep {k} of {s.hidden} hidden neurons (need 0 < k <= {s.hidden}); "
                             f"an mlp ratio of at most {s.hidden / s.in_features:g} fits this model")
+        check_width(s, k)  # every width is checked before the first cut: a refusal leaves the model whole
     return ks
 
 

@@ -1,8 +1,10 @@
 """Where the MLPs are, and the one surgery routine that shrinks them.
 
-An MLP "kind" says how one library lays out an MLP module: which Linear's rows are hidden
-neurons, whether gate and up projections are separate or packed in one Linear, which norms
-run over the hidden dimension, and which Linear's columns read the hidden layer. Kinds are
+An MLP "kind" says how one library lays out an MLP module: which projection's rows are
+hidden neurons, whether gate and up projections are separate or packed in one Linear, which
+norms run over the hidden dimension, and which projection's columns read the hidden layer.
+A projection is an ``nn.Linear`` or a 1x1 ``nn.Conv2d`` (the same matrix applied at every
+pixel of an NCHW map: ConvNeXt with ``conv_mlp=True``, MetaFormer/PoolFormer). Kinds are
 registered with :func:`register_mlp_kind`; :func:`find_mlps` walks a module tree and returns
 one :class:`MlpSite` per MLP. :func:`shrink_mlp` is the only code that changes weights.
 """
@@ -19,11 +21,32 @@ from ..errors import DgmrError
 from ..registry import Registry
 
 
+# A projection of an MLP: a Linear, or a 1x1 Conv2d (see ``_conv1x1`` for what qualifies).
+Proj = nn.Linear | nn.Conv2d
+
+
+def in_dim(m: Proj) -> int:
+    """Input features of a Linear, input channels of a 1x1 conv."""
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def out_dim(m: Proj) -> int:
+    """Output features of a Linear, output channels of a 1x1 conv."""
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def matrix(m: Proj) -> torch.Tensor:
+    """The weight as an (out, in) matrix; a conv's (out, in, 1, 1) weight is flattened (a
+    view when contiguous, so scoring reads it without a copy)."""
+    return m.weight if isinstance(m, nn.Linear) else m.weight.flatten(1)
+
+
 @dataclass
 class MlpSite:
     """One MLP of a model.
 
-    ``up`` holds one row per hidden neuron (for ``packed`` gated MLPs it holds the gate
+    Projections are ``nn.Linear`` or 1x1 ``nn.Conv2d`` (weight (out, in, 1, 1)). ``up``
+    holds one row per hidden neuron (for ``packed`` gated MLPs it holds the gate
     rows and the up rows stacked: ``"gate_first"`` = [gate; up], ``"gate_last"`` = [up;
     gate]). ``gate`` is a separate gate Linear, if any. ``norms`` normalise over the hidden
     dimension. ``down`` reads the hidden layer (its columns are hidden neurons).
@@ -32,19 +55,19 @@ class MlpSite:
     name: str
     module: nn.Module
     kind: str
-    up: nn.Linear
-    down: nn.Linear
-    gate: nn.Linear | None = None
+    up: Proj
+    down: Proj
+    gate: Proj | None = None
     packed: str | None = None
     norms: list[nn.Module] = field(default_factory=list)
 
     @property
     def hidden(self) -> int:
-        return self.down.in_features
+        return in_dim(self.down)
 
     @property
     def in_features(self) -> int:
-        return self.up.in_features
+        return in_dim(self.up)
 
     @property
     def parts(self) -> list[nn.Module]:
@@ -56,14 +79,15 @@ class MlpSite:
         return self.gate is not None or self.packed is not None
 
     def scoring_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(w1, w_gate): the up weight and the gate weight (None when not gated)."""
-        w = self.up.weight
+        """(w1, w_gate): the up weight and the gate weight (None when not gated), as
+        (hidden, in) matrices (a 1x1 conv's (h, d, 1, 1) weight is viewed as (h, d))."""
+        w = matrix(self.up)
         h = self.hidden
         if self.packed == "gate_first":
             return w[h:], w[:h]
         if self.packed == "gate_last":
             return w[:h], w[h:]
-        return w, (self.gate.weight if self.gate is not None else None)
+        return w, (matrix(self.gate) if self.gate is not None else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,15 +108,49 @@ def _linear(module: nn.Module, attr: str) -> nn.Linear | None:
     return m if isinstance(m, nn.Linear) else None
 
 
+def _conv1x1(module: nn.Module, attr: str) -> nn.Conv2d | None:
+    """``module.attr`` if it is a 1x1 ungrouped Conv2d: only then is it one (out, in) matrix
+    applied at every pixel, whose output/input channels can be cut like a Linear's rows/columns."""
+    m = getattr(module, attr, None)
+    if not isinstance(m, nn.Conv2d) or tuple(m.kernel_size) != (1, 1) or m.groups != 1:
+        return None
+    return m
+
+
+# attributes that carry a norm's channel count (LayerNorm/LayerNorm2d/RmsNorm2d, BatchNorm, GroupNorm)
+_WIDTH_ATTRS = ("normalized_shape", "num_features", "num_channels")
+
+
+def _norm_tensors(norm: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The per-channel tensors of a norm: weight, bias, BatchNorm running stats (scalars such
+    as ``num_batches_tracked`` are not per channel and stay as they are)."""
+    named = [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]
+    return [(n, t) for n, t in named if t is not None and t.ndim > 0]
+
+
+def _sliceable_norm(norm: nn.Module, hidden: int) -> bool:
+    """Whether cutting ``norm`` to k channels is just slicing its per-channel tensors: every
+    such tensor has shape (hidden,), any recorded width is ``hidden``, and it has no
+    sub-modules (whose state we would not know how to cut)."""
+    tensors = _norm_tensors(norm)
+    if any(tuple(t.shape) != (hidden,) for _, t in tensors) or any(True for _ in norm.children()):
+        return False
+    widths = [getattr(norm, a) for a in _WIDTH_ATTRS if hasattr(norm, a)]
+    if any(tuple(w) != (hidden,) if isinstance(w, (tuple, list, torch.Size)) else w != hidden for w in widths):
+        return False
+    return bool(tensors) or bool(widths)
+
+
 def _hidden_norms(module: nn.Module, attrs: tuple[str, ...], hidden: int, path: str) -> list[nn.Module]:
     norms = []
     for attr in attrs:
         m = getattr(module, attr, None)
         if m is None or isinstance(m, nn.Identity):
             continue
-        w = getattr(m, "weight", None)
-        if w is None or tuple(w.shape) != (hidden,):
-            raise DgmrError(f"{path}.{attr}: {type(m).__name__} over the hidden dim has no weight of shape ({hidden},); cannot slice it")
+        if not _sliceable_norm(m, hidden):
+            shapes = {n: tuple(t.shape) for n, t in _norm_tensors(m)}
+            raise DgmrError(f"{path}.{attr}: {type(m).__name__} over the hidden dim is not a per-channel norm of "
+                            f"width {hidden} (tensors {shapes or 'none'}); cannot slice it")
         norms.append(m)
     return norms
 
@@ -133,7 +191,19 @@ def _fc1_fc2(path: str, m: nn.Module) -> MlpSite | None:
     up, down = _linear(m, "fc1"), _linear(m, "fc2")
     if up is None or down is None or up.out_features != down.in_features:
         return None
-    return MlpSite(path, m, "fc1_fc2", up, down, norms=_hidden_norms(m, ("norm",), down.in_features, path))
+    # grn: timm GlobalResponseNormMlp (ConvNeXt V2), a per-channel GRN over the hidden dim
+    return MlpSite(path, m, "fc1_fc2", up, down, norms=_hidden_norms(m, ("norm", "grn"), down.in_features, path))
+
+
+@register_mlp_kind("conv1x1", builtin=True)
+def _conv_mlp(path: str, m: nn.Module) -> MlpSite | None:
+    """1x1-conv MLPs on NCHW maps: timm Mlp(use_conv=True) (ConvNeXt with conv_mlp=True,
+    MetaFormer/PoolFormer/ConvFormer), ConvMlp, GlobalResponseNormMlp(use_conv=True):
+    fc1, act, [norm or grn over the hidden channels], fc2."""
+    up, down = _conv1x1(m, "fc1"), _conv1x1(m, "fc2")
+    if up is None or down is None or up.out_channels != down.in_channels:
+        return None
+    return MlpSite(path, m, "conv1x1", up, down, norms=_hidden_norms(m, ("norm", "grn"), down.in_channels, path))
 
 
 @register_mlp_kind("open_clip", builtin=True)
@@ -210,26 +280,56 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
-def _take_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    rows = rows.to(linear.weight.device)
-    _set_param(linear, "weight", linear.weight.detach()[rows])
-    if linear.bias is not None:
-        _set_param(linear, "bias", linear.bias.detach()[rows])
-    linear.out_features = rows.numel()
+def _take_rows(proj: Proj, rows: torch.Tensor) -> None:
+    """Keep output rows (Linear) / output channels (1x1 conv: dim 0 of its weight too)."""
+    rows = rows.to(proj.weight.device)
+    _set_param(proj, "weight", proj.weight.detach()[rows])
+    if proj.bias is not None:
+        _set_param(proj, "bias", proj.bias.detach()[rows])
+    setattr(proj, "out_features" if isinstance(proj, nn.Linear) else "out_channels", rows.numel())
 
 
-def _take_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
-    _set_param(linear, "weight", linear.weight.detach()[:, cols.to(linear.weight.device)])
-    linear.in_features = cols.numel()
+def _take_cols(proj: Proj, cols: torch.Tensor) -> None:
+    """Keep input columns (Linear) / input channels (1x1 conv: dim 1 of its weight too)."""
+    _set_param(proj, "weight", proj.weight.detach()[:, cols.to(proj.weight.device)])
+    setattr(proj, "in_features" if isinstance(proj, nn.Linear) else "in_channels", cols.numel())
+
+
+def _per_channel_groups(norm: nn.Module) -> bool:
+    """A GroupNorm with one group per channel (instance-norm style): it stays so when cut."""
+    groups = getattr(norm, "num_groups", None)
+    return groups is not None and groups == getattr(norm, "num_channels", None)
+
+
+def _check_norm(site: MlpSite, norm: nn.Module, k: int) -> None:
+    """GroupNorm splits the channels into num_groups equal groups: k must still divide
+    (unless every channel is its own group, where the cut keeps that)."""
+    groups = getattr(norm, "num_groups", None)
+    if isinstance(groups, int) and groups > 1 and k % groups and not _per_channel_groups(norm):
+        raise DgmrError(f"{site.name}: {type(norm).__name__} over the hidden dim has {groups} groups, which do not "
+                        f"divide {k} kept neurons; pick a width that is a multiple of {groups}")
+
+
+def check_width(site: MlpSite, k: int) -> None:
+    """Refuse a width ``k`` that ``site`` cannot be cut to (its hidden norms'), before any cut."""
+    for norm in site.norms:
+        _check_norm(site, norm, k)
 
 
 def _take_norm(norm: nn.Module, keep: torch.Tensor) -> None:
-    for pname in ("weight", "bias"):
-        p = getattr(norm, pname, None)
-        if isinstance(p, nn.Parameter):
-            _set_param(norm, pname, p.detach()[keep.to(p.device)])
+    k = keep.numel()
+    if _per_channel_groups(norm):
+        norm.num_groups = k
+    for name, t in _norm_tensors(norm):
+        if isinstance(t, nn.Parameter):
+            _set_param(norm, name, t.detach()[keep.to(t.device)])
+        else:  # a buffer (BatchNorm running_mean / running_var): stays a buffer
+            setattr(norm, name, t[keep.to(t.device)].contiguous())
     if hasattr(norm, "normalized_shape"):
-        norm.normalized_shape = (keep.numel(),)
+        norm.normalized_shape = (k,)
+    for attr in ("num_features", "num_channels"):
+        if hasattr(norm, attr):
+            setattr(norm, attr, k)
 
 
 def shrink_mlp(site: MlpSite, keep: torch.Tensor) -> None:
@@ -244,6 +344,7 @@ def shrink_mlp(site: MlpSite, keep: torch.Tensor) -> None:
     k = keep.numel()
     if k == 0 or k > h or keep.min() < 0 or keep.max() >= h or torch.unique(keep).numel() != k:
         raise DgmrError(f"{site.name}: invalid kept indices for hidden size {h} (k={k})")
+    check_width(site, k)  # before any cut: a refused width leaves the MLP as it was
     if site.packed is not None:
         _take_rows(site.up, torch.cat([keep, keep + h]))
     else:

@@ -1,4 +1,5 @@
-"""timm models: VisionTransformer (ViT, DeiT, DINOv2), Eva (EVA02, EVA-CLIP trunks), Swin, ...
+"""timm models: VisionTransformer (ViT, DeiT, DINOv2), Eva (EVA02, EVA-CLIP trunks), Swin,
+ConvNeXt, MetaFormer (PoolFormer, ConvFormer, CAFormer), ...
 
 Exported the timm way: ``timm_config.json`` (model name + ``create_model`` kwargs with the
 new ``mlp_ratio``) beside a state dict that ``pretrained_cfg_overlay=dict(file=...)`` loads.
@@ -33,6 +34,28 @@ def _final_block_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return seen[-1]
 
 
+def _channels_last(model: nn.Module, feats: torch.Tensor) -> bool:
+    """Whether a 4-D ``forward_features`` output is (B, H, W, C) (Swin & co) rather than
+    (B, C, H, W) (ConvNeXt, MetaFormer): the model's ``output_fmt`` when it declares one,
+    else where its ``num_features`` channels are; NHWC when that cannot tell."""
+    fmt = getattr(model, "output_fmt", None)
+    if fmt in ("NHWC", "NCHW"):
+        return fmt == "NHWC"
+    c = getattr(model, "num_features", None)
+    return not (feats.shape[1] == c and feats.shape[-1] != c)
+
+
+def _takes_mlp_ratio(build) -> bool:
+    """Whether the timm model builds at all with an ``mlp_ratio`` kwarg (on meta: no memory)."""
+    try:
+        build(4.0)
+    except TypeError as e:  # "unexpected keyword argument 'mlp_ratio'" (ConvNeXt, MetaFormer)
+        return "mlp_ratio" not in str(e)
+    except Exception:  # anything else is not about the argument: let the caller's message stand
+        return True
+    return True
+
+
 @register_family(builtin=True)
 class TimmFamily(Family):
     name = "timm"
@@ -62,6 +85,8 @@ class TimmFamily(Family):
             tokens = _final_block_tokens(model, x)
             return {"pooled": tokens[:, 0], "tokens": tokens[:, getattr(model, "num_prefix_tokens", 1):]}
         tokens = model.forward_features(x)
+        if tokens.ndim == 4 and not _channels_last(model, tokens):  # ConvNeXt, MetaFormer: (B, C, H, W)
+            return {"pooled": model.forward_head(tokens, pre_logits=True), "tokens": tokens.flatten(2).transpose(1, 2)}
         if tokens.ndim == 4:  # Swin & co: (B, H, W, C)
             tokens = tokens.flatten(1, 2)
             return {"pooled": tokens.mean(1), "tokens": tokens}
@@ -82,6 +107,9 @@ class TimmFamily(Family):
                 return timm.create_model(src.name, pretrained=False, **{**src.kwargs, "mlp_ratio": r})
 
         r = _uniform_ratio(model, build, self)
+        if r is None and not _takes_mlp_ratio(build):
+            return {"skipped": f"timm {src.name} takes no mlp_ratio argument (timm's ConvNeXt and MetaFormer fix "
+                               "their MLP widths), so no timm config rebuilds the pruned widths; use dgmr.load"}
         if r is None:
             return {"skipped": "no single timm mlp_ratio rebuilds these shapes (per-layer MLP widths, or a head MLP "
                                "timm sizes from the same ratio, e.g. attn_pool); use dgmr.load"}
