@@ -20,10 +20,11 @@ from .models.artifact import load, save  # noqa: E402
 from .models.open import open_model  # noqa: E402
 from .prune import PruneRecord, prune, resolve_widths  # noqa: E402
 from .prune.to_dir import prune_to_dir  # noqa: E402
+from .models.importer import import_checkpoint  # noqa: E402
 
 __all__ = [
     "__version__", "DgmrError", "CRITERIA", "register_criterion", "select_neurons", "MLP_KINDS", "MlpSite",
     "find_mlps", "register_mlp_kind", "shrink_mlp", "FAMILIES", "Family", "GenericFamily", "family_of",
     "register_family", "Source", "build_model", "parse_spec", "PruneRecord", "prune", "resolve_widths", "load",
-    "save", "open_model", "prune_to_dir",
+    "save", "open_model", "prune_to_dir", "import_checkpoint",
 ]

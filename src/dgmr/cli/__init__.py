@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import DgmrError
 
 # modules that add sub-commands (each has register(subparsers))
-COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.demo")
+COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.imports", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.demo")
 
 
 def _parser() -> argparse.ArgumentParser:

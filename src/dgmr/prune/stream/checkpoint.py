@@ -115,7 +115,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def match_names(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]], tower: str,
-                derived: frozenset[str] = frozenset()) -> tuple[dict[str, str], str | None]:
+                derived: frozenset[str] = frozenset(),
+                hint: str = "wrong MODEL, --model-kwargs or --weights?") -> tuple[dict[str, str], str | None]:
     """Map the model's state-dict names to the checkpoint's: ``(model name -> checkpoint
     name, scope)``. The checkpoint holds the whole model (``scope`` None), or only the
     vision tower ``tower`` (e.g. ``visual``), named as in the whole model (``visual.…``) or
@@ -150,7 +151,7 @@ def match_names(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]], tower
             parts.append(f"{len(bad)} with the wrong shape (e.g. {have[n]!r}: checkpoint "
                          f"{list(ckpt.tensors[have[n]].shape)}, model {list(want[n])})")
         raise DgmrError(f"{ckpt.path} does not match the architecture: " + "; ".join(parts) +
-                        " (wrong MODEL, --model-kwargs or --weights?)")
+                        f" ({hint})")
     return {n: have[n] for n in want}, scope
 
 
