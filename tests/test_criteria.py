@@ -251,6 +251,9 @@ def test_greedy_order_dispatch(monkeypatch):
     assert torch.equal(pivot.greedy_order(w, 12), ref) and calls[-1] == "pivot_order"  # larger: the lazy kernel
     for method, called in (("lazy", "pivot_order"), ("qrcp", "_qrcp_pivot_order"), ("cholesky", "cholesky_pivot_order")):
         assert torch.equal(pivot.greedy_order(w, 12, method=method), ref) and calls[-1] == called
+    half = w.bfloat16()  # LAPACK has no bf16: the methods see float32 copies
+    for method in ("auto", "qrcp", "lazy", "cholesky"):
+        assert torch.equal(pivot.greedy_order(half, 12, method=method), naive_greedy(half.double(), 12))
     with pytest.raises(ValueError, match="unknown selection method"):
         pivot.greedy_order(w, 12, method="magic")
     with pytest.raises(ValueError, match="at most"):

@@ -119,3 +119,27 @@ def test_shard_stream_skips_exactly_and_splits_ranks(tmp_path):
     flat = [x for p in parts for x in p]
     assert len(flat) == 12
     assert not any(torch.equal(flat[i], flat[j]) for i in range(12) for j in range(i + 1, 12))
+
+
+@pytest.mark.parametrize("skip", [1, 3, 4, 5])
+def test_shard_resume_with_workers_sees_the_same_batches(tmp_path, skip):
+    """DataLoader workers take batches round-robin: a loader resumed at batch k (k not a multiple of
+    the worker count included) must yield exactly the uninterrupted loader's batches from k on."""
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    pngs = image_folder(tmp_path / "src", ["s"], 24, style="noise", size=(20, 20))
+    for s in range(6):
+        with wds.TarWriter(str(tmp_path / f"s-{s}.tar")) as w:
+            for i in range(4):
+                w.write({"__key__": f"{s}/{i}", "png": pngs[4 * s + i].read_bytes()})
+    urls = resolve_data(str(tmp_path / "s-{0..5}.tar")).items
+    tr = TrainTransform(8, MEAN, STD)
+
+    def batches(n: int, skip_batches: int) -> list[torch.Tensor]:
+        ds = ShardImages(urls, tr, batch_size=2, skip_batches=skip_batches)
+        loader = DataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2)
+        return [x for x, _ in itertools.islice(iter(loader), n)]
+
+    full, resumed = batches(skip + 4, 0), batches(4, skip)
+    assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(full[skip:], resumed))

@@ -398,3 +398,31 @@ def test_attention_backend_setting(tiny, tmp_path):
                 batch_size=8, workers=0, progress=False, attention="math")
     cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert r["steps"] == 2 and cfg["settings"]["attention"] == "math"
+
+
+def test_resume_is_bit_identical_with_drop_path(tmp_path):
+    """Drop-path draws from the global RNG while training: starting the DataLoader must not draw
+    from it too, or a resumed run (RNG restored from the checkpoint) would drift."""
+    torch.manual_seed(0)
+    src = parse_spec(SPEC, {**TINY, "drop_path_rate": 0.5})
+    dgmr.save(build_model(src, pretrained=False), tmp_path / "teacher", source=src)
+    student, record = dgmr.prune(dgmr.load(tmp_path / "teacher"), mlp_ratio=1, progress=False)
+    dgmr.save(student, tmp_path / "student", source=src, record=record)
+    image_folder(tmp_path / "images", ["a", "b"], 12, style="noise", size=(40, 40))
+    args = [str(tmp_path / "teacher"), str(tmp_path / "student"), str(tmp_path / "images")]
+    kw = dict(steps=8, batch_size=4, lr=2e-3, log_every=1, save_every=2, workers=0, progress=False)
+    distill(*args, tmp_path / "ref", **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop(info):
+        if info["step"] == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(*args, tmp_path / "run", on_step=stop, **kw)
+    distill(None, None, None, tmp_path / "run", resume=True, progress=False)
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _metrics(tmp_path / "ref")] == [r["loss"] for r in _metrics(tmp_path / "run")]

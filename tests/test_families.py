@@ -237,6 +237,17 @@ def test_a_width_refused_at_a_later_mlp_leaves_the_whole_model_uncut():
     assert [m.fc1.out_channels for m in model] == [32, 32] and model[0].norm.num_features == 32
 
 
+def test_squeeze_excitation_is_not_an_mlp():
+    """timm's SE modules have fc1/fc2 1x1 convs like a conv MLP, but gate their input: never pruned."""
+    from timm.layers import SEModule
+
+    model = torch.nn.Sequential(_conv_mlp(torch.nn.BatchNorm2d, h=32), SEModule(8, rd_ratio=0.5, rd_divisor=1))
+    sites = dgmr.family_of(model).mlps(model)
+    assert [s.name for s in sites] == ["0"] and sites[0].kind == "conv1x1"
+    dgmr.prune(model, keep_fraction=0.5, progress=False)
+    assert model[0].fc1.out_channels == 16 and model[1].fc1.out_channels == 4  # SE bottleneck untouched
+
+
 def test_conv_mlp_norm_over_more_than_the_channels_is_refused():
     from dgmr.prune.mlp import find_mlps
 
@@ -296,3 +307,21 @@ def test_timm_4d_features_are_tokens_by_channels(case, cfgdir):
     assert f["pooled"].shape == (2, c) and f["tokens"].shape[0] == 2 and f["tokens"].shape[2] == c
     if case.id != "timm_swin":
         torch.testing.assert_close(f["tokens"], maps.flatten(2).transpose(1, 2))
+
+
+def test_open_clip_export_skipped_when_create_model_kwargs_change_the_model(cfgdir, tmp_path):
+    """open_clip's local-dir config cannot hold create_model kwargs such as force_quick_gelu: an
+    export without them would compute something else, so it is skipped and dgmr.load is exact."""
+    from dgmr.models.sources import build_model
+
+    case = next(c for c in CASES if c.id == "open_clip_vit")
+    src = build(case, cfgdir)[1]
+    src.kwargs = {"force_quick_gelu": True}
+    model = build_model(src, pretrained=False)
+    model, rec = dgmr.prune(model, mlp_ratio=1.0, progress=False, source=src)
+    cfg = dgmr.save(model, tmp_path / "p", source=src, record=rec)
+    assert "force_quick_gelu" in cfg["native_export"]["skipped"]
+    assert not (tmp_path / "p" / "open_clip_config.json").exists()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dgmr.load(tmp_path / "p").encode_image(x), model.encode_image(x), rtol=0, atol=0)

@@ -161,10 +161,13 @@ class ShardImages(IterableDataset):
 
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        streams, stream = self.world * nworkers, self.rank * nworkers + wid
+        # DataLoader takes batch j from worker j % nworkers. Resumed at batch skip_batches, worker w
+        # serves what the uninterrupted run's worker (skip_batches + w) % nworkers served next: play
+        # that worker's stream and skip its share of the batches already trained on.
+        logical = (self.skip_batches + wid) % nworkers
+        streams, stream = self.world * nworkers, self.rank * nworkers + logical
         split_shards = len(self.urls) >= streams
-        # DataLoader takes batch j from worker j % nworkers: this worker's share of the skipped batches
-        skip = len(range(wid, self.skip_batches, nworkers)) * self.batch_size
+        skip = len(range(logical, self.skip_batches, nworkers)) * self.batch_size
         p = 0
         while True:
             g = torch.Generator().manual_seed(self.seed * 7919 + p)
@@ -324,8 +327,10 @@ class Loader:
         from torch.utils.data import DataLoader
 
         s, info = self.settings, self.info
+        # a loader of its own RNG: starting it must not draw from the global one, which a resumed run
+        # restores from the checkpoint (else dropout/drop-path draws shift by one after a resume)
         common = dict(batch_size=s.batch_size, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin,
-                      drop_last=True)
+                      drop_last=True, generator=torch.Generator().manual_seed(s.seed))
         if self.source.kind == "shards":
             ds = ShardImages(self.source.items, self.transform, seed=s.seed, rank=info.rank, world=info.world,
                              batch_size=s.batch_size, skip_batches=start_micro)

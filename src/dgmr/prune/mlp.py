@@ -203,6 +203,10 @@ def _conv_mlp(path: str, m: nn.Module) -> MlpSite | None:
     up, down = _conv1x1(m, "fc1"), _conv1x1(m, "fc2")
     if up is None or down is None or up.out_channels != down.in_channels:
         return None
+    # squeeze-excitation (timm SEModule, EffectiveSE...) has fc1/fc2 1x1 convs too, but its output
+    # gates the block's input through `gate`: it is no MLP, and its bottleneck is not ours to cut
+    if hasattr(m, "gate"):
+        return None
     return MlpSite(path, m, "conv1x1", up, down, norms=_hidden_norms(m, ("norm", "grn"), down.in_channels, path))
 
 

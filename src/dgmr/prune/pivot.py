@@ -351,6 +351,8 @@ def greedy_order(w: torch.Tensor, n: int, *, method: str = "auto") -> torch.Tens
     h, d = w.shape
     if n > min(h, d):
         raise ValueError(f"one round picks at most min(rows, cols) = {min(h, d)} rows, asked {n}")
+    if not w.dtype.is_floating_point or w.dtype.itemsize < 4:  # LAPACK and numpy know no bf16/fp16
+        w = w.float()
     if method == "lazy":
         return pivot_order(w, n)
     if n == 0:

@@ -92,6 +92,9 @@ class OpenClipFamily(Family):
     def export_native(self, model, out, src):
         if src is None or src.model_cfg is None:
             return {"skipped": "no open_clip model config recorded"}
+        if src.kwargs:  # e.g. force_quick_gelu changes the forward: a local-dir config without it would differ
+            return {"skipped": f"open_clip's local-dir config cannot record the create_model arguments "
+                               f"{sorted(src.kwargs)}; use dgmr.load"}
         if self._is_timm_tower(model):
             return self.export_trunk(model, out, src, separate_weights=True)
 
