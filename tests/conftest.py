@@ -10,6 +10,16 @@ from helpers import run_cli
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to CPU oversubscription
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli(capsys):
     """``cli("prune", ...)`` runs ``dgmr prune ...`` in-process: (exit code, stdout, stderr)."""
     return lambda *argv: run_cli(capsys, *argv)

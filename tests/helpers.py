@@ -98,3 +98,18 @@ def image_folder(
         im.save(path)
         paths.append(path)
     return paths
+
+
+def tiny_teacher_student(root: Path, **model_kwargs) -> tuple[Path, Path]:
+    """A random-init tiny ViT saved unpruned (``root/teacher``) and its r=1 prune (``root/student``)."""
+    import torch
+
+    import dgmr
+    from dgmr.models.sources import build_model, parse_spec
+
+    torch.manual_seed(0)
+    src = parse_spec(TINY_VIT_SPEC, {**TINY_VIT_KWARGS, **model_kwargs})
+    dgmr.save(build_model(src, pretrained=False), root / "teacher", source=src)
+    student, record = dgmr.prune(dgmr.load(root / "teacher"), mlp_ratio=1, progress=False)
+    dgmr.save(student, root / "student", source=src, record=record)
+    return root / "teacher", root / "student"

@@ -21,31 +21,21 @@ from dgmr.distill.data import TrainTransform, sample_generator
 from dgmr.distill import DistillSettings, distill, feature_loss, load_checkpoint, lr_at, wd_at
 from dgmr.models.sources import build_model, parse_spec
 
-from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, run_cli
+from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, run_cli, tiny_teacher_student
 
 TINY = TINY_VIT_KWARGS
 SPEC = TINY_VIT_SPEC
 KW = json.dumps(TINY)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to CPU oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random-init teacher saved unpruned, its r=1 student, and 24 images + 2 corrupt + 1 non-image."""
     root = tmp_path_factory.mktemp("distill")
-    torch.manual_seed(0)
-    src = parse_spec(SPEC, TINY)
-    dgmr.save(build_model(src, pretrained=False), root / "teacher", source=src)
-    student, record = dgmr.prune(dgmr.load(root / "teacher"), mlp_ratio=1, progress=False)
-    dgmr.save(student, root / "student", source=src, record=record)
+    tiny_teacher_student(root)
     # smooth random images (low-frequency noise upsampled), various sizes, in ImageFolder-style
     # nesting (the labels are ignored): 000.png in dog/, 001.png in cat/, ...
     image_folder(root / "images", ["dog", "cat"], 12, style="noise", cells=(5, 6), interleave=True,
@@ -403,11 +393,7 @@ def test_attention_backend_setting(tiny, tmp_path):
 def test_resume_is_bit_identical_with_drop_path(tmp_path):
     """Drop-path draws from the global RNG while training: starting the DataLoader must not draw
     from it too, or a resumed run (RNG restored from the checkpoint) would drift."""
-    torch.manual_seed(0)
-    src = parse_spec(SPEC, {**TINY, "drop_path_rate": 0.5})
-    dgmr.save(build_model(src, pretrained=False), tmp_path / "teacher", source=src)
-    student, record = dgmr.prune(dgmr.load(tmp_path / "teacher"), mlp_ratio=1, progress=False)
-    dgmr.save(student, tmp_path / "student", source=src, record=record)
+    tiny_teacher_student(tmp_path, drop_path_rate=0.5)
     image_folder(tmp_path / "images", ["a", "b"], 12, style="noise", size=(40, 40))
     args = [str(tmp_path / "teacher"), str(tmp_path / "student"), str(tmp_path / "images")]
     kw = dict(steps=8, batch_size=4, lr=2e-3, log_every=1, save_every=2, workers=0, progress=False)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from typing import Any, Callable
 
 from ..dtypes import DTYPES
@@ -42,11 +44,34 @@ def _feature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 model_kwargs=args.model_kwargs, label=args.label, progress=not args.json)
 
 
+# the protocols' data flags: --save must not overlap them (a model or run directory may hold
+# results: dgmr report reads RUN/eval/*.json)
+_DATA_FLAGS = ("train", "val", "data", "images", "captions", "classnames", "templates")
+
+
+def _save_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [(f"--{k}", v) for k in _DATA_FLAGS if isinstance(v := getattr(args, k, None), str) and os.path.exists(v)]
+
+
+def _guarded(func: Callable) -> Callable:
+    """Check --save against the inputs and hold its lock for the whole command (rank 0 only
+    under torchrun: the other ranks write nothing), before any feature is computed."""
+    def run(args: argparse.Namespace) -> dict[str, Any] | None:
+        if not args.save:
+            return func(args)
+        from ..paths import output_lock, refuse_overlap
+
+        refuse_overlap(args.save, _save_inputs(args), "result file")
+        with output_lock(args.save) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            return func(args)
+    return run
+
+
 def _finish(args: argparse.Namespace, result: dict[str, Any] | None) -> dict[str, Any] | None:
     if result is not None and args.save:
         from ..evaluate.tasks import save_result
 
-        save_result(result, args.save)
+        save_result(result, args.save, _save_inputs(args))
     return result
 
 
@@ -98,7 +123,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str, description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description)
-    p.set_defaults(func=func)
+    p.set_defaults(func=_guarded(func))
     return p
 
 

@@ -44,6 +44,7 @@ from ..models.artifact import check_output_dir, write_json
 from ..models.families import Family, family_of
 from ..models.open import open_model_with_config
 from ..models.sources import Source
+from ..paths import data_paths, model_path, output_lock, refuse_overlap
 from .checkpoint import (CHECKPOINT, METRICS, RUN_CONFIG, SUMMARY, append_jsonl, atomic_torch_save, checkpoint_dict,
                          export_student, first_logged_loss, load_checkpoint, truncate_metrics)
 from .data import DataSource, Loader, TrainTransform, default_workers, resolve_data
@@ -279,6 +280,7 @@ class DistillRecipe:
         self.on_step, self.student_source = on_step, student_source
         self.t_start = time.perf_counter() if t_start is None else t_start
         self.saved = None
+        self.lock = contextlib.ExitStack()  # rank 0: output_lock of the run directory
         self.state = TrainState()
         self.ckpt_writer = _BackgroundWriter()
 
@@ -295,21 +297,22 @@ class DistillRecipe:
         """All phases. Every check runs before the run directory is created, so a failed start
         leaves nothing behind; the RNG is seeded per rank (or restored) only once all setup
         that draws from it (the probe) is done."""
-        self.check_run_dir(create=False)  # fail before any expensive work
-        self.resolve_settings()
-        self.source = resolve_data(self.data)  # cheap checks first: a bad --data fails before any model is loaded
-        self.setup_models()
-        self.setup_data()
-        self.wrap()
-        self.setup_optimizer()
-        if self.resume:
-            self.load_checkpoint()
-        else:
-            torch.manual_seed(self.settings.seed + self.info.rank)
-            self.check_run_dir(create=True)  # everything checked: only now does the run directory appear
-        self.setup_logging()
-        self.train()
-        return self.finish()
+        with self.lock:  # rank 0's hold on the run directory (taken by check_run_dir), released however run ends
+            self.check_run_dir(create=False)  # fail before any expensive work
+            self.resolve_settings()
+            self.source = resolve_data(self.data)  # cheap checks first: a bad --data fails before any model is loaded
+            self.setup_models()
+            self.setup_data()
+            self.wrap()
+            self.setup_optimizer()
+            if self.resume:
+                self.load_checkpoint()
+            else:
+                torch.manual_seed(self.settings.seed + self.info.rank)
+                self.check_run_dir(create=True)  # everything checked: only now does the run directory appear
+            self.setup_logging()
+            self.train()
+            return self.finish()
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -318,6 +321,9 @@ class DistillRecipe:
         out, err = self.out, None
         if self.info.is_main:
             try:
+                if not create:  # before the emptiness check: no second process between it and the rmtree
+                    self.check_overlap()
+                    self.lock.enter_context(output_lock(out))
                 if self.resume:
                     if not (out / CHECKPOINT).is_file():
                         raise DgmrError(f"nothing to resume: {out / CHECKPOINT} does not exist")
@@ -335,6 +341,13 @@ class DistillRecipe:
         if err:
             raise DgmrError(err)
 
+    def check_overlap(self) -> None:
+        """The run directory must not be, contain or lie inside the teacher, student or data:
+        ``--overwrite`` (and the export) would delete or change them."""
+        data = [("data", d) for d in data_paths(self.data)]
+        refuse_overlap(self.out, [("teacher", model_path(self.teacher)), ("student", model_path(self.student)), *data],
+                       "run directory")
+
     def resolve_settings(self) -> None:
         """Settings (see :func:`resume_settings` on resume); a resumed run may take its
         teacher/student/data from its run_config when they were paths."""
@@ -346,6 +359,7 @@ class DistillRecipe:
             self.data = self.data if self.data is not None else self.saved.get("data")
             if self.teacher is None or self.student is None or self.data is None:
                 raise DgmrError("this run was started with in-memory models or data: pass them again to resume")
+            self.check_overlap()  # the inputs may come from run_config.json
         else:
             self.settings = DistillSettings.resolve(self.config, **self.overrides)
         if self.teacher is None or self.student is None or self.data is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..models.artifact import atomic_dir, read_config, write_json
+from ..paths import output_lock, refuse_overlap
 from ..errors import DgmrError
 from ..models.sources import is_dgmr_dir
 
@@ -287,6 +288,13 @@ def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir
                   baseline: str | None = None, overwrite: bool = False, title: str = "dgmr report") -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and PNG plots into ``out_dir`` (atomically) from
     result files / dicts, dgmr model dirs and distillation run dirs; returns a summary."""
+    refuse_overlap(out_dir, [("input", r) for r in results if isinstance(r, (str, os.PathLike))], "report directory")
+    with output_lock(out_dir):  # held while the inputs are read, not only while writing
+        return _render_report(results, out_dir, baseline, overwrite, title)
+
+
+def _render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir: str | os.PathLike,
+                   baseline: str | None, overwrite: bool, title: str) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")

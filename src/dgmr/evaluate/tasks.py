@@ -339,12 +339,17 @@ def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, ba
     return res
 
 
-def save_result(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a result dict as JSON, atomically (temp file + rename)."""
+def save_result(result: dict[str, Any], path: str | os.PathLike,
+                inputs: Sequence[tuple[str, str | os.PathLike | None]] = ()) -> None:
+    """Write a result dict as JSON, atomically (temp file + rename), under ``path``'s lock;
+    refused when ``path`` overlaps one of ``inputs`` ((label, path) pairs: the data read)."""
     from ..models.artifact import write_json
+    from ..paths import output_lock, refuse_overlap
 
     p = Path(path)
     if p.is_dir():
         raise DgmrError(f"{p} is a directory; --save takes a file name")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    write_json(p, result)
+    refuse_overlap(p, inputs, "result file")
+    with output_lock(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_json(p, result)

@@ -23,6 +23,7 @@ from torch import nn
 from .. import __version__
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import DgmrError, first_line
+from ..paths import output_lock
 from .families import Family, apply_widths, family_of, get_family
 from .sources import Source, build_model, is_dgmr_dir
 
@@ -48,23 +49,26 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block succeeds."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Yield a temporary directory that replaces ``out`` only if the block succeeds. Holds
+    ``out``'s lock (:func:`dgmr.paths.output_lock`; a no-op when the command already does)
+    from before the emptiness check until ``out`` is in place."""
+    with output_lock(out):
+        out = check_output_dir(out, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -45,6 +45,7 @@ from .artifact import CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, che
 from .families import Family, apply_widths, family_of
 from .open import model_source
 from .sources import Source, build_model
+from ..paths import checkpoint_paths, model_path, output_lock, refuse_overlap
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 NESTED_KEYS = ("model", "state_dict", "module", "model_ema")
@@ -382,10 +383,13 @@ def import_checkpoint(spec: str | Source, checkpoint: str | os.PathLike, out: st
     ``kept_indices.safetensors`` (unknown). Returns a summary (the ``dgmr import`` output).
     """
     t0 = time.perf_counter()
-    check_output_dir(out, overwrite)
-    job = plan_import(spec, checkpoint, model_kwargs=model_kwargs, dtype=dtype, native=native)
-    with PeakRss() as rss, atomic_dir(out, overwrite) as tmp:
-        config, out_bytes = write_import(job, tmp, native)
+    refuse_overlap(out, [("model", model_path(spec)), *[("checkpoint", c) for c in checkpoint_paths(checkpoint)]],
+                   "output directory")
+    with output_lock(out):  # one writer from the emptiness check to the rename into place
+        check_output_dir(out, overwrite)
+        job = plan_import(spec, checkpoint, model_kwargs=model_kwargs, dtype=dtype, native=native)
+        with PeakRss() as rss, atomic_dir(out, overwrite) as tmp:
+            config, out_bytes = write_import(job, tmp, native)
     return prune_summary(out, job.src.spec, job.family, "unknown", config["widths"], job.params_before,
                          config["params_after"], config["native_export"], t0, checkpoint=str(job.tensors.path),
                          checkpoint_format=job.tensors.format, output_bytes=out_bytes, weights_scope=job.scope,

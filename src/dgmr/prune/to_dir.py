@@ -11,6 +11,7 @@ from ..dtypes import parse_dtype
 from ..models.artifact import check_output_dir, save
 from ..models.families import Family, family_of
 from ..models.open import open_model
+from ..paths import model_path, output_lock, refuse_overlap
 from . import prune
 from .criteria import get_criterion
 
@@ -54,18 +55,20 @@ def prune_to_dir(
     """``dgmr prune``: open ``model``, prune every vision MLP, save a dgmr directory at ``out``."""
     get_criterion(criterion)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
-    check_output_dir(out, overwrite)
-    t0 = time.perf_counter()
-    net, src = open_model(model, random_init=random_init, model_kwargs=model_kwargs)
-    family = family_of(net)
-    params_before = family.vision_params(net)
-    net, record = prune(net, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, criterion=criterion,
-                        seed=seed, progress=progress, source=src, family=family)
-    if out_dtype is not None:
-        net = net.to(out_dtype)
-    params_after = family.vision_params(net)
-    cfg = save(net, out, source=src, record=record, overwrite=overwrite, native=native,
-               extra={"params_before": params_before, "params_after": params_after,
-                      "random_init": bool(random_init)})
-    return prune_summary(out, src.spec if src else str(model), family, criterion, cfg["widths"], params_before,
-                         params_after, cfg["native_export"], t0)
+    refuse_overlap(out, [("model", model_path(model))], "output directory")
+    with output_lock(out):  # one writer from the emptiness check to the rename into place
+        check_output_dir(out, overwrite)
+        t0 = time.perf_counter()
+        net, src = open_model(model, random_init=random_init, model_kwargs=model_kwargs)
+        family = family_of(net)
+        params_before = family.vision_params(net)
+        net, record = prune(net, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, criterion=criterion,
+                            seed=seed, progress=progress, source=src, family=family)
+        if out_dtype is not None:
+            net = net.to(out_dtype)
+        params_after = family.vision_params(net)
+        cfg = save(net, out, source=src, record=record, overwrite=overwrite, native=native,
+                   extra={"params_before": params_before, "params_after": params_after,
+                          "random_init": bool(random_init)})
+        return prune_summary(out, src.spec if src else str(model), family, criterion, cfg["widths"], params_before,
+                             params_after, cfg["native_export"], t0)

@@ -21,6 +21,7 @@ from ...models.artifact import (CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_c
 from ...models.families import Family, apply_widths, family_of
 from ...models.open import model_source
 from ...models.sources import Source, build_model
+from ...paths import checkpoint_paths, model_path, output_lock, refuse_overlap
 from .. import PruneRecord, resolve_widths
 from ..criteria import get_criterion, select_neurons
 from ..mlp import MlpSite, shrink_mlp
@@ -291,13 +292,16 @@ def stream_prune(
     t0 = time.perf_counter()
     request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction),
                                  ("widths", widths)) if v is not None}
-    check_output_dir(out, overwrite)
-    job = plan_stream(model, weights, widths=request, criterion=criterion, seed=seed, model_kwargs=model_kwargs,
-                      dtype=dtype, max_memory=max_memory, workers=workers, shard_size=shard_size,
-                      select_device=select_device, select_dtype=select_dtype, native=native)
-    with PeakRss() as rss, atomic_dir(out, overwrite) as tmp:
-        files, out_bytes = run_stream(job, tmp, progress)
-        config = write_stream_config(job, tmp, files, native)
+    refuse_overlap(out, [("model", model_path(model)), *[("weights", w) for w in checkpoint_paths(weights)]],
+                   "output directory")
+    with output_lock(out):  # one writer from the emptiness check to the rename into place
+        check_output_dir(out, overwrite)
+        job = plan_stream(model, weights, widths=request, criterion=criterion, seed=seed, model_kwargs=model_kwargs,
+                          dtype=dtype, max_memory=max_memory, workers=workers, shard_size=shard_size,
+                          select_device=select_device, select_dtype=select_dtype, native=native)
+        with PeakRss() as rss, atomic_dir(out, overwrite) as tmp:
+            files, out_bytes = run_stream(job, tmp, progress)
+            config = write_stream_config(job, tmp, files, native)
     return prune_summary(out, job.src.spec, job.family, criterion, config["widths"], job.params_before,
                          config["params_after"], config["native_export"], t0, weights=str(Path(weights)),
                          checkpoint_bytes=job.ckpt.nbytes, output_bytes=out_bytes, files=len(files),

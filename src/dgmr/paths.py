@@ -1,0 +1,193 @@
+"""Guards every command that writes puts around its output: no overlap with an input, one writer.
+
+* :func:`refuse_overlap` fails (a :class:`DgmrError`, before anything is deleted or written)
+  when an output path is, contains, or lies inside one of the command's input paths: a
+  ``--overwrite`` onto the image folder or the student directory would delete it.
+* :func:`output_lock` holds an advisory ``fcntl.flock`` on ``<parent>/.<name>.lock``, next to
+  the output (never inside it: a distill ``--overwrite`` and :func:`~dgmr.models.artifact.atomic_dir`
+  replace the directory itself). The file holds the holder's pid, for the error a second
+  writer gets; it is removed on release. A lock file left by a killed process holds no lock
+  (the kernel drops ``flock`` with the process) and is reused. Re-entrant within a process.
+
+Paths are compared after resolving symlinks, ``..`` and relative parts (``os.path.realpath``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import DgmrError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory lock (the overlap check still runs)
+    fcntl = None  # type: ignore[assignment]
+
+Inputs = Iterable[tuple[str, "str | os.PathLike | None"]]
+_HELD: dict[str, int] = {}  # lock file -> nesting depth, for this process
+
+
+def _real(p: str | os.PathLike) -> str:
+    return os.path.realpath(os.path.expanduser(os.fspath(p)))
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child != parent and child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def refuse_overlap(out: str | os.PathLike, inputs: Inputs, what: str = "output") -> None:
+    """Raise if ``out`` equals, contains or lies inside any input; ``inputs`` are (label, path)
+    pairs, ``None`` paths skipped (a hub spec, an in-memory model)."""
+    o = _real(out)
+    for label, path in inputs:
+        if path is None:
+            continue
+        i = _real(path)
+        relation = "is" if o == i else "contains" if _inside(i, o) else "lies inside" if _inside(o, i) else None
+        if relation:
+            raise DgmrError(f"refusing to write the {what} {out}: it {relation} the {label} {path} "
+                            "(an output must not overlap an input)")
+
+
+def model_path(model: Any) -> str | None:
+    """The file-system path a model argument names: a dgmr directory, ``hf:DIR`` or
+    ``open_clip:local-dir:DIR`` when DIR exists, an open_clip TAG that is a file; ``None`` for
+    hub specs (``timm:NAME``), modules and :class:`~dgmr.models.sources.Source` objects."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    s = os.fspath(model)
+    library, sep, rest = s.partition(":")
+    library = library.lower().replace("-", "_")
+    if not sep or library not in ("timm", "open_clip", "openclip", "hf"):
+        return s  # a directory dgmr wrote (or a path that will not open: harmless to compare)
+    if library != "hf":
+        rest = rest[len("local-dir:"):] if rest.startswith("local-dir:") else rest.partition(":")[2]
+    return rest if rest and os.path.exists(rest) else None
+
+
+def checkpoint_paths(weights: str | os.PathLike) -> list[str]:
+    """A checkpoint file or directory, and the shards a ``*.index.json`` names (they may
+    live elsewhere than the index)."""
+    paths = [os.fspath(weights)]
+    index = Path(weights)
+    if index.is_dir():
+        index = index / "model.safetensors.index.json"
+    if index.name.endswith(".index.json") and index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+            paths += [str(index.parent / str(f)) for f in sorted(shards)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # the reader reports a bad index; here only the paths matter
+    return paths
+
+
+def data_paths(data: Any) -> list[str]:
+    """The paths ``--data`` reads: a folder, a list file, WebDataset shards, or the path
+    items of an in-memory list (images and tensors are not paths)."""
+    from .distill.data import _expand_shards, _is_shard_spec
+
+    if isinstance(data, (list, tuple)):
+        return sorted({os.fspath(x) for x in data if isinstance(x, (str, os.PathLike))})
+    if not isinstance(data, (str, os.PathLike)):
+        return []
+    s = os.fspath(data)
+    paths = [s]
+    if not os.path.exists(s) and _is_shard_spec(s):
+        try:
+            paths = _expand_shards(s)
+        except Exception:  # noqa: BLE001 - resolve_data reports a bad pattern
+            pass
+    return [p for p in paths if "://" not in p and not p.startswith("pipe:")]  # URLs and pipes are not local paths
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """``<parent>/.<name>.lock`` of the resolved output."""
+    p = Path(_real(out))
+    if not p.name:
+        raise DgmrError(f"cannot write to {out}")
+    return p.parent / f".{p.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path | None]:
+    """Hold the advisory lock of ``out`` for the block (released on any exit, including
+    exceptions and KeyboardInterrupt); a second process gets a :class:`DgmrError` naming the
+    holder's pid. Parent directories made for the lock file go again if still empty."""
+    path = lock_path(out)
+    key = str(path)
+    if fcntl is None or key in _HELD:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    made = _make_parents(path.parent)
+    try:
+        fd = _acquire(path, out)
+    except BaseException:
+        _remove_dirs(made)
+        raise
+    _HELD[key] = 1
+    try:
+        yield path
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a waiter that opened it re-checks the inode
+        os.close(fd)
+        _remove_dirs(made)
+
+
+def _acquire(path: Path, out: str | os.PathLike) -> int:
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DgmrError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DgmrError(f"{out} is in use by another dgmr process (pid {holder}; lock file {path}): "
+                            "wait for it to finish, or stop it") from None
+        # the holder may have removed the file between our open and flock: only a lock on
+        # the file still at `path` counts
+        try:
+            st, fst = os.stat(path), os.fstat(fd)
+            current = (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise DgmrError(f"could not take the lock file {path} (it keeps being replaced)")
+
+
+def _make_parents(d: Path) -> list[Path]:
+    made = []
+    while not d.exists():
+        made.append(d)
+        d = d.parent
+    for p in reversed(made):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise DgmrError(f"cannot create {p}: {e.strerror or e}") from None
+    return made
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    for p in made:  # deepest first; one that now holds something stays
+        with contextlib.suppress(OSError):
+            p.rmdir()
