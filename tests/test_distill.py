@@ -412,3 +412,16 @@ def test_resume_is_bit_identical_with_drop_path(tmp_path):
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in _metrics(tmp_path / "ref")] == [r["loss"] for r in _metrics(tmp_path / "run")]
+
+
+def test_only_unreadable_images_fail_before_any_export(tmp_path, cli):
+    """Fewer steps than an epoch used to 'succeed' with loss 0 and export an untrained student."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    for i in range(8):
+        (root / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg " + bytes([i]))
+    teacher, student = tiny_teacher_student(tmp_path)
+    code, _, err = cli("distill", "--teacher", teacher, "--student", student, "--data", root, "--out", tmp_path / "run",
+                       "--steps", "1", "--batch-size", "4", "--workers", "0", "--no-progress", "--json")
+    assert code == 2 and "no readable image" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "summary.json").exists()

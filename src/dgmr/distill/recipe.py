@@ -737,6 +737,9 @@ class DistillRecipe:
         student and writes summary.json. Returns the summary."""
         st, info = self.state, self.info
         self.ckpt_writer.wait()  # the last checkpoint is on disk before anything is exported
+        if st.images_seen == 0:  # summed over ranks: every rank stops here together
+            raise DgmrError(f"no readable image in {self.source.description} ({len(st.unreadable)} unreadable on "
+                            "this process): nothing was learned, nothing is exported")
         if st.ema is not None:
             with torch.no_grad():
                 for (_, p), t in zip(self.trainable, st.ema.values()):
