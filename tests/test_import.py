@@ -314,3 +314,30 @@ def test_hf_uniform_width_writes_the_transformers_layout(tmp_path):
     same_forward(model, tmp_path / "imp", case.image_size)
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "imp" / "hf")
     assert hf.config.vision_config.intermediate_size == 40
+
+
+def test_pth_tar_names_and_corrupt_pickles(tmp_path, cli):
+    """Releases name torch files *.pth.tar: read by their content. A corrupt file is reported as
+    corrupt, not as a pickle that would run code."""
+    src = parse_spec(TINY_VIT_SPEC, TINY_VIT_KWARGS)
+    model, _ = pruned(src)
+    ckpt = tmp_path / "checkpoint.pth.tar"
+    torch.save(model.state_dict(), ckpt)
+    kw = json.dumps(TINY_VIT_KWARGS)
+    code, out, err = cli("import", TINY_VIT_SPEC, ckpt, "--model-kwargs", kw, "--out", tmp_path / "imp", "--json")
+    assert code == 0, err
+    same_forward(model, tmp_path / "imp", 32)
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(ckpt.read_bytes()[:200])
+    code, out, err = cli("import", TINY_VIT_SPEC, bad, "--model-kwargs", kw, "--out", tmp_path / "x")
+    _one_line_error(code, err, "corrupt or not a torch file")
+    assert "run code" not in err and not (tmp_path / "x").exists()
+
+
+def test_garbage_pickle_is_corrupt_not_code(tmp_path, cli):
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"\x80\x02 this is no pickle at all")
+    code, out, err = cli("import", TINY_VIT_SPEC, bad, "--model-kwargs", json.dumps(TINY_VIT_KWARGS),
+                         "--out", tmp_path / "x")
+    _one_line_error(code, err, "corrupt or not a torch file")
+    assert "run code" not in err and not (tmp_path / "x").exists()

@@ -92,15 +92,20 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         text = str(e)
         if "Weights only load failed" not in text:
-            raise DgmrError(f"cannot read {path} as a torch checkpoint: {first_line(e)}") from None
+            raise DgmrError(f"cannot read {path} as a torch checkpoint (corrupt or not a torch file): "
+                            f"{first_line(e)}") from None
         found = (re.search(r"Unsupported global: GLOBAL (\S+)", text)
-                 or re.search(r"WeightsUnpickler error: ([^\n.]+)", text))
-        what = f" ({found.group(1)})" if found else ""
+                 or re.search(r"WeightsUnpickler error: (Unsupported[^\n.]+)", text))
+        if found is None:  # torch words every failure alike: a file it cannot parse is not a code pickle
+            raise DgmrError(f"cannot read {path} as a torch checkpoint (corrupt or not a torch file): "
+                            f"{first_line(e)}") from None
+        what = f" ({found.group(1)})"
         raise DgmrError(f"{path} is not a plain state dict: unpickling it would run code or build objects{what}, "
                         "and dgmr reads pickles only as tensors (torch.load weights_only=True) and never runs them. "
                         "Save the model's state_dict() or convert it to safetensors where it was made") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise DgmrError(f"cannot read {path} as a torch checkpoint: {first_line(e)}") from None
+        raise DgmrError(f"cannot read {path} as a torch checkpoint (corrupt or not a torch file): "
+                        f"{first_line(e)}") from None
 
 
 def _state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -135,9 +140,17 @@ def open_pickle(path: Path) -> Tensors:
 def open_tensors(checkpoint: str | os.PathLike) -> Tensors:
     """A safetensors file / index / directory, or a torch pickle (by its suffix)."""
     path = Path(checkpoint)
-    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.is_file() and (path.suffix.lower() in PICKLE_SUFFIXES or _looks_like_torch(path)):
         return open_pickle(path)
     return open_safetensors(path)
+
+
+def _looks_like_torch(path: Path) -> bool:
+    """A torch file whatever its name (releases use ``*.pth.tar``): a zip archive (torch.save's
+    format) or a raw pickle (protocol 2+ starts with 0x80); safetensors starts with a length."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 # ---------------------------------------------------------------------------------------
