@@ -47,6 +47,21 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stopped_then_resumed(args: list, run: Path, step: int, **kw) -> None:
+    """A run interrupted right after ``step`` (an exception from on_step), then ``--resume``d."""
+    def stop(info):
+        if info["step"] == step:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        distill(*args, run, on_step=stop, **kw)
+    distill(None, None, None, run, resume=True, progress=False)
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -202,16 +217,7 @@ def test_webdataset_shards_and_in_process_resume(tiny, tmp_path):
     losses = [r["loss"] for r in _metrics(tmp_path / "ref")]
     assert losses[-1] < losses[0]
 
-    class Stop(Exception):
-        pass
-
-    def stop(info):
-        if info["step"] == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        distill(str(tiny["teacher"]), str(tiny["student"]), spec, tmp_path / "run", on_step=stop, **common)
-    distill(None, None, None, tmp_path / "run", resume=True, progress=False)
+    _stopped_then_resumed([str(tiny["teacher"]), str(tiny["student"]), spec], tmp_path / "run", 4, **common)
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -399,16 +405,7 @@ def test_resume_is_bit_identical_with_drop_path(tmp_path):
     kw = dict(steps=8, batch_size=4, lr=2e-3, log_every=1, save_every=2, workers=0, progress=False)
     distill(*args, tmp_path / "ref", **kw)
 
-    class Stop(Exception):
-        pass
-
-    def stop(info):
-        if info["step"] == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        distill(*args, tmp_path / "run", on_step=stop, **kw)
-    distill(None, None, None, tmp_path / "run", resume=True, progress=False)
+    _stopped_then_resumed(args, tmp_path / "run", 4, **kw)
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in _metrics(tmp_path / "ref")] == [r["loss"] for r in _metrics(tmp_path / "run")]
