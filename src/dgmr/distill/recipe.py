@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -832,6 +833,7 @@ def distill(
     # modules passed in come back as they were (grad flags, train/eval mode; the teacher also dtype
     # and device), except for the student's trained weights
     states = [_module_state(m, full=m is teacher) for m in (teacher, student) if isinstance(m, nn.Module)]
+    recipe = None
     try:
         recipe = DistillRecipe(teacher, student, data, out, info=info, config=config, overrides=settings, resume=resume,
                                overwrite=overwrite, progress=progress, on_step=on_step, student_source=student_source,
@@ -840,6 +842,11 @@ def distill(
     finally:
         for state in states:
             _restore_module_state(*state)
+        if info.started_here:
+            # FSDP's hooks form reference cycles that can outlive this call, holding gloo work;
+            # freed at interpreter exit they abort the process: free them while all is alive
+            del recipe
+            gc.collect()
         D.cleanup(info)
 
 
