@@ -33,15 +33,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import parse_dtype
 from ..errors import DgmrError, first_line
 from ..memory import PeakRss
 from ..prune import PruneRecord
 from ..prune.mlp import MlpSite
 from ..prune.stream.checkpoint import Checkpoint, TensorInfo, match_names, open_checkpoint
+from ..prune.stream.run import write_streamed_config
 from ..prune.stream.writers import FileWriter, ShardWriter
 from ..prune.to_dir import prune_summary
-from .artifact import CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, check_output_dir, write_json
+from .artifact import WEIGHTS, atomic_dir, check_output_dir
 from .families import Family, apply_widths, family_of
 from .open import model_source
 from .sources import Source, build_model
@@ -314,8 +315,7 @@ def _record(sites: list[MlpSite], hidden_before: list[int]) -> PruneRecord:
     """The ``prune`` record of an import: widths known, criterion and kept neurons not."""
     record = PruneRecord("unknown", None, {"kept_indices": "unknown"})  # type: ignore[arg-type]
     for s, h in zip(sites, hidden_before):
-        record.layers.append({"name": s.name, "kind": s.kind, "in_features": s.in_features, "hidden_before": h,
-                              "hidden_after": s.hidden, "kept": None})
+        record.add(s, h, None)
     return record
 
 
@@ -359,24 +359,12 @@ def write_import(job: ImportJob, tmp: Path, native: bool) -> tuple[dict[str, Any
     for name in job.names:
         writer.add(name, job.tensor(name))
     files = writer.finish()
-    note = NATIVE_OFF
-    if native:
-        try:
-            note = job.family.export_streamed(job.model, tmp, job.src, job.layout, job.scope)
-        except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
-            note = {"skipped": f"native export failed on the meta model: {first_line(e)}"}
-    in_dtypes = sorted({dtype_name(dt) for _, dt, _ in job.entries() if dt.is_floating_point})
-    params_after = job.family.vision_params(job.model)
-    extra = {"params_before": job.params_before, "params_after": params_after, "random_init": False,
-             "weights": files[-1], "files": files,
-             "imported_from": {"checkpoint": str(job.tensors.path), "format": job.tensors.format, **job.tensors.notes}}
-    if job.scope is not None:
-        extra["weights_scope"] = job.scope
-    config = build_config(family=job.family, model_class=type(job.model).__name__,
-                          dtype=in_dtypes[0] if len(in_dtypes) == 1 else "float32",
-                          widths={s.name: s.hidden for s in job.family.mlps(job.model)}, vision_params=params_after,
-                          source=job.src, record=job.record, native_export=note, extra=extra)
-    write_json(tmp / CONFIG, config)
+    config = write_streamed_config(
+        tmp, family=job.family, meta=job.model, src=job.src, layout=job.layout, scope=job.scope, record=job.record,
+        native=native, dtypes={dt for _, dt, _ in job.entries() if dt.is_floating_point},
+        params_before=job.params_before, files=files,
+        extra={"imported_from": {"checkpoint": str(job.tensors.path), "format": job.tensors.format,
+                                 **job.tensors.notes}})
     return config, writer.total
 
 

@@ -48,11 +48,11 @@ class PruneRecord:
                    if v is not None}
         return cls(criterion, seed, request)
 
-    def add(self, site: MlpSite, hidden_before: int, keep: torch.Tensor, **extra: Any) -> None:
-        """Record that ``site`` (already cut) kept ``keep`` of its ``hidden_before`` neurons."""
+    def add(self, site: MlpSite, hidden_before: int, keep: torch.Tensor | None, **extra: Any) -> None:
+        """Record that ``site`` (already cut) kept ``keep`` of its ``hidden_before`` neurons
+        (``None``: which ones is unknown, as for an imported checkpoint)."""
         self.layers.append({"name": site.name, "kind": site.kind, "in_features": site.in_features,
-                            "hidden_before": hidden_before, "hidden_after": int(keep.numel()), **extra,
-                            "kept": keep})
+                            "hidden_before": hidden_before, "hidden_after": site.hidden, **extra, "kept": keep})
 
     def to_json(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "seed": self.seed, **self.request,

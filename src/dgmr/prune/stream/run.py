@@ -229,29 +229,39 @@ def write_stream_config(job: StreamJob, tmp: Path, files: list[str], native: boo
     job.record.layers.sort(key=lambda layer: order_of[layer["name"]])
     job.record.config_updates = job.family.update_config(job.meta, job.src)
     write_kept_indices(tmp, job.record)
-    note = _native_export(job, tmp) if native else NATIVE_OFF
-    in_dtypes = sorted({dtype_name(t.dtype) for t in job.ckpt.tensors.values() if t.dtype.is_floating_point})
-    params_after = job.family.vision_params(job.meta)
-    extra = {"params_before": job.params_before, "params_after": params_after, "random_init": False,
-             "weights_from": str(job.weights), "weights": files[-1], "files": files,
-             "stream": {**job.plan.to_json(), "select_dtype": dtype_name(job.select_dtype), "layout": job.layout}}
-    if job.scope is not None:
-        extra["weights_scope"] = job.scope
-    config = build_config(family=job.family, model_class=type(job.meta).__name__,
-                          dtype=dtype_name(job.out_dtype) if job.out_dtype is not None
-                          else (in_dtypes[0] if len(in_dtypes) == 1 else "float32"),
-                          widths={s.name: s.hidden for s in job.sites}, vision_params=params_after, source=job.src,
-                          record=job.record, native_export=note, extra=extra)
+    dtypes = ({job.out_dtype} if job.out_dtype is not None
+              else {t.dtype for t in job.ckpt.tensors.values() if t.dtype.is_floating_point})
+    return write_streamed_config(
+        tmp, family=job.family, meta=job.meta, src=job.src, layout=job.layout, scope=job.scope, record=job.record,
+        native=native, dtypes=dtypes, params_before=job.params_before, files=files,
+        extra={"weights_from": str(job.weights),
+               "stream": {**job.plan.to_json(), "select_dtype": dtype_name(job.select_dtype), "layout": job.layout}})
+
+
+def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: Source, layout: str, scope: str | None,
+                          record: PruneRecord, native: bool, dtypes: set[torch.dtype], params_before: int,
+                          files: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """The native export and config.json of weights written tensor by tensor (a streaming prune,
+    ``dgmr import``), from the meta model cut to the output's widths; ``dtypes`` are the
+    output's floating dtypes."""
+    note = NATIVE_OFF
+    if native:  # written from the meta model's config: no weights needed
+        try:
+            note = family.export_streamed(meta, tmp, src, layout, scope)
+        except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
+            note = {"skipped": f"native export failed on the meta model: {first_line(e)}"}
+    names = sorted(dtype_name(d) for d in dtypes)
+    params_after = family.vision_params(meta)
+    extra = {"params_before": params_before, "params_after": params_after, "random_init": False,
+             "weights": files[-1], "files": files, **extra}
+    if scope is not None:
+        extra["weights_scope"] = scope
+    config = build_config(family=family, model_class=type(meta).__name__,
+                          dtype=names[0] if len(names) == 1 else "float32",
+                          widths={s.name: s.hidden for s in family.mlps(meta)}, vision_params=params_after,
+                          source=src, record=record, native_export=note, extra=extra)
     write_json(tmp / CONFIG, config)
     return config
-
-
-def _native_export(job: StreamJob, tmp: Path) -> dict[str, Any]:
-    """The source library's own format, written from the meta model's config (no weights needed)."""
-    try:
-        return job.family.export_streamed(job.meta, tmp, job.src, job.layout, job.scope)
-    except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
-        return {"skipped": f"native export failed on the meta model: {first_line(e)}"}
 
 
 def stream_prune(
