@@ -11,7 +11,6 @@ reports them (see :func:`collate`), and the training loop counts them.
 """
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
 
 from .. import dist as D
 from ..errors import DgmrError
+from ..images import UnreadableImage, open_image, printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -72,13 +72,6 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
 
 
-def open_image(data: bytes | str | os.PathLike) -> Image.Image:
-    """Decode an image fully (so truncated files fail here, not later) as RGB."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    img.load()
-    return img.convert("RGB")
-
-
 class ImageDataset(Dataset):
     """Map-style images from files (paths), PIL images, or another dataset of image tensors.
 
@@ -110,10 +103,10 @@ class ImageDataset(Dataset):
         try:
             img = self._load(index)
             return self.transform(img, sample_generator(self.seed, epoch, index)), None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except (UnreadableImage, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             item = self.items[index]
-            where = str(item) if isinstance(item, (str, os.PathLike)) else f"{self.name}[{index}]"
-            return None, f"{where}: {type(e).__name__}"
+            where = printable(os.fspath(item)) if isinstance(item, (str, os.PathLike)) else f"{self.name}[{index}]"
+            return None, f"{where}: {_reason(e)}"
 
 
 def _identity(x: Any) -> Any:
@@ -176,7 +169,7 @@ class ShardImages(IterableDataset):
                 order = order[stream::streams]
             pipe = wds.WebDataset(order, shardshuffle=False, nodesplitter=_identity, workersplitter=_identity,
                                   empty_check=False, handler=wds.warn_and_continue)
-            seen = False
+            decoded = skipped = 0
             for n, sample in enumerate(pipe):
                 if not split_shards and n % streams != stream:
                     continue
@@ -185,18 +178,20 @@ class ShardImages(IterableDataset):
                              and isinstance(v, bytes)), None)
                 if data is None:
                     continue
-                seen = True
                 if skip:
                     skip -= 1
+                    skipped += 1
                     continue
-                where = f"{sample.get('__url__', '?')}:{key}"
+                where = printable(f"{sample.get('__url__', '?')}:{key}")
                 try:
-                    img = open_image(data)
-                    yield self.transform(img, sample_generator(self.seed, p, hash_str(where))), None
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                    yield None, f"{where}: {type(e).__name__}"
-            if not seen:
-                return  # nothing readable in this stream's shards: let the loader end
+                    img = open_image(data, name=where)
+                except (UnreadableImage, OSError, ValueError) as e:
+                    yield None, f"{where}: {_reason(e)}"
+                    continue
+                decoded += 1
+                yield self.transform(img, sample_generator(self.seed, p, hash_str(where))), None
+            if not decoded and not skipped:
+                return  # a whole pass without one readable image (none, or all corrupt): let the loader end
             p += 1
 
 
@@ -204,7 +199,14 @@ def hash_str(s: str) -> int:
     """A stable (not per-process randomised) 63-bit hash of a string."""
     import hashlib
 
-    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 1
+    # surrogatepass: a name that is not UTF-8 (a tar member, a file name) holds lone surrogates
+    return int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 1
+
+
+def _reason(e: BaseException) -> str:
+    """Why an image was skipped, for the run's list of unreadable images: open_image's own
+    reason (its message without the name) or the exception type."""
+    return e.reason if isinstance(e, UnreadableImage) else type(e).__name__
 
 
 def collate(batch: list[tuple[torch.Tensor | None, str | None]]) -> tuple[torch.Tensor | None, list[str]]:

@@ -1,0 +1,128 @@
+"""Decoding one image file or byte string into an 8-bit RGB PIL image, for every reader.
+
+:func:`open_image` is the one place where dgmr decodes an image (distill's folder, list and
+shard readers, eval's datasets). It either returns a fully decoded RGB image or raises
+:class:`UnreadableImage` (a :class:`DgmrError`, so an uncaught one is a clean
+``dgmr: error:`` line) whose message names the file and the reason:
+
+* only regular files are opened: a FIFO or a device named by a ``--data`` list would block
+  ``open`` forever or read without end. The file is opened non-blocking and checked with
+  ``fstat`` before a byte is read (no window between a check and the open).
+* decompression bombs (more than :data:`MAX_PIXELS` pixels) are refused from the header,
+  before any pixel is decoded; Pillow's warning for the 1x-2x range is folded into that.
+* 16-bit images (modes ``I;16*``, and ``I`` with values in 0..65535, which is how Pillow
+  opens 16-bit PNG/TIFF) are scaled to 8 bits by their bit depth; ``convert("RGB")`` would
+  clip them to 255 (almost white). Float images (mode ``F``, e.g. float TIFF) with values in
+  [0, 1] are scaled by 255; other ranges and non-finite values are refused (there is no
+  right scaling to guess; ``convert`` would make them black).
+
+:func:`printable` makes a file name that is not valid UTF-8 (Python holds those bytes as
+lone surrogates) safe to print or hash.
+"""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DgmrError
+
+# Pillow's own bomb threshold (its default Image.MAX_IMAGE_PIXELS, ~89.5 MP), read once so a
+# caller changing Pillow's global does not change what dgmr accepts
+MAX_PIXELS = 89_478_485
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class UnreadableImage(DgmrError, ValueError):
+    """An image that cannot be used: ``name`` (printable) and ``reason``; the message is both."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
+def printable(name: str) -> str:
+    """``name`` with bytes that are not UTF-8 shown as ``\\xNN`` (printing or encoding the
+    raw name raises UnicodeEncodeError)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape") if _escaped_only(name) else name.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def _escaped_only(name: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in name)
+
+
+def read_regular_file(path: str | os.PathLike, limit: int | None = None, what: str = "file") -> bytes:
+    """The bytes of ``path`` if it is a regular file (at most ``limit`` bytes), else :class:`UnreadableImage`."""
+    name = printable(os.fspath(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
+    except OSError as e:
+        raise UnreadableImage(name, f"cannot open the {what}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableImage(name, "not a regular file (a FIFO, device, socket or directory)")
+        if limit is not None and st.st_size > limit:
+            raise UnreadableImage(name, f"the {what} is {st.st_size:,} bytes, more than the {limit:,} allowed")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise UnreadableImage(name, f"cannot read the {what}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def open_image(src: bytes | str | os.PathLike, name: str | None = None) -> Image.Image:
+    """Decode ``src`` (a path or the file's bytes) fully into an 8-bit RGB image; raise
+    :class:`UnreadableImage` naming ``name`` (default: the path, or "image bytes")."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data, label = bytes(src), name or "image bytes"
+    else:
+        data, label = read_regular_file(src), name or os.fspath(src)
+    label = printable(label)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the size
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise UnreadableImage(label, f"{w}x{h} pixels is more than {MAX_PIXELS:,} (a decompression bomb?)")
+        img.load()  # decode everything now, so a truncated file fails here and not in a transform
+        return _to_rgb(img, label)
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage(label, "not an image (or in a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise UnreadableImage(label, f"too many pixels (a decompression bomb?): {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, TypeError, IndexError, struct.error) as e:  # what Pillow's plugins raise on corrupt data
+        raise UnreadableImage(label, f"cannot decode ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UnreadableImage(label, f"a 32-bit integer image with values in [{a.min()}, {a.max()}] "
+                                  "(only 8- and 16-bit images are supported)")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise UnreadableImage(label, "a float image with NaN or infinite values")
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise UnreadableImage(label, f"a float image with values in [{a.min():.4g}, {a.max():.4g}]; "
+                                  "only float images in [0, 1] are supported")
+        return Image.fromarray(np.rint(a * 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
