@@ -134,6 +134,16 @@ class Family:
         {"image_size": int, "mean": (r, g, b), "std": (r, g, b)}."""
         return {"image_size": self.image_size(model), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
+    def eval_preprocess(self, model: nn.Module, src: Source | None = None, image_size: int | None = None) -> Any:
+        """The model's own evaluation transform as an
+        :class:`~dgmr.models.preprocess.EvalPreprocess`; call it through
+        :func:`dgmr.models.preprocess.resolve_eval_preprocess`. Families without library
+        preprocessing: resize to size/0.875, center crop, :meth:`data_config`'s mean/std."""
+        from ..preprocess import crop_preprocess
+
+        dc = self.data_config(model)
+        return crop_preprocess(int(image_size or dc["image_size"]), dc["mean"], dc["std"])
+
     def features(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Final-layer features for distillation and evaluation:
         {"pooled": (B, D) CLS/pooled feature, "tokens": (B, N, D) patch tokens}."""

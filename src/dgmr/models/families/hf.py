@@ -5,6 +5,7 @@ Exported with ``save_pretrained`` into ``hf/``, the config's ``intermediate_size
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -53,6 +54,24 @@ class HFFamily(Family):
         else:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
         return {"image_size": self.image_size(model), "mean": mean, "std": std}
+
+    def eval_preprocess(self, model, src=None, image_size=None):
+        from ..preprocess import EvalPreprocess
+
+        proc = _image_processor(model, src)
+        size = int(image_size or self.image_size(model))
+        if proc is None:  # a model type without an image processor: the generic transform
+            return super().eval_preprocess(model, src, size)
+        kwargs = _resized(proc, size)
+
+        def transform(img):
+            return proc(images=img, return_tensors="pt", **kwargs)["pixel_values"][0]
+
+        keep = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                "do_normalize", "image_mean", "image_std", "do_convert_rgb", "do_pad")
+        d = {k: v for k, v in proc.to_dict().items() if k in keep}
+        return EvalPreprocess(transform, json.loads(json.dumps(
+            {"library": "hf", "processor": type(proc).__name__, **d, **kwargs}, default=str)))
 
     def features(self, model, x):
         out = self.image_forward(model, x)
@@ -123,3 +142,63 @@ class HFFamily(Family):
         meta.config.save_pretrained(out / "hf")
         return {"format": "transformers from_pretrained", "files": ["hf/"],
                 "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}
+
+
+# where a processor class's defaults differ from the checkpoints' published settings
+_PUBLISHED = {"dinov2": {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
+                         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}}
+
+
+def _image_processor(model, src) -> Any:
+    """The model's image processor: a local one (a directory, or the hub cache; never a
+    download), else the processor class of the model type with its defaults; None if the
+    model type has none."""
+    import transformers
+    from transformers.models.auto import image_processing_auto as auto
+
+    if src is not None and src.name:
+        try:
+            return transformers.AutoImageProcessor.from_pretrained(src.name, local_files_only=True)
+        except Exception:  # not cached / no processor files: the class defaults below
+            pass
+    mt = str(getattr(model.config, "model_type", ""))
+    names = auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(mt) or auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(
+        mt.removesuffix("_vision_model"))
+    if isinstance(names, dict):  # transformers 5: {"torchvision": ..., "pil": ...}
+        names = [names.get("torchvision"), names.get("pil")]
+    elif isinstance(names, str):
+        names = [names]
+    for name in names or ():
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None:
+            try:
+                return cls(**_PUBLISHED.get(mt, {}))
+            except ImportError:  # e.g. a torchvision backend that is not installed
+                continue
+    return None
+
+
+def _side(d: Any) -> int | None:
+    d = d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
+    return d.get("height") or d.get("shortest_edge")
+
+
+def _resized(proc: Any, size: int) -> dict[str, Any]:
+    """Call arguments that make the processor output ``size`` x ``size`` (the class defaults
+    are for the published 224 px models; a small or re-sized model needs its own size),
+    keeping the processor's resize-to-crop ratio."""
+    crop = getattr(proc, "do_center_crop", False) and getattr(proc, "crop_size", None)
+    out = _side(crop) if crop else _side(getattr(proc, "size", None))
+    if out is None or out == size:
+        return {}
+    resize = getattr(proc, "size", None)
+    resize = resize.to_dict() if hasattr(resize, "to_dict") else dict(resize or {})
+    if crop:
+        if resize.get("shortest_edge"):
+            return {"size": {"shortest_edge": round(resize["shortest_edge"] * size / out)},
+                    "crop_size": {"height": size, "width": size}}
+        side = round((resize.get("height") or out) * size / out)
+        return {"size": {"height": side, "width": side}, "crop_size": {"height": size, "width": size}}
+    if resize.get("shortest_edge"):
+        return {"size": {"shortest_edge": size}}
+    return {"size": {"height": size, "width": size}}

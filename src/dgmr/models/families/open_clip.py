@@ -46,6 +46,31 @@ class OpenClipFamily(Family):
         std = tuple(pp.get("std") or getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD)
         return {"image_size": self.image_size(model), "mean": mean, "std": std}
 
+    def preprocess_cfg(self, model, src: Source | None = None) -> dict[str, Any]:
+        """open_clip's full preprocess config: its defaults, then what the model carries, then
+        the pretrained tag's entry of open_clip's offline metadata (a random-init or dgmr-loaded
+        model was built without the tag, so its own config lacks e.g. SigLIP's squash resize)."""
+        import open_clip
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+        pp = merge_preprocess_dict(PreprocessCfg(), dict(getattr(model.visual, "preprocess_cfg", {}) or {}))
+        if src is not None and src.tag and not src.name.startswith(("hf-hub:", "local-dir:")):
+            pp = merge_preprocess_dict(pp, open_clip.get_pretrained_cfg(src.name, src.tag) or {})
+        pp["size"] = getattr(model.visual, "image_size", None) or pp["size"]
+        return pp
+
+    def eval_preprocess(self, model, src=None, image_size=None):
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        from ..preprocess import EvalPreprocess
+
+        pp = self.preprocess_cfg(model, src)
+        if image_size:
+            pp["size"] = (int(image_size), int(image_size))
+        tf = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+        settings = {"library": "open_clip", **{k: list(v) if isinstance(v, (tuple, list)) else v for k, v in pp.items()}}
+        return EvalPreprocess(tf, settings)
+
     def features(self, model, x):
         visual = model.visual
         if self._is_timm_tower(model):

@@ -80,6 +80,18 @@ class TimmFamily(Family):
         cfg = timm.data.resolve_data_config({}, model=model)
         return {"image_size": self.image_size(model), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
+    def eval_preprocess(self, model, src=None, image_size=None):
+        import timm.data
+
+        from ..preprocess import EvalPreprocess
+
+        img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        # the architecture's input size wins over its pretrained_cfg's (a model built with img_size=...)
+        size = (int(image_size),) * 2 if image_size else tuple(int(v) for v in img) if img else None
+        cfg = timm.data.resolve_data_config({"input_size": (3, *size)} if size else {}, model=model)
+        tf = timm.data.create_transform(**cfg, is_training=False)
+        return EvalPreprocess(tf, {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}})
+
     def features(self, model, x):
         if _is_eva(model):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
             tokens = _final_block_tokens(model, x)

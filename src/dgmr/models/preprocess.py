@@ -1,0 +1,90 @@
+"""The one place that builds a model's evaluation transform (PIL image -> normalised tensor).
+
+By default every family evaluates with the preprocessing its library ships for the model
+(the numbers then match what the library's own tools, e.g. clip_benchmark, report):
+
+* open_clip: ``open_clip.image_transform_v2`` from the full preprocess config (size, mean,
+  std, interpolation, resize_mode, fill colour) of the pretrained tag, read from open_clip's
+  offline tag metadata, so a ``--random-init`` model or a dgmr directory preprocesses like
+  the published checkpoint;
+* timm: ``timm.data.resolve_data_config`` + ``timm.data.create_transform``;
+* Hugging Face: the model's image processor (a locally cached one, else the processor class
+  of the model type with its defaults, resized to the model's input size);
+* anything else: resize to size/0.875, center crop, the family's mean/std.
+
+``crop=0.875`` (or any fraction) asks for that classic resize + center crop instead, in the
+model's own normalisation (the kNN / linear-probe convention of DINO-style papers).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from ..errors import DgmrError
+
+CROP_PCT = 224 / 256
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvalPreprocess:
+    """A transform and the settings that define it (JSON-able: part of the feature-cache key
+    and of the result files)."""
+
+    transform: Transform = field(repr=False)
+    settings: dict[str, Any]
+
+    def describe(self) -> str:
+        return json.dumps(self.settings, sort_keys=True, default=str)
+
+
+def _floats(xs: Sequence[float]) -> list[float]:
+    return [round(float(x), 8) for x in xs]
+
+
+def crop_preprocess(image_size: int, mean: Sequence[float], std: Sequence[float],
+                    crop_pct: float = CROP_PCT) -> EvalPreprocess:
+    """Resize the short side to ``image_size / crop_pct`` (bicubic), center-crop
+    ``image_size``, scale to [0, 1] and normalise with ``mean``/``std``."""
+    from torchvision import transforms as T
+
+    if not image_size or int(image_size) <= 0:
+        raise DgmrError(f"image size must be a positive integer, got {image_size}")
+    if not 0 < float(crop_pct) <= 1:
+        raise DgmrError(f"crop fraction must be in (0, 1], got {crop_pct}")
+    resize = int(round(int(image_size) / float(crop_pct)))
+    tf = T.Compose([
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(int(image_size)),
+        T.ToTensor(),
+        T.Normalize(tuple(float(m) for m in mean), tuple(float(s) for s in std)),
+    ])
+    settings = {"library": "dgmr", "resize": resize, "crop": int(image_size), "interp": "bicubic",
+                "mean": _floats(mean), "std": _floats(std)}
+    return EvalPreprocess(tf, settings)
+
+
+def resolve_eval_preprocess(model: torch.nn.Module, family: Any = None, *, source: Any = None,
+                            crop: float | None = None, image_size: int | None = None) -> EvalPreprocess:
+    """The evaluation preprocessing of ``model`` (see the module docstring). ``source``: the
+    :class:`~dgmr.models.sources.Source` it was built from (open_clip's pretrained tag lives
+    there); ``image_size`` overrides the model's input size."""
+    from .families import family_of
+
+    family = family or family_of(model)
+    if image_size is not None and int(image_size) <= 0:
+        raise DgmrError(f"image size must be a positive integer, got {image_size}")
+    if crop is not None:
+        dc = family.data_config(model)
+        return crop_preprocess(int(image_size or dc["image_size"]), dc["mean"], dc["std"], crop)
+    return family.eval_preprocess(model, source, image_size)
+
+
+def eval_transform(model: torch.nn.Module, family: Any = None, *, source: Any = None, crop: float | None = None,
+                   image_size: int | None = None) -> Transform:
+    """``resolve_eval_preprocess(...).transform``: the callable to give a dataset."""
+    return resolve_eval_preprocess(model, family, source=source, crop=crop, image_size=image_size).transform
