@@ -179,8 +179,12 @@ def test_text_classifier_is_mean_of_normalised_prompts():
     assert torch.allclose(clf[0], want)
     res = zeroshot_classify(torch.stack([clf[1], clf[0]]) * 3, torch.tensor([1, 0]), clf)
     assert res["top1"] == 1.0
-    with pytest.raises(DgmrError, match="no '\\{\\}'"):
+    with pytest.raises(DgmrError, match="no '\\{c\\}' or '\\{\\}'"):
         text_classifier(enc, ["cat"], ["a photo"])
+    # clip_benchmark's {c} slot and per-class prompts give the same class embedding
+    assert torch.equal(text_classifier(enc, ["cat", "dog"], ["a {c}.", "the {c} photo"], batch_size=3), clf)
+    per_class = {"cat": ["a cat.", "the cat photo"], "dog": ["a dog.", "the dog photo"]}
+    assert torch.allclose(text_classifier(enc, ["cat", "dog"], per_class), clf)
 
 
 def test_zeroshot_open_clip_end_to_end(data, clip_dirs, tmp_path):

@@ -30,6 +30,12 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, features: bool = 
                        help="feature cache (default: $DGMR_CACHE/features or ~/.cache/dgmr/features)")
         p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
         p.add_argument("--label", default=None, help="model name in results and reports (default: MODEL)")
+        p.add_argument("--crop-pct", type=float, default=None, metavar="FRACTION",
+                       help="resize to size/FRACTION and center-crop (e.g. 0.875: 256 -> 224) in the model's "
+                            "mean/std, instead of the model's own eval transform (the default)")
+        p.add_argument("--dataset", default=None, metavar="NAME",
+                       help="dataset name for the result file (clip_benchmark's 'dataset' field) and for "
+                            "per-dataset class-name/template JSON files (default: the data folder's name)")
     p.add_argument("--save", default=None, metavar="FILE", help="also write the result JSON to FILE (for dgmr report)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -39,9 +45,12 @@ def _feature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise DgmrError("--batch-size must be >= 1")
     if args.image_size is not None and args.image_size < 1:
         raise DgmrError("--image-size must be >= 1")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise DgmrError("--crop-pct must be in (0, 1]")
     return dict(image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                 dtype=args.dtype, cache_dir=False if args.no_cache else args.cache_dir, random_init=args.random_init,
-                model_kwargs=args.model_kwargs, label=args.label, progress=not args.json)
+                model_kwargs=args.model_kwargs, label=args.label, progress=not args.json, crop_pct=args.crop_pct,
+                dataset=args.dataset)
 
 
 # the protocols' data flags: --save must not overlap them (a model or run directory may hold
@@ -85,9 +94,14 @@ def _knn(args: argparse.Namespace) -> dict[str, Any] | None:
 def _linear(args: argparse.Namespace) -> dict[str, Any] | None:
     from ..evaluate.tasks import eval_linear
 
+    if args.lr <= 0 or args.epochs < 1 or args.probe_batch_size < 1:
+        raise DgmrError("--lr must be > 0, --epochs and --probe-batch-size >= 1")
+    if not 0 <= args.held_out < 1 or (args.held_out == 0 and args.protocol == "lbfgs"):
+        raise DgmrError("--held-out must be in (0, 1) (0 is allowed with --protocol clip_benchmark: no weight-decay search)")
     return _finish(args, eval_linear(args.model, args.train, args.val, weight_decays=args.weight_decays,
                                      val_fraction=args.held_out, max_iter=args.max_iter, seed=args.seed,
-                                     **_feature_kwargs(args)))
+                                     protocol=args.protocol, lr=args.lr, epochs=args.epochs,
+                                     probe_batch_size=args.probe_batch_size, **_feature_kwargs(args)))
 
 
 def _zeroshot(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -101,7 +115,7 @@ def _retrieval(args: argparse.Namespace) -> dict[str, Any] | None:
     from ..evaluate.tasks import eval_retrieval
 
     return _finish(args, eval_retrieval(args.model, args.captions, args.images, text_model=args.text_model,
-                                        ks=args.k, **_feature_kwargs(args)))
+                                        ks=args.k, ties=args.ties, **_feature_kwargs(args)))
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,7 +143,8 @@ def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str, 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..evaluate.knn import DEFAULT_KS
-    from ..evaluate.linear import DEFAULT_WEIGHT_DECAYS
+    from ..evaluate.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS as LINEAR_PROTOCOLS
+    from ..evaluate.retrieval import TIE_MODES
 
     ev = sub.add_parser("eval", help="evaluate a model: knn, linear, zeroshot, retrieval, speed",
                         description="Standard evaluation protocols on frozen features; accuracies are fractions in "
@@ -138,7 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = _add(esub, "knn", _knn, "weighted kNN on L2-normalised features (DINO protocol)",
              "kNN classification of --val against --train (ImageFolder layouts): cosine similarity, votes weighted "
-             "exp(sim/T), resize 256 / center-crop 224 scaled to the model's input size, the model's mean/std.")
+             "exp(sim/T), images preprocessed with the model's own eval transform (--crop-pct 0.875: resize 256 / "
+             "center-crop 224 scaled to the model's input size).")
     _common(p)
     p.add_argument("--train", required=True, help="training split (root/CLASS/IMAGE)")
     p.add_argument("--val", required=True, help="evaluation split (root/CLASS/IMAGE)")
@@ -146,8 +162,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
 
     p = _add(esub, "linear", _linear, "linear probe (logistic regression) on frozen features",
-             "Logistic regression on frozen pooled features; the L2 penalty is chosen on a held-out part of --train, "
-             "then the classifier is refit on all of --train and scored on --val.")
+             "A linear classifier on frozen pooled features; the weight decay is chosen on a held-out part of --train, "
+             "then the classifier is refit and scored on --val. --protocol lbfgs (default): standardised features, "
+             "full-batch L-BFGS over --weight-decays. --protocol clip_benchmark: clip_benchmark's recipe (L2-normalised "
+             "features, AdamW with cosine schedule, its 97-point weight-decay search, refit on train + held-out).")
     _common(p)
     p.add_argument("--train", required=True, help="training split (root/CLASS/IMAGE)")
     p.add_argument("--val", required=True, help="evaluation split (root/CLASS/IMAGE)")
@@ -155,7 +173,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated L2 penalties to try")
     p.add_argument("--held-out", type=float, default=0.2, help="fraction of --train held out to pick the penalty")
     p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations per fit")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (and of the clip_benchmark probe)")
+    p.add_argument("--protocol", default="lbfgs", choices=list(LINEAR_PROTOCOLS), help="probe recipe (default lbfgs)")
+    p.add_argument("--lr", type=float, default=0.1, help="clip_benchmark protocol: AdamW learning rate (default 0.1)")
+    p.add_argument("--epochs", type=int, default=10, help="clip_benchmark protocol: epochs (default 10)")
+    p.add_argument("--probe-batch-size", type=int, default=64,
+                   help="clip_benchmark protocol: probe training batch size (default 64)")
 
     p = _add(esub, "zeroshot", _zeroshot, "CLIP zero-shot classification (open_clip, HF CLIP/SigLIP)",
              "Zero-shot classification of --data (root/CLASS/IMAGE) with class text embeddings averaged over prompt "
@@ -163,9 +186,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--data", required=True, help="evaluation split (root/CLASS/IMAGE)")
     p.add_argument("--classnames", default=None,
-                   help="class names, one per line in sorted folder order (.txt) or a JSON list; default: the "
-                        "bundled ImageNet-1K names (only for 1000 class folders)")
-    p.add_argument("--templates", default=None, help="prompt templates with '{}' (default: the 80 OpenAI ImageNet ones)")
+                   help="class names in sorted folder order: one per line (.txt), a JSON list or clip_benchmark's "
+                        "per-dataset JSON (en_classnames.json; see --dataset); default: the bundled ImageNet-1K "
+                        "names (only for 1000 class folders)")
+    p.add_argument("--templates", default=None,
+                   help="prompt templates with '{c}' or '{}' for the class name: one per line (.txt), a JSON list, "
+                        "clip_benchmark's per-dataset JSON (see --dataset) or per-class prompts {class: [prompts]} "
+                        "(default: the 80 OpenAI ImageNet ones)")
     p.add_argument("--text-model", default=None, metavar="MODEL",
                    help="take the text tower from this model (e.g. the original CLIP for a vision-only student)")
 
@@ -176,6 +203,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--captions", required=True, help="captions file (.json, .csv, .tsv)")
     p.add_argument("--images", required=True, help="directory the image paths are relative to")
     p.add_argument("--k", type=_int_list, default=[1, 5, 10], help="comma-separated K values (default 1,5,10)")
+    p.add_argument("--ties", default="expected", choices=list(TIE_MODES),
+                   help="scores tied with a right item: expected (default: recall expected under random "
+                        "tie-breaking), optimistic (ties count as hits), pessimistic (ties count as misses)")
     p.add_argument("--text-model", default=None, metavar="MODEL", help="take the text tower from this model")
 
     p = _add(esub, "speed", _speed, "params, FLOPs, throughput and peak memory (several models: speedup)",

@@ -1,7 +1,5 @@
-"""Labeled evaluation data: ImageFolder-style splits and caption files, with the standard
-evaluation transform (resize to size/0.875, i.e. 256 for 224, then center crop) in the
-model's own normalisation.
-"""
+"""Labeled evaluation data: ImageFolder-style splits, caption files, class-name and
+template files (plain lists, or clip_benchmark's per-dataset JSON maps)."""
 from __future__ import annotations
 
 import csv
@@ -13,38 +11,29 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DgmrError
+from ..models.preprocess import CROP_PCT as _CROP_PCT, crop_preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-CROP_PCT = 224 / 256
+CROP_PCT = _CROP_PCT
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
                    crop_pct: float = CROP_PCT) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the short side to ``image_size / crop_pct`` (256 for 224), center-crop
-    ``image_size``, scale to [0, 1] and normalise with the model's ``mean``/``std``."""
-    from torchvision import transforms as T
-
-    if not image_size or image_size <= 0:
-        raise DgmrError(f"image size must be a positive integer, got {image_size}")
-    resize = int(round(image_size / crop_pct))
-    return T.Compose([
-        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(tuple(float(m) for m in mean), tuple(float(s) for s in std)),
-    ])
+    ``image_size``, scale to [0, 1] and normalise with ``mean``/``std``. (The evaluations
+    use :func:`dgmr.models.preprocess.eval_transform`, the model's own transform, unless a
+    crop fraction is asked for; this is that fixed-crop transform.)"""
+    return crop_preprocess(image_size, mean, std, crop_pct).transform
 
 
 def describe_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
                        crop_pct: float = CROP_PCT) -> str:
-    """A stable text form of :func:`eval_transform`'s settings (part of the feature-cache key)."""
-    return json.dumps({"resize": int(round(image_size / crop_pct)), "crop": int(image_size),
-                       "interp": "bicubic", "mean": [round(float(m), 8) for m in mean],
-                       "std": [round(float(s), 8) for s in std]}, sort_keys=True)
+    """A stable text form of :func:`eval_transform`'s settings."""
+    return crop_preprocess(image_size, mean, std, crop_pct).describe()
 
 
 def _is_image(p: Path) -> bool:
@@ -52,11 +41,12 @@ def _is_image(p: Path) -> bool:
 
 
 def _open_rgb(path: Path) -> Image.Image:
+    from ..images import UnreadableImage, open_image  # 16-bit/float images scaled right, bombs and FIFOs refused
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DgmrError(f"cannot read image {path}: {e}") from e
+        return open_image(path)
+    except UnreadableImage as e:
+        raise DgmrError(f"cannot read image {e}") from None
 
 
 class ImageFolderSplit(Dataset):
@@ -252,3 +242,32 @@ def read_lines(path: str | os.PathLike, what: str) -> list[str]:
     if not lines:
         raise DgmrError(f"{what} file {path} is empty")
     return lines
+
+
+def read_named_lists(path: str | os.PathLike, what: str, dataset: str | None = None) -> list[str] | dict[str, list[str]]:
+    """Class names or templates from a text file, a JSON list, or a JSON object. An object is
+    either clip_benchmark's per-dataset layout (``en_classnames.json``,
+    ``en_zeroshot_classification_templates.json``: ``{dataset: [...]}``; ``dataset`` picks the
+    entry, a one-entry file needs none) or, for templates, per-class prompts
+    (``{class name: [prompts]}``, e.g. CuPL), returned as that dict."""
+    p = Path(path)
+    if p.suffix.lower() != ".json" or not p.is_file():
+        return read_lines(p, what)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DgmrError(f"{p} is not valid JSON: {e}") from None
+    if isinstance(data, list):
+        return read_lines(p, what)
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in data.values()):
+        raise DgmrError(f"{p} must hold a JSON list of strings or an object of non-empty string lists")
+    key = dataset if dataset in data else (dataset or "").replace("/", "_")
+    if key in data:
+        return [x.strip() for x in data[key]]
+    if len(data) == 1:
+        return [x.strip() for x in next(iter(data.values()))]
+    if what == "templates":  # no dataset entry: class-specific prompts
+        return {str(k): [x.strip() for x in v] for k, v in data.items()}
+    raise DgmrError(f"{p} has no entry for dataset {dataset!r} (give --dataset NAME; it has "
+                    f"{', '.join(sorted(data)[:8])}{' ...' if len(data) > 8 else ''})")

@@ -1,10 +1,15 @@
 """Linear probe: multinomial logistic regression on frozen features, in torch.
 
+Two protocols. ``lbfgs`` (dgmr's, the default):
+
 Features are standardised with training statistics; the L2 penalty is picked on a held-out
 part of the training split (stratified), then the classifier is refit on the whole
 training split and scored on the test split. The optimiser is full-batch L-BFGS whose
 closure walks the data in chunks, so memory stays bounded for an ImageNet-sized bank and
 the same code runs on CPU and GPU.
+
+``clip_benchmark`` (:func:`clip_benchmark_probe`, in :mod:`.linear_cb`): clip_benchmark's recipe,
+on CPU or GPU.
 """
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ import torch.nn.functional as F
 
 from ..errors import DgmrError
 from .knn import _check
+from .metrics import classification_metrics, top_indices
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PROTOCOLS = ("lbfgs", "clip_benchmark")
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +70,13 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
 
 
 @torch.no_grad()
-def _scores(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int = 65536) -> tuple[float, float]:
-    top1 = top5 = 0
-    for s in range(0, len(x), chunk):
-        pred = (x[s:s + chunk] @ w.T + b).topk(min(5, len(b)), dim=1).indices
-        hit = pred == y[s:s + chunk, None]
-        top1 += int(hit[:, 0].sum())
-        top5 += int(hit.any(1).sum())
-    return top1 / len(x), top5 / len(x)
+def _top(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """(N, min(5, C)) best classes of the linear classifier (w, b), chunk by chunk."""
+    return torch.cat([top_indices(x[s:s + chunk] @ w.T + b) for s in range(0, len(x), chunk)])
+
+
+def _scores(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    return classification_metrics(_top(x, w, b), y, len(b))
 
 
 def linear_probe(
@@ -88,8 +94,8 @@ def linear_probe(
 ) -> dict[str, Any]:
     """Fit a linear classifier on ``train_feats`` and score ``test_feats``.
 
-    Returns ``{"top1", "top5", "weight_decay" (the chosen one), "val_top1": {wd: acc}, ...}``
-    (accuracies are fractions in [0, 1])."""
+    Returns ``{"top1", "top5", "mean_per_class_recall", "weight_decay" (the chosen one),
+    "val_top1": {wd: acc}, ...}`` (accuracies are fractions in [0, 1]; top5 None below 5 classes)."""
     _check(train_feats, train_labels, test_feats, test_labels)
     if not weight_decays or any(not wd >= 0 for wd in weight_decays):
         raise DgmrError(f"weight decays must be >= 0, got {list(weight_decays)}")
@@ -110,12 +116,12 @@ def linear_probe(
     val = {}
     for wd in weight_decays:
         w, b = fit_logreg(xf, ytr[fit_i], c, float(wd), max_iter=max_iter)
-        val[float(wd)] = _scores(xh, ytr[held_i], w, b)[0]
+        val[float(wd)] = _scores(xh, ytr[held_i], w, b)["top1"]
     best = max(val, key=lambda wd: (val[wd], wd))  # ties: the stronger penalty
     xa, xt = standardize(xtr, xte)
     w, b = fit_logreg(xa, ytr, c, best, max_iter=max_iter)
-    top1, top5 = _scores(xt, yte, w, b)
-    train_top1 = _scores(xa, ytr, w, b)[0]
-    return {"metric": "linear", "top1": top1, "top5": top5, "weight_decay": best,
+    scores = _scores(xt, yte, w, b)
+    train_top1 = _scores(xa, ytr, w, b)["top1"]
+    return {"metric": "linear", "protocol": "lbfgs", **scores, "weight_decay": best,
             "val_top1": {f"{wd:g}": acc for wd, acc in val.items()}, "train_top1": train_top1,
             "n_train": len(xtr), "n_held_out": len(held_i), "n_test": len(xte), "num_classes": c}

@@ -18,38 +18,42 @@ from ..models.artifact import atomic_dir, read_config, write_json
 from ..paths import output_lock, refuse_overlap
 from ..errors import DgmrError
 from ..models.sources import is_dgmr_dir
+from .results import dataset_name, from_clip_benchmark, is_clip_benchmark
 
 ROLE_ORDER = {"original": 0, "pruned": 1, "distilled": 2}
-SPLIT_NAMES = {"val", "test", "train", "validation", "images", "data"}
 
 
 def _norm(label: str) -> str:
     return os.path.normpath(label) if os.path.exists(label) else label
 
 
-def _dataset_name(path: str | None) -> str:
-    if not path:
-        return ""
-    p = Path(path)
-    name = p.stem if p.is_file() else p.name
-    if name.lower() in SPLIT_NAMES and p.parent.name:
-        name = p.parent.name
-    return name
+def _recall_columns(result: dict[str, Any], suffix: str) -> dict[str, float]:
+    """R@1 of both directions (or the smallest K there is: clip_benchmark's default is K=5)."""
+    i2t, t2i = result["image_to_text"], result["text_to_image"]
+    common = sorted((k for k in i2t if k in t2i), key=lambda k: int(k.removeprefix("R@")))
+    if not common:
+        return {}
+    k = "R@1" if "R@1" in common else common[0]
+    return {f"i→t {k}{suffix}": i2t[k], f"t→i {k}{suffix}": t2i[k]}
 
 
 def metric_columns(result: dict[str, Any]) -> dict[str, float]:
     """The accuracy-like numbers of one eval result, as {column: fraction}."""
     m = result.get("metric")
     if m in ("knn", "linear", "zeroshot"):
-        ds = _dataset_name(result.get("val") or result.get("data"))
+        ds = result.get("dataset") or dataset_name(result.get("val") or result.get("data"))
         suffix = f" ({ds})" if ds else ""
-        return {f"{m} top-1{suffix}": result["top1"]}
+        cols = {f"{m} top-1{suffix}": result["top1"]}
+        if result.get("mean_per_class_recall") is not None:
+            cols[f"{m} mean per-class recall{suffix}"] = result["mean_per_class_recall"]
+        return cols
     if m == "retrieval":
-        ds = _dataset_name(result.get("captions"))
+        ds = result.get("dataset") or dataset_name(result.get("captions"))
         suffix = f" ({ds})" if ds else ""
-        return {f"retrieval mean recall{suffix}": result["mean_recall"],
-                f"i→t R@1{suffix}": result["image_to_text"].get("R@1", math.nan),
-                f"t→i R@1{suffix}": result["text_to_image"].get("R@1", math.nan)}
+        ks = sorted({k.removeprefix("R@") for k in result["image_to_text"]}, key=int)
+        mean_col = f"retrieval mean recall{suffix}" if ks == ["1", "5", "10"] else \
+            f"retrieval mean recall@{','.join(ks)}{suffix}"  # a mean over other Ks is another number
+        return {mean_col: result["mean_recall"], **_recall_columns(result, suffix)}
     return {}
 
 
@@ -58,6 +62,7 @@ class _Rows:
         self.rows: dict[str, dict[str, Any]] = {}
         self.metrics: list[str] = []
         self.sources: dict[str, list[str]] = {}
+        self.skipped: list[str] = []
 
     def row(self, label: str) -> dict[str, Any]:
         label = _norm(label)
@@ -76,8 +81,15 @@ class _Rows:
                 if r.get("role"):
                     row["role"] = row["role"] or r["role"]
             return
+        if is_clip_benchmark(res):
+            converted = from_clip_benchmark(res, origin)
+            if converted is None:  # a task without accuracies to table (captioning, multi-label mAP)
+                self.skipped.append(f"{origin} ({res.get('task')})")
+                return
+            res = converted
         if "model" not in res or "metric" not in res:
-            raise DgmrError(f"{origin}: not a dgmr eval result (no 'metric'/'model' fields)")
+            raise DgmrError(f"{origin}: not a dgmr eval result (no 'metric'/'model' fields) nor a clip_benchmark "
+                            "result (no 'task'/'metrics' fields)")
         row = self.row(res["model"])
         row["role"] = row["role"] or res.get("role")
         for k in ("params", "flops"):
@@ -131,7 +143,7 @@ def _load_json_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _is_result(d: dict[str, Any]) -> bool:
-    return d.get("metric") in ("knn", "linear", "zeroshot", "retrieval", "speed")
+    return d.get("metric") in ("knn", "linear", "zeroshot", "retrieval", "speed") or is_clip_benchmark(d)
 
 
 def collect(inputs: Sequence[str | os.PathLike | dict[str, Any]]) -> tuple[_Rows, list[dict[str, Any]]]:
@@ -309,6 +321,8 @@ def _render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_di
         lines += [f"Deltas are against **{base['display']}** ({base['role']}, `{base['model']}`): relative for params, FLOPs and "
                   "throughput, percentage points for accuracies. Accuracies in %.", ""]
     lines += table
+    if rows_obj.skipped:
+        lines += ["", "Not tabled (no accuracy or recall to compare): " + "; ".join(rows_obj.skipped) + "."]
     settings = sorted({r["speed_setting"] for r in rows if r.get("speed_setting")})
     if settings:
         lines += ["", "Throughput measured on: " + "; ".join(settings) + " (median over repeats, warm-up excluded)."]

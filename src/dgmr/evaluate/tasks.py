@@ -26,11 +26,13 @@ from ..models.families import Family, family_of
 from ..models.open import open_model
 from ..models.sources import Source, is_dgmr_dir
 from ..prune.stats import count_flops
-from .datasets import (CROP_PCT, ImageFolderSplit, ImageListDataset, describe_transform, eval_transform,
-                       read_captions, read_lines)
+from ..models.preprocess import EvalPreprocess, resolve_eval_preprocess
+from .datasets import ImageFolderSplit, ImageListDataset, read_captions, read_lines, read_named_lists
 from .features import FeatureCache, default_cache_dir, extract_features, pooled_features, weights_hash
 from .knn import DEFAULT_KS, knn_classify
-from .linear import DEFAULT_WEIGHT_DECAYS, linear_probe
+from .linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS as LINEAR_PROTOCOLS, linear_probe
+from .linear_cb import clip_benchmark_probe
+from .results import dataset_name, with_clip_benchmark_fields
 from .retrieval import retrieval_recall
 from .speed import check_image_size, measure_speed
 from .zeroshot import (ClipTowers, clip_towers, encode_texts, imagenet_classnames, imagenet_templates,
@@ -86,20 +88,24 @@ def _cache(cache_dir: str | os.PathLike | None | bool) -> FeatureCache:
 
 
 def _prepare(model: Any, *, image_size: int | None, device: torch.device, dtype: torch.dtype, random_init: bool,
-             model_kwargs: dict[str, Any] | None, label: str | None, crop_pct: float
-             ) -> tuple[nn.Module, Source | None, Family, dict[str, Any], dict[str, Any]]:
+             model_kwargs: dict[str, Any] | None, label: str | None, crop_pct: float | None
+             ) -> tuple[nn.Module, Source | None, Family, dict[str, Any], EvalPreprocess]:
+    """Open the model and resolve its eval preprocessing (the model's own, or the classic
+    resize + center crop when ``crop_pct`` is given)."""
     net, src, info = open_eval_model(model, random_init=random_init, model_kwargs=model_kwargs, label=label)
     family = family_of(net)
-    dc = family.data_config(net)
-    size = int(image_size or dc["image_size"])
+    native = family.data_config(net)["image_size"]
+    size = int(image_size or native)
     net.to(device)
     if random_init:
         _same_weights_on_all_ranks(net)
-    if size != dc["image_size"]:
+    if size != native:
         check_image_size(net, family, size, label=info["model"])
+    pre = resolve_eval_preprocess(net, family, source=src, crop=crop_pct, image_size=image_size)
     info.update(_model_numbers(net, family, size))
-    dc = {**dc, "image_size": size, "crop_pct": crop_pct}
-    return net, src, family, info, dc
+    info["preprocess"] = pre.settings
+    info["pretrained"] = (src.tag if src is not None and src.tag else "") or ("random-init" if random_init else "")
+    return net, src, family, info, pre
 
 
 def _split_features(fn, ds, key: dict[str, str], cache: FeatureCache, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +113,9 @@ def _split_features(fn, ds, key: dict[str, str], cache: FeatureCache, **kw: Any)
     return cache.features(key, lambda: extract_features(fn, ds, **kw))
 
 
-def _feature_key(net: nn.Module, family: Family, dc: dict[str, Any], kind: str, dtype: torch.dtype) -> dict[str, str]:
+def _feature_key(net: nn.Module, family: Family, pre: EvalPreprocess, kind: str, dtype: torch.dtype) -> dict[str, str]:
     return {"weights": weights_hash(net), "family": family.name, "kind": kind, "dtype": str(dtype),
-            "transform": describe_transform(dc["image_size"], dc["mean"], dc["std"], dc["crop_pct"])}
+            "transform": pre.describe()}
 
 
 def _classification_features(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, image_size, batch_size,
@@ -117,13 +123,13 @@ def _classification_features(model: Any, train: str | os.PathLike, val: str | os
                              crop_pct) -> tuple[dict[str, Any], Any, int] | None:
     with D.session(device) as dinfo:
         dev, dt, rank, world = dinfo.device, parse_dtype(dtype), dinfo.rank, dinfo.world
-        net, _, family, info, dc = _prepare(model, image_size=image_size, device=dev, dtype=dt, random_init=random_init,
-                                            model_kwargs=model_kwargs, label=label, crop_pct=crop_pct)
-        tf = eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct)
-        tr = ImageFolderSplit(train, tf)
-        va = ImageFolderSplit(val, tf, classes=tr.classes)
+        net, _, family, info, pre = _prepare(model, image_size=image_size, device=dev, dtype=dt,
+                                             random_init=random_init, model_kwargs=model_kwargs, label=label,
+                                             crop_pct=crop_pct)
+        tr = ImageFolderSplit(train, pre.transform)
+        va = ImageFolderSplit(val, pre.transform, classes=tr.classes)
         cache = _cache(cache_dir)
-        key = _feature_key(net, family, dc, "pooled", dt)
+        key = _feature_key(net, family, pre, "pooled", dt)
         kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt, progress=progress)
         t0 = time.perf_counter()
         ftr, ytr = _split_features(pooled_features(net, family), tr, key, cache, desc="train features", **kw)
@@ -141,9 +147,11 @@ def eval_knn(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, ks
              temperature: float = 0.07, image_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
              device: str | None = None, dtype: str | torch.dtype = "float32", cache_dir: Any = None,
              random_init: bool = False, model_kwargs: dict[str, Any] | None = None, label: str | None = None,
-             progress: bool = False, crop_pct: float = CROP_PCT) -> dict[str, Any] | None:
+             progress: bool = False, crop_pct: float | None = None, dataset: str | None = None
+             ) -> dict[str, Any] | None:
     """``dgmr eval knn``: weighted kNN (cosine, exp(sim/T)) of ``val`` against ``train``
-    (ImageFolder layouts), on the model's pooled/CLS features."""
+    (ImageFolder layouts), on the model's pooled/CLS features. ``crop_pct``: resize
+    size/crop_pct + center crop instead of the model's own eval transform."""
     got = _classification_features(model, train, val, image_size=image_size, batch_size=batch_size,
                                     num_workers=num_workers, device=device, dtype=dtype, cache_dir=cache_dir,
                                     random_init=random_init, model_kwargs=model_kwargs, label=label,
@@ -152,7 +160,7 @@ def eval_knn(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, ks
         return None
     info, (ftr, ytr, fva, yva, dev), c = got
     res = knn_classify(ftr, ytr, fva, yva, ks=ks, temperature=temperature, num_classes=c, device=dev)
-    return {**info, **res}
+    return with_clip_benchmark_fields({**info, **res}, dataset=dataset)
 
 
 def eval_linear(model: Any, train: str | os.PathLike, val: str | os.PathLike, *,
@@ -160,9 +168,14 @@ def eval_linear(model: Any, train: str | os.PathLike, val: str | os.PathLike, *,
                 max_iter: int = 200, image_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
                 device: str | None = None, dtype: str | torch.dtype = "float32", cache_dir: Any = None,
                 random_init: bool = False, model_kwargs: dict[str, Any] | None = None, label: str | None = None,
-                progress: bool = False, crop_pct: float = CROP_PCT) -> dict[str, Any] | None:
-    """``dgmr eval linear``: logistic regression on frozen pooled features; the L2 penalty is
-    picked on a held-out ``val_fraction`` of ``train``."""
+                progress: bool = False, crop_pct: float | None = None, protocol: str = "lbfgs", lr: float = 0.1,
+                epochs: int = 10, probe_batch_size: int = 64, dataset: str | None = None) -> dict[str, Any] | None:
+    """``dgmr eval linear``: a linear classifier on frozen pooled features, scored on ``val``.
+    ``protocol="lbfgs"``: logistic regression, the L2 penalty picked among ``weight_decays``
+    on a held-out ``val_fraction`` of ``train``; ``"clip_benchmark"``: clip_benchmark's recipe
+    (AdamW ``lr``, ``epochs``, batches of ``probe_batch_size``, its weight-decay search)."""
+    if protocol not in LINEAR_PROTOCOLS:
+        raise DgmrError(f"unknown linear-probe protocol {protocol!r}: use one of {', '.join(LINEAR_PROTOCOLS)}")
     got = _classification_features(model, train, val, image_size=image_size, batch_size=batch_size,
                                     num_workers=num_workers, device=device, dtype=dtype, cache_dir=cache_dir,
                                     random_init=random_init, model_kwargs=model_kwargs, label=label,
@@ -170,15 +183,19 @@ def eval_linear(model: Any, train: str | os.PathLike, val: str | os.PathLike, *,
     if got is None:
         return None
     info, (ftr, ytr, fva, yva, dev), c = got
-    res = linear_probe(ftr, ytr, fva, yva, weight_decays=weight_decays, val_fraction=val_fraction, seed=seed,
-                       max_iter=max_iter, num_classes=c, device=dev)
-    return {**info, **res}
+    if protocol == "clip_benchmark":
+        res = clip_benchmark_probe(ftr, ytr, fva, yva, val_fraction=val_fraction, seed=seed, lr=lr, epochs=epochs,
+                                   batch_size=probe_batch_size, num_classes=c, device=dev)
+    else:
+        res = linear_probe(ftr, ytr, fva, yva, weight_decays=weight_decays, val_fraction=val_fraction, seed=seed,
+                           max_iter=max_iter, num_classes=c, device=dev)
+    return with_clip_benchmark_fields({**info, **res}, dataset=dataset)
 
 
 def _clip_setup(model: Any, text_model: Any, *, image_size, device, dtype, random_init, model_kwargs, label, crop_pct):
     dev, dt = device, dtype
-    net, src, family, info, dc = _prepare(model, image_size=image_size, device=dev, dtype=dt, random_init=random_init,
-                                          model_kwargs=model_kwargs, label=label, crop_pct=crop_pct)
+    net, src, family, info, pre = _prepare(model, image_size=image_size, device=dev, dtype=dt, random_init=random_init,
+                                           model_kwargs=model_kwargs, label=label, crop_pct=crop_pct)
     model_dir = model if not isinstance(model, nn.Module) and is_dgmr_dir(model) else None
     if text_model is None:
         towers = clip_towers(net, src, model_dir=model_dir)
@@ -190,29 +207,32 @@ def _clip_setup(model: Any, text_model: Any, *, image_size, device, dtype, rando
         text_towers = clip_towers(tnet, tsrc, model_dir=tdir)
         towers = ClipTowers(image_towers.kind, net, image_towers.encode_image, text_towers.encode_text)
         info["text_model"] = tinfo["model"]
-    return net, family, info, dc, towers
+    return net, family, info, pre, towers
 
 
-def _classnames(classnames: str | os.PathLike | Sequence[str] | None, classes: list[str], data: Any) -> list[str]:
+def _classnames(classnames: Any, classes: list[str], data: Any, dataset: str) -> list[str]:
     if classnames is None or classnames == "imagenet":
         if len(classes) != 1000:
             raise DgmrError(f"{data} has {len(classes)} class folders: give --classnames FILE (one name per line, in "
                             "the sorted order of the folders); the bundled ImageNet names fit only 1000 classes")
         names = imagenet_classnames()
     elif isinstance(classnames, (str, os.PathLike)):
-        names = read_lines(classnames, "class names")
+        names = read_named_lists(classnames, "class names", dataset)
     else:
         names = [str(c) for c in classnames]
-    if len(names) != len(classes):
-        raise DgmrError(f"{len(names)} class names for {len(classes)} class folders in {data}")
+    if isinstance(names, dict) or len(names) != len(classes):
+        n = len(names) if not isinstance(names, dict) else "a map of"
+        raise DgmrError(f"{n} class names for {len(classes)} class folders in {data}")
     return names
 
 
-def _templates(templates: str | os.PathLike | Sequence[str] | None) -> list[str]:
+def _templates(templates: Any, dataset: str) -> list[str] | dict[str, list[str]]:
     if templates is None or templates in ("openai", "imagenet"):
         return imagenet_templates()
     if isinstance(templates, (str, os.PathLike)):
-        return read_lines(templates, "templates")
+        return read_named_lists(templates, "templates", dataset)
+    if isinstance(templates, dict):
+        return {str(k): [str(t) for t in v] for k, v in templates.items()}
     return [str(t) for t in templates]
 
 
@@ -232,11 +252,11 @@ class _ClipImages:
     def autocast(self) -> Any:
         return torch.autocast(self.dinfo.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def result(self, res: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    def result(self, res: dict[str, Any], dataset: str | None = None, **fields: Any) -> dict[str, Any]:
         self.info.update({**fields, "world_size": self.dinfo.world, "device": str(self.dinfo.device),
                           "seconds": round(time.perf_counter() - self.t0, 3),
                           "cache": {"hits": self.cache.hits, "misses": self.cache.misses}})
-        return {**self.info, **res}
+        return with_clip_benchmark_fields({**self.info, **res}, dataset=dataset)
 
 
 def _clip_images(model: Any, text_model: Any, dataset: Callable[[Any], Dataset], dinfo: D.DistInfo, dt: torch.dtype, *,
@@ -244,13 +264,13 @@ def _clip_images(model: Any, text_model: Any, dataset: Callable[[Any], Dataset],
                  crop_pct) -> _ClipImages:
     """Open the CLIP model (text tower from ``text_model`` if given) and embed every image of
     ``dataset(eval transform)`` (through the feature cache): zero-shot's and retrieval's first half."""
-    net, family, info, dc, towers = _clip_setup(model, text_model, image_size=image_size, device=dinfo.device,
-                                                dtype=dt, random_init=random_init, model_kwargs=model_kwargs,
-                                                label=label, crop_pct=crop_pct)
-    ds = dataset(eval_transform(dc["image_size"], dc["mean"], dc["std"], crop_pct))
+    net, family, info, pre, towers = _clip_setup(model, text_model, image_size=image_size, device=dinfo.device,
+                                                 dtype=dt, random_init=random_init, model_kwargs=model_kwargs,
+                                                 label=label, crop_pct=crop_pct)
+    ds = dataset(pre.transform)
     cache = _cache(cache_dir)
     t0 = time.perf_counter()
-    feats, labels = _split_features(towers.encode_image, ds, _feature_key(net, family, dc, "clip_image", dt), cache,
+    feats, labels = _split_features(towers.encode_image, ds, _feature_key(net, family, pre, "clip_image", dt), cache,
                                     batch_size=batch_size, num_workers=num_workers, device=dinfo.device, dtype=dt,
                                     progress=progress, desc="image embeddings")
     return _ClipImages(feats, labels, towers, info, cache, dinfo, dt, t0)
@@ -261,23 +281,26 @@ def eval_zeroshot(model: Any, data: str | os.PathLike, *, classnames: Any = None
                   text_batch_size: int = 256, num_workers: int = 0, device: str | None = None,
                   dtype: str | torch.dtype = "float32", cache_dir: Any = None, random_init: bool = False,
                   model_kwargs: dict[str, Any] | None = None, label: str | None = None, progress: bool = False,
-                  crop_pct: float = 1.0) -> dict[str, Any] | None:
+                  crop_pct: float | None = None, dataset: str | None = None) -> dict[str, Any] | None:
     """``dgmr eval zeroshot``: CLIP zero-shot classification of an ImageFolder ``data``
     split with class embeddings averaged over prompt ``templates`` (default: the 80 OpenAI
-    ImageNet templates). ``classnames``: a file, a list, or None for the bundled ImageNet
-    names (1000 folders). ``text_model``: take the text tower from this model instead."""
-    tpl = _templates(templates)
+    ImageNet templates; ``{c}`` or ``{}`` marks the class name). ``classnames``: a file, a
+    list, or None for the bundled ImageNet names (1000 folders); a JSON file may map dataset
+    names to lists (clip_benchmark's layout): ``dataset`` (default: the folder's name) picks
+    the entry. ``text_model``: take the text tower from this model instead."""
+    name = dataset or dataset_name(str(data))
+    tpl = _templates(templates, name)
     if isinstance(classnames, (str, os.PathLike)) and classnames != "imagenet":
-        read_lines(classnames, "class names")  # fail before opening the model
+        read_named_lists(classnames, "class names", name)  # fail before opening the model
     names: list[str] = []
 
-    def dataset(transform: Any) -> Dataset:
+    def make_dataset(transform: Any) -> Dataset:
         ds = ImageFolderSplit(data, transform)
-        names.extend(_classnames(classnames, ds.classes, data))  # before the images are embedded
+        names.extend(_classnames(classnames, ds.classes, data, name))  # before the images are embedded
         return ds
 
     with D.session(device) as dinfo:
-        emb = _clip_images(model, text_model, dataset, dinfo, parse_dtype(dtype), image_size=image_size,
+        emb = _clip_images(model, text_model, make_dataset, dinfo, parse_dtype(dtype), image_size=image_size,
                            batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
                            random_init=random_init, model_kwargs=model_kwargs, label=label, progress=progress,
                            crop_pct=crop_pct)
@@ -285,7 +308,8 @@ def eval_zeroshot(model: Any, data: str | os.PathLike, *, classnames: Any = None
             return None
         with emb.autocast():
             clf = text_classifier(emb.towers.encode_text, names, tpl, text_batch_size)
-        return emb.result(zeroshot_classify(emb.feats, emb.labels, clf), data=str(data), templates=len(tpl))
+        return emb.result(zeroshot_classify(emb.feats, emb.labels, clf), dataset=name, data=str(data),
+                          templates=len(tpl))
 
 
 def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.PathLike, *, text_model: Any = None,
@@ -293,9 +317,12 @@ def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.Pat
                    text_batch_size: int = 256, num_workers: int = 0, device: str | None = None,
                    dtype: str | torch.dtype = "float32", cache_dir: Any = None, random_init: bool = False,
                    model_kwargs: dict[str, Any] | None = None, label: str | None = None, progress: bool = False,
-                   crop_pct: float = 1.0) -> dict[str, Any] | None:
+                   crop_pct: float | None = None, ties: str = "expected", dataset: str | None = None
+                   ) -> dict[str, Any] | None:
     """``dgmr eval retrieval``: image->text and text->image recall@K over a captions file
-    (see :func:`~dgmr.evaluate.datasets.read_captions`) and its images."""
+    (see :func:`~dgmr.evaluate.datasets.read_captions`) and its images; ``ties``: see
+    :mod:`~dgmr.evaluate.retrieval`."""
+    retrieval_recall(torch.eye(1), [0], ks, ties=ties)  # a bad K or tie rule fails before the model is opened
     caps = read_captions(captions, images)
     with D.session(device) as dinfo:
         emb = _clip_images(model, text_model, lambda transform: ImageListDataset(caps.images, transform), dinfo,
@@ -309,8 +336,8 @@ def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.Pat
         img = torch.nn.functional.normalize(emb.feats.float(), dim=-1)
         if img.shape[1] != txt.shape[1]:
             raise DgmrError(f"image embeddings have {img.shape[1]} dims, text embeddings {txt.shape[1]}")
-        return emb.result(retrieval_recall(img @ txt.T, caps.caption_image, ks), captions=str(captions),
-                          images=str(images))
+        return emb.result(retrieval_recall(img @ txt.T, caps.caption_image, ks, ties=ties), dataset=dataset,
+                          captions=str(captions), images=str(images))
 
 
 def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, batch_size: int = 32,
@@ -336,12 +363,13 @@ def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, ba
                         dtype=parse_dtype(dtype), warmup=warmup, repeats=repeats)
     for name, row in res["models"].items():
         row.update({k: v for k, v in infos[name].items() if k != "model"})
-    return res
+    return with_clip_benchmark_fields(res, pretrained="random-init" if random_init else "")
 
 
 def save_result(result: dict[str, Any], path: str | os.PathLike,
                 inputs: Sequence[tuple[str, str | os.PathLike | None]] = ()) -> None:
-    """Write a result dict as JSON, atomically (temp file + rename), under ``path``'s lock;
+    """Write a result dict as JSON (with clip_benchmark's fields, see :mod:`.results`),
+    atomically (temp file + rename), under ``path``'s lock;
     refused when ``path`` overlaps one of ``inputs`` ((label, path) pairs: the data read)."""
     from ..models.artifact import write_json
     from ..paths import output_lock, refuse_overlap
@@ -350,6 +378,8 @@ def save_result(result: dict[str, Any], path: str | os.PathLike,
     if p.is_dir():
         raise DgmrError(f"{p} is a directory; --save takes a file name")
     refuse_overlap(p, inputs, "result file")
+    if result.get("metric") and not isinstance(result.get("metrics"), dict):  # a dict made by older code
+        result = with_clip_benchmark_fields(result)
     with output_lock(p):
         p.parent.mkdir(parents=True, exist_ok=True)
         write_json(p, result)

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import DgmrError, first_line
 from ..models.families import family_of
 from ..models.sources import Source
+from .metrics import classification_metrics, top_indices
 
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
@@ -149,28 +150,53 @@ def encode_texts(encode_text: TextEncoder, texts: Sequence[str], batch_size: int
     return torch.cat(out)
 
 
+CLASS_SLOTS = ("{c}", "{}")
+
+
+def fill_template(template: str, classname: str) -> str:
+    """The prompt of ``template`` for ``classname``: ``{c}`` (clip_benchmark's files) or
+    ``{}`` (OpenAI's lists) is where the name goes."""
+    for slot in CLASS_SLOTS:
+        template = template.replace(slot, classname)
+    return template
+
+
+def _prompts(classnames: Sequence[str], templates: Sequence[str] | dict[str, Sequence[str]]) -> list[list[str]]:
+    """Per class, its prompts: from shared templates, or a {class name: [prompts]} map
+    (class-specific prompts, e.g. CuPL, as clip_benchmark accepts them)."""
+    if isinstance(templates, dict):
+        missing = [c for c in classnames if not templates.get(c)]
+        if missing:
+            raise DgmrError(f"the per-class prompts have none for class {missing[0]!r} (a per-dataset templates "
+                            "file needs --dataset NAME)")
+        return [[str(t) for t in templates[c]] for c in classnames]
+    if not templates:
+        raise DgmrError("no prompt templates")
+    bad = [t for t in templates if not any(slot in t for slot in CLASS_SLOTS)]
+    if bad:
+        raise DgmrError(f"prompt template {bad[0]!r} has no '{{c}}' or '{{}}' where the class name goes")
+    return [[fill_template(t, c) for t in templates] for c in classnames]
+
+
 @torch.no_grad()
-def text_classifier(encode_text: TextEncoder, classnames: Sequence[str], templates: Sequence[str],
-                    batch_size: int = 256) -> torch.Tensor:
-    """(C, D) class embeddings: per class, the mean over templates of the normalised text
+def text_classifier(encode_text: TextEncoder, classnames: Sequence[str],
+                    templates: Sequence[str] | dict[str, Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+    """(C, D) class embeddings: per class, the mean over its prompts of the normalised text
     embeddings, normalised again."""
     if not classnames:
         raise DgmrError("no class names")
-    if not templates:
-        raise DgmrError("no prompt templates")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise DgmrError(f"prompt template {bad[0]!r} has no '{{}}' where the class name goes")
-    texts = [t.replace("{}", c) for c in classnames for t in templates]
-    emb = encode_texts(encode_text, texts, batch_size).view(len(classnames), len(templates), -1)
-    return F.normalize(emb.mean(1), dim=-1)
+    prompts = _prompts(classnames, templates)
+    counts = [len(p) for p in prompts]
+    emb = encode_texts(encode_text, [t for p in prompts for t in p], batch_size)
+    means = torch.stack([chunk.mean(0) for chunk in emb.split(counts)])
+    return F.normalize(means, dim=-1)
 
 
 @torch.no_grad()
 def zeroshot_classify(image_feats: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
                       chunk: int = 4096) -> dict[str, Any]:
-    """Top-1/top-5 of cosine-similarity classification of ``image_feats`` (N, D) against the
-    class embeddings ``classifier`` (C, D)."""
+    """Top-1, top-5 (None below 5 classes) and mean per-class recall of cosine-similarity
+    classification of ``image_feats`` (N, D) against the class embeddings ``classifier`` (C, D)."""
     if len(image_feats) == 0:
         raise DgmrError("the evaluation split is empty")
     if image_feats.shape[1] != classifier.shape[1]:
@@ -179,12 +205,7 @@ def zeroshot_classify(image_feats: torch.Tensor, labels: torch.Tensor, classifie
     if int(labels.max()) >= len(classifier):
         raise DgmrError(f"labels go up to {int(labels.max())} but there are {len(classifier)} class names")
     w = classifier.float()
-    top1 = top5 = 0
-    for s in range(0, len(image_feats), chunk):
-        x = F.normalize(image_feats[s:s + chunk].float(), dim=-1)
-        pred = (x @ w.T).topk(min(5, len(w)), dim=1).indices
-        hit = pred == labels[s:s + chunk, None]
-        top1 += int(hit[:, 0].sum())
-        top5 += int(hit.any(1).sum())
-    n = len(image_feats)
-    return {"metric": "zeroshot", "top1": top1 / n, "top5": top5 / n, "n_test": n, "num_classes": len(w)}
+    top = torch.cat([top_indices(F.normalize(image_feats[s:s + chunk].float(), dim=-1) @ w.T)
+                     for s in range(0, len(image_feats), chunk)])
+    return {"metric": "zeroshot", **classification_metrics(top, labels, len(w)), "n_test": len(image_feats),
+            "num_classes": len(w)}
