@@ -381,7 +381,7 @@ def test_background_checkpoint_writer_is_atomic_and_reports_errors(tmp_path):
     assert torch.equal(got["w"], torch.ones(3)) and got["nested"][1] == {"step": 4}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
     writer.write(snap, tmp_path / "missing-dir" / "checkpoint.pt")
-    with pytest.raises(dgmr.DgmrError, match="writing the checkpoint failed"):
+    with pytest.raises(dgmr.DgmrError, match="cannot write the checkpoint .*missing-dir.* free there"):
         writer.wait()
     writer.wait()  # the error is reported once
 

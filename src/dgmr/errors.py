@@ -10,3 +10,25 @@ def first_line(e: BaseException) -> str:
     one-line ``dgmr: error:`` can carry of a library's multi-line error."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+# exit codes of the command line (docs/failures.md)
+EXIT_ERROR = 2  # a DgmrError: bad input, missing file, disk full ...
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: distill stopped on SIGTERM/SIGUSR1 after writing a checkpoint; --resume it
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM outside distill's training loop (128 + SIGTERM): temporary output removed
+
+
+class Preempted(DgmrError):
+    """distill stopped on a signal after finishing its step and writing a checkpoint."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM (outside distill's training loop), so that every
+    ``finally`` and context manager removes its temporary output, as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum

@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import DgmrError
+from .errors import DgmrError, first_line
 
 try:
     import fcntl
@@ -191,3 +193,110 @@ def _remove_dirs(made: list[Path]) -> None:
     for p in made:  # deepest first; one that now holds something stays
         with contextlib.suppress(OSError):
             p.rmdir()
+
+
+# ---------------------------------------------------------------------------------------
+# storage errors and temporary files
+
+# what a failed write of a serialiser looks like: torch.save reports a full disk as a
+# RuntimeError ("unexpected pos"), safetensors as a SafetensorError (not an OSError)
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+try:
+    from safetensors import SafetensorError
+
+    WRITE_ERRORS += (SafetensorError,)
+except ImportError:  # pragma: no cover - safetensors is a dependency
+    pass
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the file system of ``path`` (or its nearest existing parent), for messages."""
+    p = Path(_real(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "free space unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit} free"
+    return f"{free} bytes free"
+
+
+def storage_error(path: str | os.PathLike, e: BaseException, what: str = "") -> DgmrError:
+    """One line for a failed write: the path, the reason, the free space left."""
+    reason = getattr(e, "strerror", None) or first_line(e)
+    return DgmrError(f"cannot write {what + ' ' if what else ''}{path}: {reason} ({free_space(path)} there)")
+
+
+def temp_name(path: str | os.PathLike, tag: str = "tmp") -> Path:
+    """``<dir>/.<name>.<tag>-<pid>``: hidden (skipped by --data listings) and owned by this
+    process, so :func:`remove_stale_temps` can tell a dead writer's leftovers from a live one's."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{tag}-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
+    """Yield a temporary file name beside ``path``; the block writes it, then it replaces
+    ``path``. On any failure (a full disk, a signal, Ctrl-C) the temporary file goes and
+    ``path`` keeps its previous content; a write error becomes one :class:`DgmrError`
+    naming ``path`` and the free space."""
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except WRITE_ERRORS as e:
+        _unlink(tmp)
+        raise storage_error(path, e, what) from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return True  # not a pid we wrote: never treat as dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# .<name>.<tag>-<pid>[-<hex>], the names temp_name, atomic_dir and the distill export use
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old|export)-(?P<pid>\d+)(?:-[0-9a-f]+)?$|^\.export-(?P<pid2>\d+)$")
+
+
+def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary files and directories in ``directory`` that a dgmr process which
+    no longer runs left (killed mid-write): only names this module's scheme makes, only when
+    their pid is dead; ``name`` limits it to those of one output. Call it under the output's
+    lock. Returns what was removed."""
+    removed = []
+    d = Path(directory)
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _STALE.match(p.name)
+        if not m or (name is not None and m.group("name") != name):
+            continue
+        pid = int(m.group("pid") or m.group("pid2"))
+        if pid != os.getpid() and not pid_alive(pid):
+            _unlink(p)
+            removed.append(p)
+    return removed

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from .. import __version__
-from ..errors import DgmrError
+from ..errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TERMINATED, DgmrError, Preempted,
+                      Terminated)
 
 # modules that add sub-commands (each has register(subparsers))
 COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.imports", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.demo")
@@ -53,13 +57,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = args.func(args)
+        with _sigterm_raises():
+            result = args.func(args)
+    except Preempted as e:
+        print(f"dgmr: stopped: {_printable(e)}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except DgmrError as e:
-        print(f"dgmr: error: {e}", file=sys.stderr)
-        return 2
+        print(f"dgmr: error: {_printable(e)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("dgmr: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated as e:
+        print(f"dgmr: {e}; temporary output removed", file=sys.stderr)
+        return EXIT_TERMINATED
     if result is not None:
         print_result(result, getattr(args, "json", False))
     return 0
+
+
+def _printable(e: BaseException) -> str:
+    """The message with bytes that are not UTF-8 (from file names) escaped: printing lone
+    surrogates would raise UnicodeEncodeError and turn the error line into a traceback."""
+    from ..images import printable
+
+    return printable(str(e))
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`Terminated` in the main thread for the command (the default
+    would end the process at once, leaving temporary output behind); distill's training
+    loop installs its own handler, which checkpoints first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

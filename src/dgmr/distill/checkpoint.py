@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import DgmrError, first_line
+from .. import schema
+from ..paths import atomic_path, storage_error
+from ..schema import metrics_row
 from ..models.artifact import CONFIG, INDICES, save
 from ..models.families import family_of
 from ..models.sources import Source
@@ -35,24 +38,37 @@ def checkpoint_dict(*, step: int, epoch: int, images_seen: int, unreadable: list
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """A kill mid-write leaves the previous file intact."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """A kill or a full disk mid-write leaves the previous file intact and no temporary file
+    (but a SIGKILL leaves ``.checkpoint.pt.tmp-<pid>``: :func:`~dgmr.paths.remove_stale_temps`)."""
+    with atomic_path(path, "the checkpoint") as tmp:
+        torch.save(obj, tmp)
 
 
-def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run's latest checkpoint (tensors and plain values only: nothing is unpickled)."""
+def load_checkpoint(run_dir: str | os.PathLike, total_steps: int | None = None) -> dict[str, Any]:
+    """A run's latest checkpoint (tensors and plain values only: nothing is unpickled),
+    checked by :func:`dgmr.schema.checkpoint` (``step`` at most ``total_steps``)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise DgmrError(f"nothing to resume: {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated/corrupt file, or one holding objects we refuse to unpickle
-        raise DgmrError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+        raise DgmrError(f"cannot read checkpoint {path}: {weights_only_reason(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DgmrError(f"{path} is not a dgmr distill checkpoint")
-    return ckpt
+    return schema.checkpoint(ckpt, str(path), total_steps)
+
+
+def weights_only_reason(e: BaseException) -> str:
+    """torch's refusal of a pickled object, without its advice to pass weights_only=False
+    (which would run the file's code: never for a file we did not write)."""
+    text = str(e)
+    if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+        for line in text.splitlines():
+            if "Unsupported global" in line or "Unsupported operand" in line:
+                return f"it holds Python objects dgmr does not unpickle ({line.strip()[:200]})"
+        return "it holds Python objects dgmr does not unpickle"
+    return first_line(e)
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -60,28 +76,43 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics lines a killed run wrote after its last checkpoint."""
+def truncate_metrics(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Drop metrics lines a killed run wrote after its last checkpoint; returns the rows kept."""
     if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
+        return []
+    rows = read_metrics(path)
+    keep = [(line, row) for line, row in rows if row["step"] <= last_step]
+    if len(keep) != len(rows) or path.read_bytes().count(b"\n") != len(rows):
+        with atomic_path(path, "the metrics") as tmp:
+            tmp.write_text("".join(line + "\n" for line, _ in keep))
+    return [row for _, row in keep]
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of each metrics.jsonl line; a last line cut short by a kill is dropped, any
+    other bad line is an error naming the file and line."""
+    lines = path.read_bytes().split(b"\n")
+    lines = lines[:-1] if lines and not lines[-1] else lines
+    out = []
+    for i, raw in enumerate(lines):
         try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
-        except ValueError:
-            continue  # a line cut short by the kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+            out.append((raw.decode("utf-8"), metrics_row(raw, f"{path}:{i + 1}")))
+        except DgmrError:
+            if i == len(lines) - 1 and not raw.endswith(b"}"):
+                continue  # the line a kill cut short
+            raise
+    return out
 
 
-def first_logged_loss(path: Path) -> float | None:
-    """The loss of a run's first metrics line (a resumed run reports it as its ``first_loss``)."""
-    if not path.is_file():
-        return None
-    first_rows = path.read_text().splitlines()[:1]
-    return json.loads(first_rows[0])["loss"] if first_rows else None
+def first_logged_loss(rows: list[dict[str, Any]]) -> float | None:
+    """The loss of a run's first metrics row (a resumed run reports it as its ``first_loss``)."""
+    return rows[0].get("loss") if rows else None
+
+
+def last_logged_loss(rows: list[dict[str, Any]]) -> float | None:
+    """The loss of the last row kept (the checkpoint's step is always logged): the final loss
+    of a run resumed after its last step, which trains no further step."""
+    return rows[-1].get("loss") if rows else None
 
 
 def export_student(student: nn.Module, out: Path, src: Source | None, student_cfg: dict | None, dtype: torch.dtype,
@@ -97,9 +128,15 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
                 extra[key] = student_cfg[key]
     tmp = out / f".export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    config = save(student, tmp, source=src, record=None, extra=extra)
-    if student_dir is not None and (student_dir / INDICES).is_file():
-        shutil.copy2(student_dir / INDICES, tmp / INDICES)
+    try:
+        config = save(student, tmp, source=src, record=None, extra=extra)
+        if student_dir is not None and (student_dir / INDICES).is_file():
+            shutil.copy2(student_dir / INDICES, tmp / INDICES)
+    except BaseException as e:  # a full disk (save raised one DgmrError), a signal: no half export left
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise storage_error(out, e, "the exported student in") from None
+        raise
     names = sorted(p.name for p in tmp.iterdir() if p.name != CONFIG) + [CONFIG]
     for name in names:
         dst = out / name

@@ -25,10 +25,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import math
 import os
 import shutil
+import signal
 import threading
 import time
 import warnings
@@ -40,14 +40,15 @@ import torch
 from torch import nn
 
 from .. import dist as D
-from ..errors import DgmrError, first_line
+from ..errors import DgmrError, Preempted, first_line
 from ..models.artifact import check_output_dir, write_json
 from ..models.families import Family, family_of
 from ..models.open import open_model_with_config
 from ..models.sources import Source
-from ..paths import data_paths, model_path, output_lock, refuse_overlap
+from ..paths import data_paths, model_path, output_lock, refuse_overlap, remove_stale_temps
+from .. import schema
 from .checkpoint import (CHECKPOINT, METRICS, RUN_CONFIG, SUMMARY, append_jsonl, atomic_torch_save, checkpoint_dict,
-                         export_student, first_logged_loss, load_checkpoint, truncate_metrics)
+                         export_student, first_logged_loss, last_logged_loss, load_checkpoint, truncate_metrics)
 from .data import DataSource, Loader, TrainTransform, default_workers, resolve_data
 from .losses import feature_loss, lr_at, wd_at
 from .settings import DEFAULT_EPOCHS, RESUME_MUTABLE, DistillSettings, read_config_file
@@ -110,6 +111,8 @@ class _BackgroundWriter:
             self.thread = None
         if self.error is not None:
             e, self.error = self.error, None
+            if isinstance(e, DgmrError):
+                raise e
             raise DgmrError(f"writing the checkpoint failed: {first_line(e)}") from e
 
 
@@ -328,6 +331,8 @@ class DistillRecipe:
                 if self.resume:
                     if not (out / CHECKPOINT).is_file():
                         raise DgmrError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+                    if not create:  # under the lock: a killed run's partial checkpoint or export goes
+                        remove_stale_temps(out)
                 else:
                     check_output_dir(out, self.overwrite)
                     if create:
@@ -353,7 +358,8 @@ class DistillRecipe:
         """Settings (see :func:`resume_settings` on resume); a resumed run may take its
         teacher/student/data from its run_config when they were paths."""
         if self.resume:
-            self.saved = json.loads((self.out / RUN_CONFIG).read_text())
+            path = self.out / RUN_CONFIG
+            self.saved = schema.run_config(schema.read_json_file(path, "the run's settings"), str(path))
             self.settings = resume_settings(self.saved["settings"], self.config, self.overrides)
             self.teacher = self.teacher if self.teacher is not None else self.saved.get("teacher")
             self.student = self.student if self.student is not None else self.saved.get("student")
@@ -512,7 +518,7 @@ class DistillRecipe:
 
     def load_checkpoint(self) -> None:
         """Continue from the run's checkpoint: weights, optimizer, EMA, counters, and this rank's RNG."""
-        ckpt = load_checkpoint(self.out)
+        ckpt = load_checkpoint(self.out, self.total)
         st = self.state
         st.step, st.images_seen, st.unreadable = int(ckpt["step"]), int(ckpt["images_seen"]), set(ckpt["unreadable"])
         self._load_weights(ckpt)
@@ -528,8 +534,12 @@ class DistillRecipe:
             set_state_dict(self.s_model, self.optim, model_state_dict=ckpt["student"],
                            optim_state_dict=ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            self.s_model.load_state_dict(ckpt["student"])
-            self.optim.load_state_dict(ckpt["optimizer"])
+            try:
+                self.s_model.load_state_dict(ckpt["student"])
+                self.optim.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise DgmrError(f"the checkpoint {self.out / CHECKPOINT} does not fit the student "
+                                f"{self.student}: {first_line(e)}") from None
         if self.state.ema is not None:
             with torch.no_grad():
                 for n, t in self.state.ema.items():
@@ -548,8 +558,8 @@ class DistillRecipe:
         self.writer = None
         if self.info.is_main:
             if self.resume:
-                truncate_metrics(self.metrics_path, st.step)
-                st.first_loss = first_logged_loss(self.metrics_path)
+                rows = truncate_metrics(self.metrics_path, st.step)
+                st.first_loss, st.last_loss = first_logged_loss(rows), last_logged_loss(rows)
             else:
                 write_json(self.out / RUN_CONFIG, self.run_config())
             if self.settings.tensorboard:
@@ -579,27 +589,75 @@ class DistillRecipe:
     # -- training ---------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Optimizer steps up to ``total``; after each: log, checkpoint when due, ``on_step``."""
+        """Optimizer steps up to ``total``; after each: log, checkpoint when due, ``on_step``;
+        on SIGTERM/SIGUSR1 the step in progress finishes, then :meth:`stop_on_signal`."""
         s, st = self.settings, self.state
         st.sums = torch.zeros(4, device=self.device, dtype=torch.float64)
         st.last_log_t = time.perf_counter()
         batches = self.loader.batches(st.step * s.accum, self.steps_per_epoch)
         st.epoch = st.step // self.steps_per_epoch if self.steps_per_epoch else 0
-        while st.step < self.total:
-            lr, wd, grad_norm = self.train_step(batches)
-            st.step += 1
-            self.bar.update(1)
-            checkpoint_now = st.step == self.total or (s.save_every and st.step % s.save_every == 0)
-            row = None
-            if st.step % s.log_every == 0 or checkpoint_now:  # a checkpoint's step is always logged
-                row = self.log(lr, wd, grad_norm)
-            if checkpoint_now:
-                self.save_checkpoint()
-            if self.on_step is not None:
-                self.on_step({"step": st.step, "total_steps": self.total, "epoch": st.epoch, "metrics": row})
+        with self.stop_signals():
+            while st.step < self.total:
+                lr, wd, grad_norm = self.train_step(batches)
+                st.step += 1
+                self.bar.update(1)
+                checkpoint_now = st.step == self.total or (s.save_every and st.step % s.save_every == 0)
+                row = None
+                if st.step % s.log_every == 0 or checkpoint_now:  # a checkpoint's step is always logged
+                    row = self.log(lr, wd, grad_norm)
+                if checkpoint_now:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step({"step": st.step, "total_steps": self.total, "epoch": st.epoch, "metrics": row})
+                if self.stop_requested():
+                    self.stop_on_signal(row is None, (lr, wd, grad_norm), checkpoint_now)
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+    @contextlib.contextmanager
+    def stop_signals(self) -> Iterator[None]:
+        """While training, SIGTERM (what SLURM and Kubernetes send before a preemption) and
+        SIGUSR1 (SLURM's ``--signal``) only set a flag, read after each step; the previous
+        handlers come back after. Main thread only (Python's rule for signal handlers)."""
+        self.signal_received: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def flag(signum: int, frame: Any) -> None:
+            self.signal_received = signum
+
+        before = {sig: signal.signal(sig, flag) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (all ranks stop after the same step)."""
+        local = self.signal_received is not None
+        if not self.info.distributed:
+            return local
+        flag = torch.tensor([float(local)], device=self.device)
+        return D.all_reduce_sum(flag, self.info).item() > 0
+
+    def stop_on_signal(self, log: bool, step_stats: tuple, saved: bool) -> None:
+        """Log the step (a checkpoint's step always has its metrics line), write a checkpoint
+        unless this step just did, and stop with :class:`Preempted` (CLI exit code 75)."""
+        st = self.state
+        if log:
+            self.log(*step_stats)
+        if not saved:
+            self.save_checkpoint()
+        self.ckpt_writer.wait()
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        name = signal.Signals(self.signal_received).name if self.signal_received else "a signal on another rank"
+        raise Preempted(f"{name} after step {st.step} of {self.total}: checkpoint {self.out / CHECKPOINT} written; "
+                        f"continue with: dgmr distill --out {self.out} --resume")
 
     def train_step(self, batches: Iterator[tuple[int, torch.Tensor | None, list[str]]]
                    ) -> tuple[float, float, torch.Tensor | None]:

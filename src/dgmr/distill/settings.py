@@ -130,11 +130,10 @@ class DistillSettings:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    from ..schema import read_text_file
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise DgmrError(f"cannot read config file {path}: {e.strerror or e}") from None
+    text = read_text_file(path, "config file")  # a regular file of bounded size: not /dev/zero
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

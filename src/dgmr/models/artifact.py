@@ -23,7 +23,8 @@ from torch import nn
 from .. import __version__
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import DgmrError, first_line
-from ..paths import output_lock
+from .. import schema
+from ..paths import WRITE_ERRORS, atomic_path, output_lock, remove_stale_temps, storage_error
 from .families import Family, apply_widths, family_of, get_family
 from .sources import Source, build_model, is_dgmr_dir
 
@@ -54,17 +55,27 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     from before the emptiness check until ``out`` is in place."""
     with output_lock(out):
         out = check_output_dir(out, overwrite)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(out.parent, e) from None
+        remove_stale_temps(out.parent, out.name)  # what a killed writer of this output left
+        # .<name>.tmp-<pid>-<hex>: the pid tells remove_stale_temps whether its writer still runs
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
             yield tmp
+        except WRITE_ERRORS as e:  # a full disk, an I/O error: the previous output stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, DgmrError):
+                raise
+            raise storage_error(out, e) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             out.rename(old)
         tmp.rename(out)
         if old is not None:
@@ -72,9 +83,10 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    """Atomically (temp + rename); a failed write is one DgmrError naming ``path`` and the free space."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def vision_params(model: nn.Module, family: Family | None = None) -> int:
@@ -138,7 +150,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise DgmrError(f"{path} is not a directory")
     if not is_dgmr_dir(path):
         raise DgmrError(f"{path} is not a dgmr model directory (no config.json with format 'dgmr')")
-    return json.loads((path / CONFIG).read_text())
+    return schema.model_config(schema.read_json_file(path / CONFIG, "model config"), str(path / CONFIG))
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:

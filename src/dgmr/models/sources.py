@@ -50,10 +50,13 @@ def is_dgmr_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     if not (p / "config.json").is_file():
         return False
+    from ..schema import read_json_file
+
     try:
-        return json.loads((p / "config.json").read_text()).get("format") == "dgmr"
-    except (OSError, ValueError):
+        cfg = read_json_file(p / "config.json", "config")
+    except DgmrError:  # unreadable, too large, not JSON: not a dgmr directory
         return False
+    return isinstance(cfg, dict) and cfg.get("format") == "dgmr"
 
 
 def parse_spec(spec: str, kwargs: dict[str, Any] | None = None) -> Source:
@@ -100,9 +103,14 @@ def _register_open_clip_cfg(name: str, cfg: dict[str, Any]) -> None:
 
     if open_clip.get_model_config(name) is not None:
         return
-    d = Path(tempfile.mkdtemp(prefix="dgmr-open_clip-"))
-    (d / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d / f"{name}.json")
+    # open_clip registers configs from files only; it parses the file into memory at once, so
+    # the file can go right after (each call used to leave a /tmp/dgmr-open_clip-* directory)
+    with tempfile.TemporaryDirectory(prefix="dgmr-open_clip-") as d:
+        path = Path(d) / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)
+        with contextlib.suppress(AttributeError, ValueError):  # nor keep rescanning a deleted path
+            open_clip.factory._MODEL_CONFIG_PATHS.remove(path)
 
 
 @contextlib.contextmanager

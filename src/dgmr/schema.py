@@ -1,0 +1,163 @@
+"""Checks of the files dgmr reads back, at the boundary: one clear error naming the file and
+the field, instead of a KeyError or TypeError deep inside.
+
+* :func:`read_small_file` / :func:`read_json_file`: config-like files are regular files of
+  at most :data:`MAX_CONFIG_BYTES` (``--config /dev/zero`` would otherwise read forever);
+* :func:`model_config`: a dgmr directory's ``config.json``;
+* :func:`run_config`: a distill run's ``run_config.json``;
+* :func:`checkpoint`: the distill checkpoint dict (after ``torch.load(weights_only=True)``);
+* :func:`metrics_row`: one ``metrics.jsonl`` line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from typing import Any
+
+from .errors import DgmrError
+
+MAX_CONFIG_BYTES = 16 * 2**20  # far above any real config (a CLIP's HF config is a few kB)
+
+
+def read_small_file(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of ``path``: a regular file of at most ``limit`` bytes (a FIFO or device is
+    refused before it is read, and no more than ``limit + 1`` bytes are ever read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DgmrError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DgmrError(f"{what} {path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)  # the size from stat may lie (/proc files): count what is read
+    except OSError as e:
+        raise DgmrError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise DgmrError(f"{what} {path} is larger than {limit // 2**20} MiB: not a config file")
+    return data
+
+
+def read_text_file(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    try:
+        return read_small_file(path, what, limit).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DgmrError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    try:
+        return json.loads(read_text_file(path, what))
+    except ValueError as e:
+        raise DgmrError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def _fail(where: str, field: str, problem: str) -> DgmrError:
+    return DgmrError(f"{where}: {field} {problem}")
+
+
+def _object(value: Any, where: str, field: str = "the file") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, field, f"must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, where: str, field: str, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(where, field, f"must be an integer, not {value!r}"[:200])
+    if value < lo or (hi is not None and value > hi):
+        raise _fail(where, field, f"must be in [{lo}, {hi if hi is not None else 'inf'}], not {value}")
+    return value
+
+
+def _str(value: Any, where: str, field: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(where, field, f"must be a non-empty string, not {value!r}"[:200])
+    return value
+
+
+def model_config(cfg: Any, where: str) -> dict[str, Any]:
+    """A dgmr ``config.json``: family, widths (name -> positive int), dtype (a float dtype
+    torch has), source (null, or an object with a known library and a name)."""
+    from .dtypes import parse_dtype
+
+    cfg = _object(cfg, where)
+    if cfg.get("format") != "dgmr":
+        raise _fail(where, "format", f"must be 'dgmr', not {cfg.get('format')!r}")
+    _str(cfg.get("family"), where, "family")
+    widths = _object(cfg.get("widths"), where, "widths")
+    for name, w in widths.items():
+        _int(w, where, f"widths[{name!r}]", lo=1)
+    try:
+        parse_dtype(cfg.get("dtype", "float32"), what="dtype", any_float=True)
+    except DgmrError as e:
+        raise _fail(where, "dtype", f"{cfg.get('dtype')!r} is not a float dtype torch has ({e})") from None
+    src = cfg.get("source")
+    if src is not None:
+        from .models.sources import LIBRARIES
+
+        _object(src, where, "source")
+        if src.get("library") not in LIBRARIES:
+            raise _fail(where, "source.library", f"must be one of {', '.join(LIBRARIES)}, not {src.get('library')!r}")
+        _str(src.get("name"), where, "source.name")
+        for key in ("kwargs", "model_cfg"):
+            if src.get(key) is not None:
+                _object(src[key], where, f"source.{key}")
+    return cfg
+
+
+def run_config(cfg: Any, where: str) -> dict[str, Any]:
+    """A distill ``run_config.json``: settings (an object), the inputs (paths or null), total_steps."""
+    cfg = _object(cfg, where)
+    _object(cfg.get("settings"), where, "settings")
+    for key in ("teacher", "student", "data"):
+        _str(cfg.get(key), where, key, optional=True)
+    if "total_steps" in cfg:
+        _int(cfg["total_steps"], where, "total_steps", lo=1)
+    if cfg.get("workers") is not None:
+        _int(cfg["workers"], where, "workers")
+    return cfg
+
+
+def checkpoint(ckpt: Any, where: str, total_steps: int | None = None) -> dict[str, Any]:
+    """A distill checkpoint: counters in range (``step`` within the run), the state dicts present."""
+    import torch
+
+    ckpt = _object(ckpt, where, "the checkpoint")
+    for key in ("step", "epoch", "images_seen"):
+        if key not in ckpt:
+            raise _fail(where, key, "is missing")
+        _int(ckpt[key], where, key, hi=total_steps if key == "step" else None)
+    _int(ckpt.get("world_size", 1), where, "world_size", lo=1)
+    unreadable = ckpt.get("unreadable", [])
+    if not isinstance(unreadable, list) or not all(isinstance(u, str) for u in unreadable):
+        raise _fail(where, "unreadable", "must be a list of strings")
+    for key in ("student", "optimizer"):
+        _object(ckpt.get(key), where, key)
+    if ckpt.get("ema") is not None:
+        _object(ckpt["ema"], where, "ema")
+    rng = ckpt.get("rng")
+    if not isinstance(rng, list) or not rng or not all(isinstance(t, torch.Tensor) for t in rng):
+        raise _fail(where, "rng", "must be a non-empty list of RNG state tensors")
+    return ckpt
+
+
+def metrics_row(raw: bytes | str, where: str) -> dict[str, Any]:
+    """One metrics.jsonl line: a JSON object with a positive integer step and a number (or null) loss."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        row = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DgmrError(f"{where}: not a JSON line ({type(e).__name__})") from None
+    row = _object(row, where, "the line")
+    _int(row.get("step"), where, "step", lo=1)
+    loss = row.get("loss")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+        raise _fail(where, "loss", f"must be a finite number, not {loss!r}")
+    return row
