@@ -6,6 +6,26 @@ from typing import Any
 
 from ..errors import DgmrError
 from .args import add_model_args, add_width_args
+from .settings import add_settings, given, given_flags
+
+
+def _check_calibration(args: argparse.Namespace) -> dict[str, Any]:
+    """The calibration settings given; refuses those that cannot apply."""
+    from ..prune.calibrate import CalibrationSettings
+    from ..prune.criteria import criterion_scores
+
+    settings = given(args, CalibrationSettings)
+    if args.calibration is None:
+        if settings:
+            raise DgmrError(f"{given_flags(args, CalibrationSettings)[0]} applies to calibrated pruning only: "
+                            "give --calibration DATA")
+        if criterion_scores(args.criterion) == "activations":
+            raise DgmrError(f"--criterion {args.criterion} scores activations: give --calibration DATA "
+                            "(a folder, a list file or shards of unlabeled images)")
+    elif args.weights is not None:
+        raise DgmrError("--calibration and --weights exclude each other: calibration runs the whole model over "
+                        "images, streaming prune never holds it; prune in memory (without --weights) to calibrate")
+    return settings
 
 
 def _prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -13,6 +33,7 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.mlp_ratio is None and args.hidden is None and args.keep_fraction is None:
         raise DgmrError("say how wide to keep the MLPs: --mlp-ratio R, --hidden N or --keep-fraction F")
+    calibration_settings = _check_calibration(args)
     if args.weights is not None:
         from ..prune.stream import stream_prune
 
@@ -28,7 +49,8 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     return prune_to_dir(args.model, args.out, mlp_ratio=args.mlp_ratio, hidden=args.hidden,
                         keep_fraction=args.keep_fraction, criterion=args.criterion, seed=args.seed,
                         random_init=args.random_init, dtype=args.dtype, overwrite=args.overwrite,
-                        model_kwargs=args.model_kwargs, native=not args.no_native, progress=not args.json)
+                        model_kwargs=args.model_kwargs, native=not args.no_native, progress=not args.json,
+                        calibration=args.calibration, calibration_settings=calibration_settings)
 
 
 def _stats(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,9 +62,10 @@ def _stats(args: argparse.Namespace) -> dict[str, Any]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..dtypes import DTYPES
+    from ..prune.calibrate import CalibrationSettings
     from ..prune.criteria import CRITERIA
 
-    p = sub.add_parser("prune", help="prune every MLP of a vision tower (weights-only, no data)",
+    p = sub.add_parser("prune", help="prune every MLP of a vision tower (weights-only; --calibration refits on images)",
                        description="Keep the most diverse hidden neurons of every MLP (greedy Gram-Schmidt on "
                                    "fc1) and save the smaller model as model.safetensors + config.json, plus the "
                                    "source library's own format.")
@@ -64,6 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --weights: write HF-style shards of at most SIZE (e.g. 2GB) instead of one "
                         "model.safetensors (Hugging Face models are always sharded, into DIR/hf/)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    title = "calibration (docs/calibration.md)"
+    cal = p.add_argument_group(title)
+    cal.add_argument("--calibration", metavar="DATA", default=None,
+                     help="unlabeled images (a folder, a .txt list, WebDataset shards) to calibrate the cut: refit "
+                          "each cut MLP to the original's output, allow --criterion diversity-act and --allocate global")
+    add_settings(p, CalibrationSettings, group=title, groups={title: cal})
     p.set_defaults(func=_prune)
 
     p = sub.add_parser("stats", help="params and FLOPs before/after pruning (meta device: no weights, no download)")

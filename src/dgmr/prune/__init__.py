@@ -8,6 +8,7 @@ docs/method.md.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +32,7 @@ class PruneRecord:
     request: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # what calibrated the cut (docs/calibration.md), if anything
 
     @property
     def widths(self) -> dict[str, int]:
@@ -56,6 +58,7 @@ class PruneRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "seed": self.seed, **self.request,
+                **({"calibration": self.calibration} if self.calibration is not None else {}),
                 "layers": [{k: v for k, v in layer.items() if k != "kept"} for layer in self.layers]}
 
 
@@ -115,17 +118,47 @@ def prune(
     progress: bool = True,
     source: Source | None = None,
     family: Family | None = None,
+    calibration: Any = None,
+    **calibration_settings: Any,
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune the hidden layer of every MLP of ``model``'s vision tower, in place.
 
     Returns ``(model, record)``: the same model object (same class, same forward, smaller
-    MLPs) and a :class:`PruneRecord` with the per-layer kept indices. Selection uses the
-    original weights of each layer; the kept rows/columns are copied from them unchanged.
+    MLPs) and a :class:`PruneRecord` with the per-layer kept indices. Without calibration,
+    selection uses the original weights of each layer and the kept rows/columns are copied
+    from them unchanged (the paper's method).
+
+    ``calibration``: unlabeled images (a folder, a list file, WebDataset shards, a list of
+    PIL images, a Dataset, or preprocessed (N, 3, H, W) batches / a DataLoader). With it the
+    cut MLPs' down projections are refitted to the original outputs, and activation criteria
+    (``diversity-act``) can score; ``calibration_settings`` are the fields of
+    :class:`~dgmr.prune.calibrate.CalibrationSettings` (``compensate``, ``allocate``,
+    ``images``, ``ridge``, ...). docs/calibration.md.
     """
+    from .calibrate import CalibrationSettings
+    from .criteria import criterion_scores
+
+    unknown = sorted(set(calibration_settings) - {f.name for f in dataclasses.fields(CalibrationSettings)})
+    if unknown:
+        raise TypeError(f"prune() got an unexpected keyword argument {unknown[0]!r}")
     family = family or family_of(model)
     sites = family.mlps(model)
     ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
     record = PruneRecord.start(criterion, seed, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction)
+    if calibration is not None:
+        from .calibrated import calibrated_prune
+
+        settings = CalibrationSettings(**calibration_settings)
+        calibrated_prune(model, family, sites, ks, record, calibration, settings, criterion=criterion, seed=seed,
+                         progress=progress, source=source)
+        record.config_updates = family.update_config(model, source)
+        return model, record
+    if calibration_settings:
+        raise DgmrError(f"{', '.join(sorted(calibration_settings))}: calibration settings need calibration images "
+                        "(calibration=...)")
+    if criterion_scores(criterion) == "activations":
+        raise DgmrError(f"criterion {criterion!r} scores activations: it needs calibration images "
+                        "(--calibration DATA, or dgmr.prune(..., calibration=...))")
     bar = tqdm(list(zip(sites, ks)), desc=f"prune ({criterion})", unit="layer", disable=not progress, leave=False)
     for i, (site, k) in enumerate(bar):
         w1, w_gate = site.scoring_weights()

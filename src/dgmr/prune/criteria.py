@@ -25,14 +25,33 @@ class Criterion(Protocol):
 CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
-def register_criterion(name: str, *, replace: bool = False, builtin: bool = False) -> Callable[[Criterion], Criterion]:
+SCORES = ("weights", "activations")
+
+
+def register_criterion(name: str, *, replace: bool = False, builtin: bool = False,
+                       scores: str = "weights") -> Callable[[Criterion], Criterion]:
     """Register ``fn(w, k, *, seed) -> LongTensor`` under ``name``; an existing name is
-    refused unless ``replace=True``."""
-    return CRITERIA.decorator(name, replace=replace, builtin=builtin)
+    refused unless ``replace=True``. ``scores`` says what the rows of ``w`` are: the
+    neurons' weights (fc1 rows, [gate, up] rows), or ``"activations"``: rows whose inner
+    products are the neurons' activation inner products over calibration images, scaled
+    by their down-projection norms (such a criterion needs calibration data)."""
+    if scores not in SCORES:
+        raise DgmrError(f"a criterion scores one of {', '.join(SCORES)}, got {scores!r}")
+
+    def deco(fn: Criterion) -> Criterion:
+        fn.dgmr_scores = scores  # type: ignore[attr-defined]
+        return CRITERIA.add(name, fn, replace=replace, builtin=builtin)
+
+    return deco
 
 
 def get_criterion(name: str) -> Criterion:
     return CRITERIA.get_or_fail(name)
+
+
+def criterion_scores(name: str) -> str:
+    """What criterion ``name`` scores: ``"weights"`` or ``"activations"``."""
+    return getattr(get_criterion(name), "dgmr_scores", "weights")
 
 
 def workspace_bytes(h: int, d: int, dtype: torch.dtype = torch.float64) -> int:
@@ -65,11 +84,18 @@ def diversity(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
 
 
+@register_criterion("diversity-act", builtin=True, scores="activations")
+def diversity_act(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """Activation-aware DGMR: the same greedy Gram-Schmidt, on the neurons' activations over
+    the calibration tokens weighted by what each writes (docs/calibration.md)."""
+    return diversity(w, k, seed=seed)
+
+
 @register_criterion("l2", builtin=True)
 def l2(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
-    """The ``k`` rows with the largest l2 norm (ties broken by lower index)."""
+    """The ``k`` rows with the largest l2 norm (ties broken by lower index), largest first."""
     norms = torch.linalg.vector_norm(w, dim=1)
-    return torch.sort(torch.argsort(-norms, stable=True)[:k]).values
+    return torch.argsort(-norms, stable=True)[:k]
 
 
 @register_criterion("random", builtin=True)
@@ -96,12 +122,15 @@ def select_neurons(
     w_gate: torch.Tensor | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    activations: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices (ascending LongTensor) of the ``k`` hidden neurons to keep.
 
     ``w1`` is the first MLP weight, shape (hidden, in). For gated MLPs pass the gate weight
     as ``w_gate`` (same shape): neuron j is scored on [gate_j, up_j] and kept or dropped as
     a pair. Selection runs in ``dtype`` (float64 by default) whatever the weights' dtype.
+    Criteria that score activations get ``activations`` (see :func:`register_criterion`)
+    instead of the weights.
     """
     if w1.ndim != 2:
         raise DgmrError(f"w1 must be a 2-D weight (hidden, in), got shape {tuple(w1.shape)}")
@@ -111,7 +140,13 @@ def select_neurons(
     if not 0 < k <= h:
         raise DgmrError(f"cannot keep {k} of {h} hidden neurons: need 0 < k <= {h}")
     fn = get_criterion(criterion)
-    w = scoring_matrix(w1, w_gate, dtype)
+    if criterion_scores(criterion) == "activations":
+        if activations is None:
+            raise DgmrError(f"criterion {criterion!r} scores activations: it needs calibration images "
+                            "(--calibration DATA, or dgmr.prune(..., calibration=...))")
+        w = activations.detach().to(dtype)
+    else:
+        w = scoring_matrix(w1, w_gate, dtype)
     if not torch.isfinite(w).all():
         raise DgmrError("weights contain NaN or inf: refusing to score them")
     idx = fn(w, k, seed=seed)

@@ -1,0 +1,98 @@
+"""The calibrated pruning pass (``dgmr.prune(..., calibration=...)``): MLP by MLP in forward
+order, score (on weights or activations), cut, refit the down projection; optionally with
+widths allocated across layers first. The pieces live in :mod:`.calibrate` and :mod:`.allocate`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocate import compensated_curve, dropped_curve, neuron_cost, spend, width_step
+from .calibrate import (CalibrationSettings, Runner, _down_coefficients, activation_rows, calibration_data,
+                        hidden_moments, keep_original, pruned_moments, refit_down, resolve_device)
+from .criteria import criterion_scores, get_criterion, select_neurons
+from .mlp import MlpSite, check_width, shrink_mlp
+
+
+def _activations(runner: Runner, site: MlpSite, settings: CalibrationSettings) -> torch.Tensor:
+    return activation_rows(hidden_moments(runner, site), site.down, settings.ridge)
+
+
+def allocate_widths(runner: Runner, sites: list[MlpSite], order: list[int], ks: list[int], criterion: str,
+                    seed: int, settings: CalibrationSettings, progress: bool) -> tuple[list[int], list[float]]:
+    """Per-layer widths spending the uniform ``ks``' parameters by measured error (on the
+    original model), and each layer's estimated relative error at its new width."""
+    curves: list[torch.Tensor] = [torch.zeros(0)] * len(sites)
+    fn = get_criterion(criterion)
+    for i in tqdm(order, desc="allocate", unit="layer", disable=not progress, leave=False):
+        site = sites[i]
+        mom = hidden_moments(runner, site, bias=site.down.bias is not None)
+        if criterion_scores(criterion) == "activations":
+            rows = activation_rows(mom, site.down, settings.ridge)
+        else:
+            from .criteria import scoring_matrix
+
+            rows = scoring_matrix(*site.scoring_weights())
+        rank = fn(rows, site.hidden, seed=seed + i).long().cpu()  # the criterion's full order: prefixes are picks
+        mom.G, mom.C = mom.G.cpu(), mom.C.cpu()
+        w0 = _down_coefficients(site.down).cpu()[: site.hidden]
+        curves[i] = (compensated_curve(mom, rank, settings.ridge) if settings.compensate
+                     else dropped_curve(mom, rank, w0.T))
+    widths = spend(curves, [neuron_cost(s) for s in sites], ks, [s.hidden for s in sites],
+                   [width_step(s) for s in sites], settings.floor, settings.ceiling)
+    return widths, [float(c[k]) for c, k in zip(curves, widths)]
+
+
+def _cut_one(runner: Runner, site: MlpSite, k: int, criterion: str, seed: int,
+             settings: CalibrationSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Score, cut and (with compensation) refit one MLP; returns the kept indices and what the refit did."""
+    check_width(site, k)
+    acts = _activations(runner, site, settings) if criterion_scores(criterion) == "activations" else None
+    w1, w_gate = site.scoring_weights()
+    keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed, activations=acts)
+    if not settings.compensate:
+        shrink_mlp(site, keep)
+        return keep, {}
+    original = keep_original(site)
+    shrink_mlp(site, keep)
+    return keep, refit_down(site, pruned_moments(runner, site, original), settings.ridge)
+
+
+def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: list[int], record: Any, data: Any,
+                     settings: CalibrationSettings, *, criterion: str, seed: int, progress: bool,
+                     source: Any = None) -> None:
+    """Prune ``sites`` of ``model`` in place with calibration ``data``; fills ``record``."""
+    from ..models.preprocess import resolve_eval_preprocess
+
+    device = resolve_device(settings.device)
+    pre = resolve_eval_preprocess(model, family, source=source)
+    cal = calibration_data(data, pre.transform, settings, seed=seed)
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        runner = Runner(model, family, cal, device)
+        order = runner.forward_order(sites)
+        estimates = None
+        if settings.allocate == "global":
+            ks, estimates = allocate_widths(runner, sites, order, ks, criterion, seed, settings, progress)
+        done: dict[int, tuple[int, torch.Tensor, dict[str, Any]]] = {}
+        for i in tqdm(order, desc=f"prune ({criterion}, calibrated)", unit="layer", disable=not progress, leave=False):
+            h = sites[i].hidden
+            keep, info = _cut_one(runner, sites[i], ks[i], criterion, seed + i, settings)
+            if estimates is not None:
+                info["rel_err_estimate"] = estimates[i]
+            done[i] = (h, keep, info)
+    finally:
+        model.to(home).train(was_training)
+    for i, site in enumerate(sites):
+        h, keep, info = done[i]
+        record.add(site, h, keep, **info)
+    record.calibration = {"images": cal.images, "unreadable": cal.unreadable, "data": cal.description,
+                          "compensate": settings.compensate,
+                          "allocate": settings.allocate, "criterion": criterion, "ridge": settings.ridge,
+                          "preprocess": pre.settings if cal.decoded else None, "device": device.type,
+                          **({"floor": settings.floor, "ceiling": settings.ceiling}
+                             if settings.allocate == "global" else {})}
