@@ -161,3 +161,17 @@ def metrics_row(raw: bytes | str, where: str) -> dict[str, Any]:
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         raise _fail(where, "loss", f"must be a finite number, not {loss!r}")
     return row
+
+
+def check_finite(name: str, t: Any, where: str = "") -> None:
+    """Refuse to write a float tensor holding NaN or infinity (a model with them computes
+    NaN). Attention masks (a name with "mask") may hold -inf/inf by design: NaN only there."""
+    import torch
+
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta or not t.numel():
+        return
+    bad = torch.isnan(t) if "mask" in name.lower() else ~torch.isfinite(t)
+    if bad.any():
+        kind = "NaN" if torch.isnan(t).any() else "infinite"
+        raise DgmrError(f"tensor {name} holds {int(bad.sum())} {kind} value(s) (of {t.numel()}): refusing to write "
+                        f"{where or 'it'}; nothing was written")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any, Callable
 
 
@@ -16,11 +17,22 @@ def model_kwargs_arg(text: str) -> dict[str, Any]:
     return value
 
 
+def positive_number(text: str) -> float:
+    """A finite number > 0 (float("inf") and "nan" parse, and would reach the width arithmetic)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def add_width_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--mlp-ratio", type=float, help="keep round(R * embed_dim) hidden neurons per MLP (the paper's r)")
+    g.add_argument("--mlp-ratio", type=positive_number, help="keep round(R * embed_dim) hidden neurons per MLP (the paper's r)")
     g.add_argument("--hidden", type=int, help="keep N hidden neurons per MLP")
-    g.add_argument("--keep-fraction", type=float, help="keep this fraction of each MLP's hidden neurons")
+    g.add_argument("--keep-fraction", type=positive_number, help="keep this fraction of each MLP's hidden neurons")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,9 @@ def weights_only_reason(e: BaseException) -> str:
     (which would run the file's code: never for a file we did not write)."""
     text = str(e)
     if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
-        for line in text.splitlines():
-            if "Unsupported global" in line or "Unsupported operand" in line:
-                return f"it holds Python objects dgmr does not unpickle ({line.strip()[:200]})"
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"(Unsupported operand \S+)", text)
+        if found:
+            return f"it holds Python objects dgmr does not unpickle ({found.group(1)[:200]})"
         return "it holds Python objects dgmr does not unpickle"
     return first_line(e)
 
@@ -96,7 +97,8 @@ def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for i, raw in enumerate(lines):
         try:
-            out.append((raw.decode("utf-8"), metrics_row(raw, f"{path}:{i + 1}")))
+            row = metrics_row(raw, f"{path}:{i + 1}")
+            out.append((raw.decode("utf-8"), row))
         except DgmrError:
             if i == len(lines) - 1 and not raw.endswith(b"}"):
                 continue  # the line a kill cut short

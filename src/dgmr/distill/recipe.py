@@ -538,8 +538,11 @@ class DistillRecipe:
                 self.s_model.load_state_dict(ckpt["student"])
                 self.optim.load_state_dict(ckpt["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                              first_line(e))  # torch's first line only says "Error(s) in loading state_dict"
                 raise DgmrError(f"the checkpoint {self.out / CHECKPOINT} does not fit the student "
-                                f"{self.student}: {first_line(e)}") from None
+                                f"{self.student}: {detail[:300]}") from None
         if self.state.ema is not None:
             with torch.no_grad():
                 for n, t in self.state.ema.items():

@@ -132,6 +132,8 @@ def save(
     family = family_of(model)
     sites = family.mlps(model)
     dtype = next(model.parameters()).dtype
+    for name, t in model.state_dict().items():  # before the output directory is touched
+        schema.check_finite(name, t, str(out))
     with atomic_dir(out, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "dgmr_version": __version__})
         if record is not None:

@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 from ... import __version__
 from ...models.artifact import SHARD_INDEX as INDEX, WEIGHTS, write_json
+from ...schema import check_finite
 from .checkpoint import ST_DTYPES
+
 
 class ShardWriter:
     """Collect tensors and write ``shard_bytes``-sized safetensors shards as they fill, in
@@ -31,6 +33,7 @@ class ShardWriter:
         self.total = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
+        check_finite(name, t, "the output")  # inside atomic_dir's temporary directory: the output never appears
         nb = t.numel() * t.element_size()
         if self.buf and self.buf_bytes + nb > self.shard_bytes:
             self.flush()
@@ -90,6 +93,7 @@ class FileWriter:
         want = self.entries[self.next] if self.next < len(self.entries) else None
         if want is None or (name, t.dtype, tuple(t.shape)) != want:
             raise AssertionError(f"stream writer: got {name} {t.dtype} {tuple(t.shape)}, expected {want}")
+        check_finite(name, t, "the output")
         self.f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
         self.next += 1
 
