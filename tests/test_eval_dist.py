@@ -51,14 +51,14 @@ def test_torchrun_two_processes_match_single(tmp_path):
     assert dist_res["per_k"] == single["per_k"]
     # rank 0 cached the gathered features; they equal the single-process features row by row
     from safetensors.torch import load_file
-    from dgmr.evaluate.datasets import ImageFolderSplit, eval_transform
+    from dgmr.evaluate.datasets import ImageFolderSplit
     from dgmr.evaluate.features import extract_features, pooled_features
     from dgmr.models.families import family_of
+    from dgmr.models.preprocess import eval_transform
 
     net = dgmr.load(model_dir)
     fam = family_of(net)
-    dc = fam.data_config(net)
-    ds = ImageFolderSplit(train, eval_transform(dc["image_size"], dc["mean"], dc["std"]))
+    ds = ImageFolderSplit(train, eval_transform(net, fam, source=src))  # what eval knn uses: the model's own
     feats, labels = extract_features(pooled_features(net, fam), ds, batch_size=4)
     cached = [load_file(str(p)) for p in (tmp_path / "cache").glob("*.safetensors")]
     match = [d for d in cached if d["features"].shape[0] == 9]
