@@ -277,7 +277,9 @@ def pid_alive(pid: int) -> bool:
 
 
 # .<name>.<tag>-<pid>[-<hex>], the names temp_name, atomic_dir and the distill export use
-_STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old|export)-(?P<pid>\d+)(?:-[0-9a-f]+)?$|^\.export-(?P<pid2>\d+)$")
+# (and the lock file of distill's export directory, ..export-<pid>.lock, which names its pid too)
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old|export)-(?P<pid>\d+)(?:-[0-9a-f]+)?$"
+                    r"|^\.\.?export-(?P<pid2>\d+)(?:\.lock)?$")
 
 
 def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[Path]:

@@ -134,6 +134,7 @@ def checkpoint(ckpt: Any, where: str, total_steps: int | None = None) -> dict[st
         if key not in ckpt:
             raise _fail(where, key, "is missing")
         _int(ckpt[key], where, key, hi=total_steps if key == "step" else None)
+    _int(ckpt.get("unreadable_reads", 0), where, "unreadable_reads")
     _int(ckpt.get("world_size", 1), where, "world_size", lo=1)
     unreadable = ckpt.get("unreadable", [])
     if not isinstance(unreadable, list) or not all(isinstance(u, str) for u in unreadable):

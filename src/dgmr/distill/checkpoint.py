@@ -31,11 +31,13 @@ CHECKPOINT_FORMAT = "dgmr-distill-checkpoint"
 
 
 def checkpoint_dict(*, step: int, epoch: int, images_seen: int, unreadable: list[str], student: dict, optimizer: dict,
-                    ema: dict | None, rng: list, cuda_rng: list | None, world_size: int) -> dict[str, Any]:
-    """The checkpoint as saved (its keys and their order are the file format)."""
+                    ema: dict | None, rng: list, cuda_rng: list | None, world_size: int,
+                    unreadable_reads: int = 0) -> dict[str, Any]:
+    """The checkpoint as saved (its keys and their order are the file format; ``unreadable_reads``
+    is newer: older checkpoints lack it)."""
     return {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "images_seen": images_seen,
             "unreadable": unreadable, "student": student, "optimizer": optimizer, "ema": ema, "rng": rng,
-            "cuda_rng": cuda_rng, "world_size": world_size}
+            "cuda_rng": cuda_rng, "world_size": world_size, "unreadable_reads": unreadable_reads}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -44,11 +45,12 @@ from ..errors import DgmrError, Preempted, first_line
 from ..models.artifact import check_output_dir, write_json
 from ..models.families import Family, family_of
 from ..models.open import open_model_with_config
-from ..models.sources import Source
+from ..models.sources import Source, is_dgmr_dir
 from ..paths import data_paths, model_path, output_lock, refuse_overlap, remove_stale_temps
 from .. import schema
 from .checkpoint import (CHECKPOINT, METRICS, RUN_CONFIG, SUMMARY, append_jsonl, atomic_torch_save, checkpoint_dict,
                          export_student, first_logged_loss, last_logged_loss, load_checkpoint, truncate_metrics)
+from ..images import printable
 from .data import DataSource, Loader, TrainTransform, default_workers, resolve_data
 from .losses import feature_loss, lr_at, wd_at
 from .settings import DEFAULT_EPOCHS, RESUME_MUTABLE, DistillSettings, read_config_file
@@ -133,8 +135,12 @@ def _open(model: nn.Module | str | os.PathLike, role: str, settings: DistillSett
     """(module, source, dgmr config or None) for a spec, a dgmr directory or a module."""
     if isinstance(model, nn.Module):
         return model, None, None
-    return open_model_with_config(model, random_init=settings.random_init, model_kwargs=settings.model_kwargs,
-                                  role=role)
+    # --random-init weights come from the seed (teacher and student apart): a resumed run
+    # rebuilds the very teacher it trained against; the global RNG is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed + (0 if role == "teacher" else 1))
+        return open_model_with_config(model, random_init=settings.random_init, model_kwargs=settings.model_kwargs,
+                                      role=role)
 
 
 def check_pair(teacher: nn.Module, student: nn.Module) -> Family:
@@ -238,6 +244,7 @@ class TrainState:
     epoch: int = 0  # of the latest micro-batch
     images_seen: int = 0  # all ranks, counted at each log
     unreadable: set[str] = field(default_factory=set)  # this rank's unreadable images
+    unreadable_reads: int = 0  # all ranks, counted at each log: failed reads (an image may fail in every epoch)
     ema: dict[str, torch.Tensor] | None = None  # name -> EMA of a trainable parameter (DTensors under FSDP)
     first_loss: float | None = None
     last_loss: float | None = None
@@ -361,6 +368,10 @@ class DistillRecipe:
             path = self.out / RUN_CONFIG
             self.saved = schema.run_config(schema.read_json_file(path, "the run's settings"), str(path))
             self.settings = resume_settings(self.saved["settings"], self.config, self.overrides)
+            specs = [m for m in (self.saved.get("teacher"), self.saved.get("student")) if m and not is_dgmr_dir(m)]
+            if self.settings.random_init and specs and not self.saved.get("random_init_seeded"):
+                raise DgmrError(f"{path}: this run built its --random-init models without a seed (an older dgmr), so "
+                                "a resume would train against a different random teacher: start the run again")
             self.teacher = self.teacher if self.teacher is not None else self.saved.get("teacher")
             self.student = self.student if self.student is not None else self.saved.get("student")
             self.data = self.data if self.data is not None else self.saved.get("data")
@@ -521,6 +532,7 @@ class DistillRecipe:
         ckpt = load_checkpoint(self.out, self.total)
         st = self.state
         st.step, st.images_seen, st.unreadable = int(ckpt["step"]), int(ckpt["images_seen"]), set(ckpt["unreadable"])
+        st.unreadable_reads = int(ckpt.get("unreadable_reads", 0))
         self._load_weights(ckpt)
         rng = ckpt["rng"]
         torch.set_rng_state(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
@@ -587,7 +599,8 @@ class DistillRecipe:
             "peak_lr": self.peak_lr, "warmup_steps": self.warmup, "total_steps": self.total,
             "steps_per_epoch": self.steps_per_epoch, "image_size": self.image_size, "mean": self.dcfg["mean"],
             "std": self.dcfg["std"], "family": self.family.name, "data_description": self.source.description,
-            "workers": self.workers, "precision": "bf16" if self.amp_dtype else "fp32"}
+            "workers": self.workers, "precision": "bf16" if self.amp_dtype else "fp32",
+            "random_init_seeded": True}  # --random-init models come from settings.seed
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -595,7 +608,7 @@ class DistillRecipe:
         """Optimizer steps up to ``total``; after each: log, checkpoint when due, ``on_step``;
         on SIGTERM/SIGUSR1 the step in progress finishes, then :meth:`stop_on_signal`."""
         s, st = self.settings, self.state
-        st.sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        st.sums = torch.zeros(5, device=self.device, dtype=torch.float64)  # loss, pooled, tokens, images, failed
         st.last_log_t = time.perf_counter()
         batches = self.loader.batches(st.step * s.accum, self.steps_per_epoch)
         st.epoch = st.step // self.steps_per_epoch if self.steps_per_epoch else 0
@@ -669,6 +682,8 @@ class DistillRecipe:
         for micro in range(accum):
             self.state.epoch, x, bad = next(batches)
             self.state.unreadable.update(bad)
+            if bad:
+                self.state.sums[4] += len(bad)
             self._micro_step(x, last=micro == accum - 1)
         return self._optimizer_step()
 
@@ -736,6 +751,7 @@ class DistillRecipe:
         now = time.perf_counter()
         imgs = tot[3]
         st.images_seen += int(imgs)
+        st.unreadable_reads += int(tot[4])
         if not all(math.isfinite(v) for v in tot[:3]):
             ckpt = self.out / CHECKPOINT
             raise DgmrError(f"the loss is not finite at step {st.step} (lr {lr:.3g}): stopped; the last good "
@@ -784,6 +800,7 @@ class DistillRecipe:
         if info.is_main:
             unreadable = sorted(set().union(*map(set, bad)))
             ckpt = checkpoint_dict(step=st.step, epoch=st.epoch, images_seen=st.images_seen, unreadable=unreadable,
+                                   unreadable_reads=st.unreadable_reads,
                                    student=msd, optimizer=osd, ema=ema_sd, rng=rngs, cuda_rng=cuda_rngs,
                                    world_size=info.world)
             if self.cuda:  # snapshot to host memory, then the disk write overlaps the next steps
@@ -842,7 +859,24 @@ class DistillRecipe:
             "world_size": self.info.world, "ranks_identical": ranks_identical, "resumed": bool(self.resume),
             "ema": s.ema, "seconds": round(seconds, 2),
             "images_per_s": round(st.images_seen / seconds, 2) if seconds > 0 and not self.resume else None,
+            **self.unreadable_report(),
         }
+
+    def unreadable_report(self) -> dict[str, Any]:
+        """The fraction of image reads that failed; above the ``unreadable_warn`` setting, a
+        ``warning`` (in the summary, and on stderr from rank 0): the run learned from less
+        data than it was given."""
+        st = self.state
+        reads = st.images_seen + st.unreadable_reads
+        fraction = st.unreadable_reads / reads if reads else 0.0
+        out: dict[str, Any] = {"unreadable_fraction": round(fraction, 4)}
+        if fraction > self.settings.unreadable_warn:
+            out["warning"] = (f"{fraction:.0%} of the image reads failed ({st.unreadable_reads} of {reads}; "
+                              f"threshold {self.settings.unreadable_warn:.0%}): check the data "
+                              f"({', '.join(sorted(st.unreadable)[:3])} ...)")
+            if self.info.is_main:
+                print(f"dgmr: WARNING: {printable(out['warning'])}", file=sys.stderr, flush=True)
+        return out
 
     def export(self, summary: dict[str, Any], full_state: dict[str, torch.Tensor] | None) -> Any:
         """Rank 0: the student into the run directory in ``dgmr prune``'s format; returns how

@@ -21,7 +21,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "on", "off", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 # settings that may change when resuming (they do not change what is trained)
-RESUME_MUTABLE = {"workers", "log_every", "save_every", "tensorboard", "device", "compile", "attention"}
+RESUME_MUTABLE = {"workers", "log_every", "save_every", "tensorboard", "device", "compile", "attention",
+                  "unreadable_warn"}
 DEFAULT_EPOCHS = 10  # the paper's run length, when neither epochs nor steps is set
 
 SCHEDULE, LOSS_AND_DATA, HARDWARE = "schedule", "loss and data", "hardware and output"
@@ -56,7 +57,10 @@ class DistillSettings:
     tokens_weight: float = _setting(1.0, LOSS_AND_DATA, "weight of the patch-token loss")
     crop_scale: tuple[float, float] = _setting((0.2, 1.0), LOSS_AND_DATA, "RandomResizedCrop scale, as lo,hi")
     image_size: int | None = _setting(None, LOSS_AND_DATA, "training resolution (unset: the teacher's)")
-    seed: int = _setting(0, LOSS_AND_DATA, "seed for data order, crops and init")
+    seed: int = _setting(0, LOSS_AND_DATA, "seed for data order, crops and init (and the weights of --random-init "
+                                           "models)")
+    unreadable_warn: float = _setting(0.1, LOSS_AND_DATA, "warn (on stderr and in the summary) when more than "
+                                      "this fraction of the image reads failed (corrupt or unreadable files)")
     workers: int | None = _setting(None, LOSS_AND_DATA, "DataLoader workers per process (unset: from the CPU "
                                                         "count; 0 for in-memory data)")
     precision: str = _setting("auto", HARDWARE, "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
@@ -122,6 +126,8 @@ class DistillSettings:
             raise DgmrError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise DgmrError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not 0 <= self.unreadable_warn <= 1:
+            raise DgmrError(f"unreadable_warn must be a fraction in [0, 1], got {self.unreadable_warn}")
         if self.workers is not None and self.workers < 0:
             raise DgmrError(f"workers must be >= 0, got {self.workers}")
 
