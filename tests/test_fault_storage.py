@@ -132,3 +132,32 @@ def test_write_json_on_a_full_disk(tmp_path, monkeypatch):
         write_json(path, {"top1": 0.9})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"top1": 0.5} and [p.name for p in tmp_path.iterdir()] == ["knn.json"]
+
+
+def test_streaming_prune_on_a_full_disk_leaves_nothing(tmp_path, cli, monkeypatch):
+    """The tensor-by-tensor writer of ``prune --weights``: the disk fills after a few tensors."""
+    from safetensors.torch import save_file
+
+    from dgmr.prune.stream.writers import FileWriter
+
+    from dgmr.models.sources import build_model, parse_spec
+
+    from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC
+
+    src = parse_spec(TINY_VIT_SPEC, TINY_VIT_KWARGS)
+    save_file({k: v.contiguous() for k, v in build_model(src, pretrained=False).state_dict().items()},
+              str(tmp_path / "w.safetensors"))
+    add, count = FileWriter.add, []
+
+    def add_until_full(self, name, t):
+        count.append(name)
+        if len(count) == 5:
+            raise _enospc(self.path)
+        add(self, name, t)
+
+    monkeypatch.setattr(FileWriter, "add", add_until_full)
+    out = tmp_path / "out"
+    code, _, err = cli("prune", TINY_VIT_SPEC, "--model-kwargs", json.dumps(TINY_VIT_KWARGS), "--mlp-ratio", "1",
+                       "--weights", tmp_path / "w.safetensors", "--out", out)
+    _full_disk_error(code, err, out)
+    assert len(count) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -75,8 +75,13 @@ def weights_only_reason(e: BaseException) -> str:
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """One metrics line; a line a full disk cuts short is dropped by the next ``--resume``
+    (:func:`read_metrics`), which also cuts the file back to the checkpoint."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise storage_error(path, e, "the metrics") from None
 
 
 def truncate_metrics(path: Path, last_step: int) -> list[dict[str, Any]]:
