@@ -141,10 +141,42 @@ def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str, 
     return p
 
 
+def _register_clip(esub: argparse._SubParsersAction) -> None:
+    """The zeroshot and retrieval sub-commands (CLIP models)."""
+    from ..evaluate.retrieval import TIE_MODES
+
+    p = _add(esub, "zeroshot", _zeroshot, "CLIP zero-shot classification (open_clip, HF CLIP/SigLIP)",
+             "Zero-shot classification of --data (root/CLASS/IMAGE) with class text embeddings averaged over prompt "
+             "templates (default: the 80 OpenAI ImageNet templates).")
+    _common(p)
+    p.add_argument("--data", required=True, help="evaluation split (root/CLASS/IMAGE)")
+    p.add_argument("--classnames", default=None,
+                   help="class names in sorted folder order: one per line (.txt), a JSON list or clip_benchmark's "
+                        "per-dataset JSON (en_classnames.json; see --dataset); default: the bundled ImageNet-1K "
+                        "names (only for 1000 class folders)")
+    p.add_argument("--templates", default=None,
+                   help="prompt templates with '{c}' or '{}' for the class name: one per line (.txt), a JSON list, "
+                        "clip_benchmark's per-dataset JSON (see --dataset) or per-class prompts {class: [prompts]} "
+                        "(default: the 80 OpenAI ImageNet ones)")
+    p.add_argument("--text-model", default=None, metavar="MODEL",
+                   help="take the text tower from this model (e.g. the original CLIP for a vision-only student)")
+
+    p = _add(esub, "retrieval", _retrieval, "CLIP image<->text retrieval recall@K",
+             "Image->text and text->image recall@K from a COCO/Flickr-style captions file (JSON or CSV/TSV of image "
+             "path + one or more captions).")
+    _common(p)
+    p.add_argument("--captions", required=True, help="captions file (.json, .csv, .tsv)")
+    p.add_argument("--images", required=True, help="directory the image paths are relative to")
+    p.add_argument("--k", type=_int_list, default=[1, 5, 10], help="comma-separated K values (default 1,5,10)")
+    p.add_argument("--ties", default="expected", choices=list(TIE_MODES),
+                   help="scores tied with a right item: expected (default: recall expected under random "
+                        "tie-breaking), optimistic (ties count as hits), pessimistic (ties count as misses)")
+    p.add_argument("--text-model", default=None, metavar="MODEL", help="take the text tower from this model")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..evaluate.knn import DEFAULT_KS
     from ..evaluate.linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS as LINEAR_PROTOCOLS
-    from ..evaluate.retrieval import TIE_MODES
 
     ev = sub.add_parser("eval", help="evaluate a model: knn, linear, zeroshot, retrieval, speed",
                         description="Standard evaluation protocols on frozen features; accuracies are fractions in "
@@ -180,33 +212,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-batch-size", type=int, default=64,
                    help="clip_benchmark protocol: probe training batch size (default 64)")
 
-    p = _add(esub, "zeroshot", _zeroshot, "CLIP zero-shot classification (open_clip, HF CLIP/SigLIP)",
-             "Zero-shot classification of --data (root/CLASS/IMAGE) with class text embeddings averaged over prompt "
-             "templates (default: the 80 OpenAI ImageNet templates).")
-    _common(p)
-    p.add_argument("--data", required=True, help="evaluation split (root/CLASS/IMAGE)")
-    p.add_argument("--classnames", default=None,
-                   help="class names in sorted folder order: one per line (.txt), a JSON list or clip_benchmark's "
-                        "per-dataset JSON (en_classnames.json; see --dataset); default: the bundled ImageNet-1K "
-                        "names (only for 1000 class folders)")
-    p.add_argument("--templates", default=None,
-                   help="prompt templates with '{c}' or '{}' for the class name: one per line (.txt), a JSON list, "
-                        "clip_benchmark's per-dataset JSON (see --dataset) or per-class prompts {class: [prompts]} "
-                        "(default: the 80 OpenAI ImageNet ones)")
-    p.add_argument("--text-model", default=None, metavar="MODEL",
-                   help="take the text tower from this model (e.g. the original CLIP for a vision-only student)")
-
-    p = _add(esub, "retrieval", _retrieval, "CLIP image<->text retrieval recall@K",
-             "Image->text and text->image recall@K from a COCO/Flickr-style captions file (JSON or CSV/TSV of image "
-             "path + one or more captions).")
-    _common(p)
-    p.add_argument("--captions", required=True, help="captions file (.json, .csv, .tsv)")
-    p.add_argument("--images", required=True, help="directory the image paths are relative to")
-    p.add_argument("--k", type=_int_list, default=[1, 5, 10], help="comma-separated K values (default 1,5,10)")
-    p.add_argument("--ties", default="expected", choices=list(TIE_MODES),
-                   help="scores tied with a right item: expected (default: recall expected under random "
-                        "tie-breaking), optimistic (ties count as hits), pessimistic (ties count as misses)")
-    p.add_argument("--text-model", default=None, metavar="MODEL", help="take the text tower from this model")
+    _register_clip(esub)
 
     p = _add(esub, "speed", _speed, "params, FLOPs, throughput and peak memory (several models: speedup)",
              "Measure vision-tower params, FLOPs, throughput (warm-up, then median over repeats, models alternating) "

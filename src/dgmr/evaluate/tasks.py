@@ -27,7 +27,7 @@ from ..models.open import open_model
 from ..models.sources import Source, is_dgmr_dir
 from ..prune.stats import count_flops
 from ..models.preprocess import EvalPreprocess, resolve_eval_preprocess
-from .datasets import ImageFolderSplit, ImageListDataset, read_captions, read_lines, read_named_lists
+from .datasets import ImageFolderSplit, ImageListDataset, read_captions, read_named_lists
 from .features import FeatureCache, default_cache_dir, extract_features, pooled_features, weights_hash
 from .knn import DEFAULT_KS, knn_classify
 from .linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS as LINEAR_PROTOCOLS, linear_probe
@@ -211,6 +211,7 @@ def _clip_setup(model: Any, text_model: Any, *, image_size, device, dtype, rando
 
 
 def _classnames(classnames: Any, classes: list[str], data: Any, dataset: str) -> list[str]:
+    """The class names of ``classes`` (sorted folders), checked against their number."""
     if classnames is None or classnames == "imagenet":
         if len(classes) != 1000:
             raise DgmrError(f"{data} has {len(classes)} class folders: give --classnames FILE (one name per line, in "
@@ -220,9 +221,8 @@ def _classnames(classnames: Any, classes: list[str], data: Any, dataset: str) ->
         names = read_named_lists(classnames, "class names", dataset)
     else:
         names = [str(c) for c in classnames]
-    if isinstance(names, dict) or len(names) != len(classes):
-        n = len(names) if not isinstance(names, dict) else "a map of"
-        raise DgmrError(f"{n} class names for {len(classes)} class folders in {data}")
+    if len(names) != len(classes):
+        raise DgmrError(f"{len(names)} class names for {len(classes)} class folders in {data}")
     return names
 
 
@@ -308,8 +308,9 @@ def eval_zeroshot(model: Any, data: str | os.PathLike, *, classnames: Any = None
             return None
         with emb.autocast():
             clf = text_classifier(emb.towers.encode_text, names, tpl, text_batch_size)
+        n_tpl = len(tpl) if not isinstance(tpl, dict) else sum(len(v) for v in tpl.values())  # per-class: all prompts
         return emb.result(zeroshot_classify(emb.feats, emb.labels, clf), dataset=name, data=str(data),
-                          templates=len(tpl))
+                          templates=n_tpl)
 
 
 def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.PathLike, *, text_model: Any = None,

@@ -63,10 +63,7 @@ class HFFamily(Family):
         if proc is None:  # a model type without an image processor: the generic transform
             return super().eval_preprocess(model, src, size)
         kwargs = _resized(proc, size)
-
-        def transform(img):
-            return proc(images=img, return_tensors="pt", **kwargs)["pixel_values"][0]
-
+        transform = _ProcessorTransform(proc, kwargs)
         keep = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
                 "do_normalize", "image_mean", "image_std", "do_convert_rgb", "do_pad")
         d = {k: v for k, v in proc.to_dict().items() if k in keep}
@@ -142,6 +139,17 @@ class HFFamily(Family):
         meta.config.save_pretrained(out / "hf")
         return {"format": "transformers from_pretrained", "files": ["hf/"],
                 "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}
+
+
+class _ProcessorTransform:
+    """An image processor as a PIL image -> (3, H, W) tensor transform (a class, not a
+    closure, so DataLoader workers can pickle it)."""
+
+    def __init__(self, proc: Any, kwargs: dict[str, Any]) -> None:
+        self.proc, self.kwargs = proc, kwargs
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return self.proc(images=img, return_tensors="pt", **self.kwargs)["pixel_values"][0]
 
 
 # where a processor class's defaults differ from the checkpoints' published settings
