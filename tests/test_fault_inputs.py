@@ -162,7 +162,8 @@ def test_config_file_must_be_a_small_regular_file(tiny, tmp_path, cli):
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
 def test_width_flags_must_be_finite_and_positive(tmp_path, cli, capsys, value):
     for command in ("prune", "stats"):
-        argv = [command, *TINY_VIT_ARGV, "--mlp-ratio", value] + (["--out", str(tmp_path / "o")] if command == "prune" else [])
+        out = ["--out", str(tmp_path / "o")] if command == "prune" else []
+        argv = [command, *TINY_VIT_ARGV, "--mlp-ratio", value, *out]
         with pytest.raises(SystemExit) as e:
             cli(*argv)
         assert e.value.code == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import pathlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,7 +122,11 @@ def test_distill_checkpoint_export_and_resume_on_a_full_disk(tiny, tmp_path, cli
 def test_write_json_on_a_full_disk(tmp_path, monkeypatch):
     """What ``eval --save`` and every config writer use."""
     path = tmp_path / "knn.json"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".knn.json.tmp-{dead.pid}").write_text("{\"partial")  # a killed writer's temp file
     write_json(path, {"top1": 0.5})
+    assert [p.name for p in tmp_path.iterdir()] == ["knn.json"]
     real = pathlib.Path.write_text
 
     def full(self, *a, **kw):

@@ -105,7 +105,8 @@ def open_image(src: bytes | str | os.PathLike, name: str | None = None) -> Image
         raise UnreadableImage(label, "not an image (or in a format Pillow cannot read)") from None
     except Image.DecompressionBombError as e:
         raise UnreadableImage(label, f"too many pixels (a decompression bomb?): {e}") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, TypeError, IndexError, struct.error) as e:  # what Pillow's plugins raise on corrupt data
+    # what Pillow's plugins raise on corrupt data
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, TypeError, IndexError, struct.error) as e:
         raise UnreadableImage(label, f"cannot decode ({type(e).__name__}: {str(e)[:200]})") from None
 
 

@@ -244,6 +244,7 @@ def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
     ``path`` keeps its previous content; a write error becomes one :class:`DgmrError`
     naming ``path`` and the free space."""
     tmp = temp_name(path)
+    remove_stale_temps(Path(path).parent, Path(path).name)  # a killed writer's partial file would keep a full disk full
     try:
         yield tmp
         os.replace(tmp, path)
