@@ -101,6 +101,37 @@ def test_hf_transform_is_the_image_processors():
     _same_pixels(eval_transform(model), lambda im: proc(images=im, return_tensors="pt")["pixel_values"][0])
 
 
+def test_hf_processor_saved_beside_the_model_wins(tmp_path):
+    import transformers
+
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                        patch_size=8, intermediate_size=64)
+    cfg.save_pretrained(tmp_path / "m")
+    saved = transformers.CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False,
+                                            image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.5, 0.5])
+    saved.save_pretrained(tmp_path / "m")
+    src = Source("hf", str(tmp_path / "m"))
+    model = build_model(src, pretrained=False)
+    pre = resolve_eval_preprocess(model, source=src)
+    assert pre.settings["image_mean"] == [0.1, 0.2, 0.3]
+    _same_pixels(pre.transform, lambda im: saved(images=im, return_tensors="pt")["pixel_values"][0])
+
+
+@pytest.mark.parametrize("case_id", ["timm_swin", "timm_convnext_conv_mlp", "open_clip_vit", "hf_dinov2",
+                                     "hf_siglip_vision", "generic"])
+def test_every_family_transform_feeds_its_model(case_id, tmp_path):
+    from tiny_models import CASES, build
+
+    from dgmr.models.families import family_of
+
+    model, src = build(next(c for c in CASES if c.id == case_id), tmp_path)
+    family = family_of(model)
+    x = torch.stack([eval_transform(model, family, source=src)(im) for im in _images()])
+    assert x.shape[-1] == x.shape[-2] == family.data_config(model)["image_size"]
+    with torch.no_grad():
+        assert torch.isfinite(family.features(model, x)["pooled"]).all()
+
+
 def test_crop_option_is_the_fixed_256_224_crop():
     import timm
 
