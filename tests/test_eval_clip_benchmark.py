@@ -351,3 +351,30 @@ def test_per_dataset_json_files_and_c_templates(data, tiny_clip, tmp_path, cli):
     code, _, err = cli("eval", "zeroshot", str(tiny_clip), "--data", str(data / "val"), "--no-cache",
                        "--classnames", str(tmp_path / "en_classnames.json"))
     assert code == 2 and f"no entry for dataset '{data.name}'" in err and err.count("\n") == 1
+
+
+def test_cli_crop_pct_and_ties(data, tiny_clip, tmp_path, cli):
+    code, out, err = cli("eval", "knn", str(tiny_clip), "--train", str(data / "train"), "--val", str(data / "val"),
+                         "--k", "3", "--crop-pct", "0.875", "--no-cache", "--json")
+    assert code == 0, err
+    pre = json.loads(out)["preprocess"]
+    assert pre["library"] == "dgmr" and pre["resize"] == round(32 / 0.875) and pre["crop"] == 32
+    code, _, err = cli("eval", "knn", str(tiny_clip), "--train", str(data / "train"), "--val", str(data / "val"),
+                       "--crop-pct", "2", "--no-cache")
+    assert code == 2 and "--crop-pct must be in (0, 1]" in err and err.count("\n") == 1
+    caps = [{"image": f"val/{c}/{i}.png", "captions": [f"a {c} picture", "a picture"]} for c in COLORS for i in range(2)]
+    (tmp_path / "caps.json").write_text(json.dumps(caps))  # "a picture" for every image: tied text embeddings
+    got = {}
+    for ties in ("expected", "optimistic"):
+        code, out, err = cli("eval", "retrieval", str(tiny_clip), "--captions", str(tmp_path / "caps.json"),
+                             "--images", str(data), "--ties", ties, "--k", ",".join(map(str, range(1, 17))),
+                             "--no-cache", "--json")
+        assert code == 0, err
+        got[ties] = json.loads(out)
+        assert got[ties]["ties"] == ties and got[ties]["task"] == "zeroshot_retrieval"
+    assert got["expected"]["tied_queries"] > 0
+    for k in range(1, 17):
+        assert got["expected"]["image_to_text"][f"R@{k}"] <= got["optimistic"]["image_to_text"][f"R@{k}"]
+    # a tied query is a sure hit for optimistic at K = (wrong items above) + 1, only a chance for expected
+    assert got["expected"]["mean_recall"] < got["optimistic"]["mean_recall"]
+    assert got["expected"]["metrics"]["image_retrieval_recall@1"] == got["expected"]["text_to_image"]["R@1"]
