@@ -54,9 +54,9 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = parser.parse_args(argv)  # inside: an argument type may raise DgmrError (cli.args.finite_number)
         with _sigterm_raises():
             result = args.func(args)
     except Preempted as e:

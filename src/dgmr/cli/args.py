@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any, Callable
 
+from ..errors import DgmrError
+
 
 def model_kwargs_arg(text: str) -> dict[str, Any]:
     try:
@@ -17,22 +19,29 @@ def model_kwargs_arg(text: str) -> dict[str, Any]:
     return value
 
 
-def positive_number(text: str) -> float:
-    """A finite number > 0 (float("inf") and "nan" parse, and would reach the width arithmetic)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+def finite_number(flag: str) -> Callable[[str], float]:
+    """An argparse type for a float flag that must be finite: ``float()`` accepts "inf" and
+    "nan", which would reach the width arithmetic (OverflowError). A value that parses but is
+    not finite is a :class:`DgmrError` (one ``dgmr: error:`` line, like the library's own
+    range checks, e.g. "must be > 0"); text that is not a number stays a usage error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise DgmrError(f"{flag} must be a finite number, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_width_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--mlp-ratio", type=positive_number, help="keep round(R * embed_dim) hidden neurons per MLP (the paper's r)")
+    g.add_argument("--mlp-ratio", type=finite_number("--mlp-ratio"), help="keep round(R * embed_dim) hidden neurons per MLP (the paper's r)")
     g.add_argument("--hidden", type=int, help="keep N hidden neurons per MLP")
-    g.add_argument("--keep-fraction", type=positive_number, help="keep this fraction of each MLP's hidden neurons")
+    g.add_argument("--keep-fraction", type=finite_number("--keep-fraction"), help="keep this fraction of each MLP's hidden neurons")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
