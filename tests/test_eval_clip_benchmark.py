@@ -378,3 +378,16 @@ def test_cli_crop_pct_and_ties(data, tiny_clip, tmp_path, cli):
     # a tied query is a sure hit for optimistic at K = (wrong items above) + 1, only a chance for expected
     assert got["expected"]["mean_recall"] < got["optimistic"]["mean_recall"]
     assert got["expected"]["metrics"]["image_retrieval_recall@1"] == got["expected"]["text_to_image"]["R@1"]
+
+
+def test_clip_benchmark_probe_trains_on_clip_image_embeddings(data, tiny_clip, tmp_path):
+    from dgmr.evaluate import eval_linear
+
+    zs = eval_zeroshot(tiny_clip, data / "val", classnames=sorted(COLORS), templates=["a {c}."],
+                       cache_dir=tmp_path)
+    lp = eval_linear(tiny_clip, data / "train", data / "val", protocol="clip_benchmark", epochs=1,
+                     cache_dir=tmp_path)
+    assert lp["features"] == "clip_image" and lp["feature_dim"] == TINY_OPEN_CLIP["embed_dim"]
+    assert lp["cache"]["hits"] == 1 and zs["cache"]["misses"] == 1  # val embeddings: the ones zero-shot cached
+    pooled = eval_linear(tiny_clip, data / "train", data / "val", cache_dir=False)
+    assert pooled["features"] == "pooled" and pooled["protocol"] == "lbfgs"

@@ -35,8 +35,8 @@ from .linear_cb import clip_benchmark_probe
 from .results import dataset_name, with_clip_benchmark_fields
 from .retrieval import retrieval_recall
 from .speed import check_image_size, measure_speed
-from .zeroshot import (ClipTowers, clip_towers, encode_texts, imagenet_classnames, imagenet_templates,
-                       text_classifier, zeroshot_classify)
+from .zeroshot import (ClipTowers, clip_image_encoder, clip_towers, encode_texts, imagenet_classnames,
+                       imagenet_templates, text_classifier, zeroshot_classify)
 
 def model_role(model: str | os.PathLike | nn.Module) -> str:
     """original (a spec, or a dgmr dir without a prune record), pruned, or distilled
@@ -120,7 +120,9 @@ def _feature_key(net: nn.Module, family: Family, pre: EvalPreprocess, kind: str,
 
 def _classification_features(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, image_size, batch_size,
                              num_workers, device, dtype, cache_dir, random_init, model_kwargs, label, progress,
-                             crop_pct) -> tuple[dict[str, Any], Any, int] | None:
+                             crop_pct, features: str = "pooled") -> tuple[dict[str, Any], Any, int] | None:
+    """Features of both splits (through the cache): the pooled/CLS feature, or with
+    ``features="clip_image"`` a CLIP model's image embedding (pooled for other models)."""
     with D.session(device) as dinfo:
         dev, dt, rank, world = dinfo.device, parse_dtype(dtype), dinfo.rank, dinfo.world
         net, _, family, info, pre = _prepare(model, image_size=image_size, device=dev, dtype=dt,
@@ -129,15 +131,18 @@ def _classification_features(model: Any, train: str | os.PathLike, val: str | os
         tr = ImageFolderSplit(train, pre.transform)
         va = ImageFolderSplit(val, pre.transform, classes=tr.classes)
         cache = _cache(cache_dir)
-        key = _feature_key(net, family, pre, "pooled", dt)
+        fn = clip_image_encoder(net) if features == "clip_image" else None
+        kind = "clip_image" if fn is not None else "pooled"
+        fn = fn or pooled_features(net, family)
+        key = _feature_key(net, family, pre, kind, dt)
         kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt, progress=progress)
         t0 = time.perf_counter()
-        ftr, ytr = _split_features(pooled_features(net, family), tr, key, cache, desc="train features", **kw)
-        fva, yva = _split_features(pooled_features(net, family), va, key, cache, desc="val features", **kw)
+        ftr, ytr = _split_features(fn, tr, key, cache, desc="train features", **kw)
+        fva, yva = _split_features(fn, va, key, cache, desc="val features", **kw)
         if rank != 0:
             return None
         info.update({"train": str(train), "val": str(val), "world_size": world, "device": str(dev),
-                     "feature_dim": int(ftr.shape[1]), "feature_seconds": round(time.perf_counter() - t0, 3),
+                     "features": kind, "feature_dim": int(ftr.shape[1]), "feature_seconds": round(time.perf_counter() - t0, 3),
                      "cache": {"hits": cache.hits, "misses": cache.misses,
                                "dir": str(cache.root) if cache.root else None}})
         return info, (ftr, ytr, fva, yva, dev), len(tr.classes)
@@ -173,13 +178,15 @@ def eval_linear(model: Any, train: str | os.PathLike, val: str | os.PathLike, *,
     """``dgmr eval linear``: a linear classifier on frozen pooled features, scored on ``val``.
     ``protocol="lbfgs"``: logistic regression, the L2 penalty picked among ``weight_decays``
     on a held-out ``val_fraction`` of ``train``; ``"clip_benchmark"``: clip_benchmark's recipe
-    (AdamW ``lr``, ``epochs``, batches of ``probe_batch_size``, its weight-decay search)."""
+    (AdamW ``lr``, ``epochs``, batches of ``probe_batch_size``, its weight-decay search) on a
+    CLIP model's image embeddings (``encode_image``, as clip_benchmark), other models' pooled features."""
     if protocol not in LINEAR_PROTOCOLS:
         raise DgmrError(f"unknown linear-probe protocol {protocol!r}: use one of {', '.join(LINEAR_PROTOCOLS)}")
     got = _classification_features(model, train, val, image_size=image_size, batch_size=batch_size,
                                     num_workers=num_workers, device=device, dtype=dtype, cache_dir=cache_dir,
                                     random_init=random_init, model_kwargs=model_kwargs, label=label,
-                                    progress=progress, crop_pct=crop_pct)
+                                    progress=progress, crop_pct=crop_pct,
+                                    features="clip_image" if protocol == "clip_benchmark" else "pooled")
     if got is None:
         return None
     info, (ftr, ytr, fva, yva, dev), c = got

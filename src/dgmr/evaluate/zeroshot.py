@@ -114,6 +114,17 @@ def _hf_tokenizer(model: nn.Module, candidates: Sequence[str | Path]) -> Callabl
     return tokenize
 
 
+def clip_image_encoder(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The image half of a CLIP-style model (embeddings in the joint space, what clip_benchmark's
+    linear probe trains on), or None for a model without a text tower."""
+    family = family_of(model)
+    if family.name == "open_clip" and hasattr(model, "encode_text"):
+        return lambda x: model.encode_image(x)
+    if family.name == "hf" and hasattr(model, "get_text_features") and hasattr(model, "get_image_features"):
+        return lambda x: _hf_output(model.get_image_features(pixel_values=x))
+    return None
+
+
 def clip_towers(model: nn.Module, src: Source | None = None, *, model_dir: str | Path | None = None) -> ClipTowers:
     """Wrap an open_clip model or a Hugging Face CLIP/SigLIP model; anything else is an error."""
     family = family_of(model)
@@ -124,7 +135,7 @@ def clip_towers(model: nn.Module, src: Source | None = None, *, model_dir: str |
             dev = next(model.parameters()).device
             return model.encode_text(tokenizer(list(texts)).to(dev))
 
-        return ClipTowers("open_clip", model, lambda x: model.encode_image(x), enc_text_oc)
+        return ClipTowers("open_clip", model, clip_image_encoder(model), enc_text_oc)
     if family.name == "hf" and hasattr(model, "get_text_features") and hasattr(model, "get_image_features"):
         candidates: list[str | Path] = []
         if model_dir is not None:
@@ -137,7 +148,7 @@ def clip_towers(model: nn.Module, src: Source | None = None, *, model_dir: str |
             dev = next(model.parameters()).device
             return _hf_output(model.get_text_features(**{k: v.to(dev) for k, v in tokenize(texts).items()}))
 
-        return ClipTowers("hf", model, lambda x: _hf_output(model.get_image_features(pixel_values=x)), enc_text_hf)
+        return ClipTowers("hf", model, clip_image_encoder(model), enc_text_hf)
     raise DgmrError(f"zero-shot and retrieval need a CLIP-style model with a text tower (open_clip, or Hugging Face "
                     f"CLIP/SigLIP); this is a {type(model).__name__} ({family.name} family) without one "
                     "(give --text-model ORIGINAL_CLIP to pair a pruned image tower with its text tower)")
