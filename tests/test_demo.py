@@ -28,6 +28,7 @@ def test_demo_writes_everything(demo_dir):
     assert (demo_dir / "recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (demo_dir / "report.md").read_text()
     assert "| teacher |" in report and "diversity r=1" in report and "random r=0.5" in report
+    assert "diversity+comp r=1" in report and "diversity+comp+global r=0.5" in report
 
 
 def test_results_schema_and_numbers(demo_dir):
@@ -47,9 +48,28 @@ def test_results_schema_and_numbers(demo_dir):
         for key in keys[6:]:
             assert 0 <= s[key] <= 1
         assert s["params"] < t["params"] and s["flops"] < t["flops"]
-        # distillation lowers the distillation loss
-        assert s["loss_last"] < s["loss_first"], s
+        if s["calibration"] is None:  # distillation lowers the distillation loss of a weights-only prune
+            assert s["loss_last"] < s["loss_first"], s
     assert _finite(r["wall_seconds"]) and r["wall_seconds"] > 0
+
+
+def test_calibrated_students_start_near_the_teacher(demo_dir):
+    r = json.loads((demo_dir / "results.json").read_text())
+    t, rows = r["teacher"], r["students"]
+    plain = {s["mlp_ratio"]: s for s in rows if s["method"] == "diversity"}
+    cal = [s for s in rows if s["calibration"] is not None]
+    assert {(s["method"], s["mlp_ratio"]) for s in cal} == {
+        ("diversity+comp", 1.0), ("diversity+comp", 0.5), ("diversity+comp+global", 0.5)}
+    for s in cal:
+        assert s["calibration"] == {"images": 256, "compensate": True, "criterion": "diversity",
+                                    "allocate": "global" if s["method"].endswith("global") else "uniform"}
+        # the refit brings the cut model back towards the teacher before any distillation
+        assert s["knn_top1_before"] > plain[s["mlp_ratio"]]["knn_top1_before"]
+        assert s["knn_top1_before"] >= t["knn_top1"] - 0.03
+        assert s["loss_first"] < plain[s["mlp_ratio"]]["loss_first"] / 5
+        step = s["knn_close_step"]
+        assert step is None or 0 <= step <= s["distill_steps"]
+    assert all(s["calibration"] is None for s in rows if s not in cal)
 
 
 def test_rerun_reuses_teacher_and_is_deterministic(demo_dir, capsys):

@@ -58,8 +58,11 @@ class DemoSettings:
     distill_steps: int = 80
     distill_batch: int = 64
     distill_lr: float = 1e-3
-    curve_points: int = 5
+    curve_points: int = 4
     speed_batch: int = 256
+    # calibrated students (docs/calibration.md): diversity + compensation at these (ratio, allocation)
+    calibrated: tuple[tuple[float, str], ...] = ((1.0, "uniform"), (0.5, "uniform"), (0.5, "global"))
+    calibration_images: int = 256
 
     @classmethod
     def make(cls, out: str | os.PathLike = "runs/demo", seed: int = 0, quick: bool = False) -> "DemoSettings":
@@ -193,6 +196,60 @@ def score(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
             "head_top1": float((logits.argmax(1) == data["y_test"]).float().mean())}
 
 
+KNN_CLOSE = 0.005  # "recovered": kNN top-1 within half a point of the teacher's
+
+
+@dataclass
+class Job:
+    """One student: how it is pruned (``calibration`` None: weights only, the paper) and its seed."""
+
+    criterion: str
+    ratio: float
+    seed: int
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> str:
+        if self.calibration is None:
+            return self.criterion
+        return self.criterion + "+comp" * self.calibration["compensate"] + (
+            "+global" if self.calibration["allocate"] == "global" else "")
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-r{self.ratio:g}-s{self.seed}"
+
+    @property
+    def arch(self) -> str:
+        """Students of one arch share a throughput measurement."""
+        return f"r{self.ratio:g}" + ("-global" if self.calibration and self.calibration["allocate"] == "global" else "")
+
+
+def demo_jobs(s: DemoSettings) -> list[Job]:
+    jobs = [Job(c, r, s.seed + k) for r in s.ratios for c in s.criteria for k in range(s.seeds)]
+    for r, alloc in s.calibrated:
+        cal = {"images": s.calibration_images, "compensate": True, "allocate": alloc, "criterion": "diversity"}
+        jobs += [Job("diversity", r, s.seed + k, cal) for k in range(s.seeds)]
+    return jobs
+
+
+def prune_student(teacher: nn.Module, job: Job, data: dict[str, torch.Tensor], src: Source) -> nn.Module:
+    """A pruned copy of the teacher; calibrated on the unlabeled train images (normalised like the
+    model's input; the split is shuffled, so the first N are a random sample)."""
+    student = copy.deepcopy(teacher)
+    if job.calibration is None:
+        return prune(student, mlp_ratio=job.ratio, criterion=job.criterion, seed=job.seed, progress=False, source=src)[0]
+    cal = job.calibration
+    return prune(student, mlp_ratio=job.ratio, criterion=cal["criterion"], seed=job.seed, progress=False, source=src,
+                 calibration=_normalizer(teacher)(data["x_train"]), images=cal["images"],
+                 compensate=cal["compensate"], allocate=cal["allocate"])[0]
+
+
+def first_close_step(curve: list[dict[str, Any]], teacher_knn: float) -> int | None:
+    """The first evaluated distillation step (0: before distillation) with kNN within KNN_CLOSE of the teacher."""
+    return next((c["step"] for c in curve if c["knn_top1"] >= teacher_knn - KNN_CLOSE - 1e-9), None)
+
+
 def _cost(model: nn.Module) -> dict[str, int]:
     from .prune.stats import count_flops, mlp_params
 
@@ -220,45 +277,51 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
     teacher_scores = score(teacher, data)
     teacher_row = {**_cost(teacher), **teacher_scores, "train": tinfo}
 
-    jobs = [(c, r, s.seed + k) for r in s.ratios for c in s.criteria for k in range(s.seeds)]
+    jobs = demo_jobs(s)
     students: list[dict[str, Any]] = []
     curves: dict[str, list[dict[str, float]]] = {}
-    archs: dict[float, nn.Module] = {}
+    archs: dict[str, nn.Module] = {}
     eval_every = max(1, s.distill_steps // s.curve_points)
+    calibrated: dict[str, nn.Module] = {}  # a calibrated diversity prune does not depend on the seed: one per arch
     bar = tqdm(jobs, desc="prune + distill students", unit="student", disable=not progress)
-    for criterion, ratio, sd in bar:
-        name = f"{criterion}-r{ratio:g}-s{sd}"
-        bar.set_postfix_str(name)
-        student = copy.deepcopy(teacher)
-        student, record = prune(student, mlp_ratio=ratio, criterion=criterion, seed=sd, progress=False, source=src)
+    for job in bar:
+        bar.set_postfix_str(job.name)
+        if job.calibration is None:
+            student = prune_student(teacher, job, data, src)
+        else:
+            if job.arch + job.method not in calibrated:
+                calibrated[job.arch + job.method] = prune_student(teacher, job, data, src)
+            student = copy.deepcopy(calibrated[job.arch + job.method])
         before = score(student, data)
-        curve = [{"step": 0, "head_top1": before["head_top1"]}]
+        curve = [{"step": 0, **before}]
 
         def on_step(info: dict[str, Any], student=student, curve=curve) -> None:
             if info["step"] % eval_every == 0 or info["step"] == info["total_steps"]:
-                curve.append({"step": info["step"], "head_top1": head_top1(student, data["x_test"], data["y_test"])})
+                curve.append({"step": info["step"], **score(student, data)})
 
-        run_dir = outp / "students" / name
+        run_dir = outp / "students" / job.name
         summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
                           on_step=on_step, student_source=src, steps=s.distill_steps, batch_size=s.distill_batch,
-                          lr=s.distill_lr, seed=sd, log_every=1, save_every=0, workers=0, tensorboard=False,
+                          lr=s.distill_lr, seed=job.seed, log_every=1, save_every=0, workers=0, tensorboard=False,
                           device="cpu")
-        after = score(student, data)
+        after = curve[-1] if curve[-1]["step"] == summary["steps"] else score(student, data)
         losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        curves[name] = [{"step": m["step"], "loss": m["loss"]} for m in losses] + [{"step": c["step"], "head_top1": c["head_top1"], "acc": True} for c in curve]
-        archs.setdefault(ratio, student)
+        curves[job.name] = [{"step": m["step"], "loss": m["loss"]} for m in losses] + [{**c, "acc": True} for c in curve]
+        archs.setdefault(job.arch, student)
         students.append({
-            "criterion": criterion, "mlp_ratio": ratio, "seed": sd, **_cost(student),
+            "criterion": job.criterion, "method": job.method, "mlp_ratio": job.ratio, "seed": job.seed,
+            "calibration": job.calibration, "arch": job.arch, **_cost(student),
             "knn_top1_before": before["knn_top1"], "head_top1_before": before["head_top1"],
             "knn_top1_after": after["knn_top1"], "head_top1_after": after["head_top1"],
+            "knn_close_step": first_close_step(curve, teacher_scores["knn_top1"]),
             "loss_first": losses[0]["loss"], "loss_last": losses[-1]["loss"],
             "distill_steps": summary["steps"], "distill_seconds": summary.get("seconds"),
         })
-    speed = measure_speed({"teacher": teacher, **{f"r{r:g}": m for r, m in archs.items()}},
+    speed = measure_speed({"teacher": teacher, **archs},
                           batch_size=s.speed_batch, image_size=IMAGE_SIZE, device="cpu", warmup=2, repeats=5)
     teacher_row["images_per_s"] = speed["models"]["teacher"]["throughput"]
     for row in students:
-        row["images_per_s"] = speed["models"][f"r{row['mlp_ratio']:g}"]["throughput"]
+        row["images_per_s"] = speed["models"][row["arch"]]["throughput"]
     results = {"teacher": teacher_row, "students": students, "wall_seconds": round(time.perf_counter() - t0, 1),
                "settings": asdict(s), "knn_k": KNN_K,
                "data": {"name": "sklearn digits (UCI)", "train": len(data["y_train"]), "test": len(data["y_test"]),
@@ -266,7 +329,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
     results["summary"] = summarize(results)
     write_json(outp / "results.json", results)
     write_json(outp / "curves.json", curves)
-    plot_curves(curves, outp / "recovery.png")
+    plot_curves(curves, outp / "recovery.png", teacher_scores["knn_top1"])
     plot_accuracy_vs_flops(results, outp / "accuracy_vs_flops.png")
     report = render_markdown(results)
     (outp / "report.md").write_text(report)
@@ -276,16 +339,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
 
 
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (criterion, ratio): mean and spread (min..max, stdev) over seeds."""
+    """One row per (method, ratio): mean and spread (min..max, stdev) over seeds."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in results["students"]:
-        groups.setdefault((row["criterion"], row["mlp_ratio"]), []).append(row)
+        groups.setdefault((row.get("method", row["criterion"]), row["mlp_ratio"]), []).append(row)
     out = []
     t = results["teacher"]
-    for (c, r), rows in groups.items():
-        agg: dict[str, Any] = {"criterion": c, "mlp_ratio": r, "seeds": len(rows), "params": rows[0]["params"],
-                               "flops": rows[0]["flops"], "mlp_params": rows[0]["mlp_params"],
-                               "images_per_s": rows[0]["images_per_s"]}
+    for (method, r), rows in groups.items():
+        agg: dict[str, Any] = {"criterion": rows[0]["criterion"], "method": method, "mlp_ratio": r,
+                               "calibration": rows[0].get("calibration"), "seeds": len(rows),
+                               "params": rows[0]["params"], "flops": rows[0]["flops"],
+                               "mlp_params": rows[0]["mlp_params"], "images_per_s": rows[0]["images_per_s"],
+                               "knn_close_steps": [row.get("knn_close_step") for row in rows]}
         for key in ("knn_top1_before", "head_top1_before", "knn_top1_after", "head_top1_after"):
             vals = [row[key] for row in rows]
             agg[key] = statistics.fmean(vals)
@@ -311,17 +376,19 @@ def _spread(row: dict[str, Any], key: str) -> str:
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     t = results["teacher"]
     rows = [["teacher", f"{t['params'] / 1e6:.3f}M", f"{t['flops'] / 1e6:.1f}M", f"{t['images_per_s']:.0f}",
-             "-", "-", _pct(t["knn_top1"]), _pct(t["head_top1"]), "-"]]
+             "-", "-", _pct(t["knn_top1"]), _pct(t["head_top1"]), "-", "-"]]
     for a in results["summary"]:
-        rows.append([f"{a['criterion']} r={a['mlp_ratio']:g} (n={a['seeds']})", f"{a['params'] / 1e6:.3f}M",
-                     f"{a['flops'] / 1e6:.1f}M", f"{a['images_per_s']:.0f}",
+        close = ", ".join("-" if v is None else str(v) for v in a.get("knn_close_steps", []))
+        rows.append([f"{a.get('method', a['criterion'])} r={a['mlp_ratio']:g} (n={a['seeds']})",
+                     f"{a['params'] / 1e6:.3f}M", f"{a['flops'] / 1e6:.1f}M", f"{a['images_per_s']:.0f}",
                      _spread(a, "knn_top1_before"), _spread(a, "head_top1_before"),
                      _spread(a, "knn_top1_after"), _spread(a, "head_top1_after"),
-                     f"{100 * a['knn_delta_vs_teacher']:+.1f}"])
+                     f"{100 * a['knn_delta_vs_teacher']:+.1f}", close or "-"])
     return rows
 
 
-HEADER = ["model", "params", "FLOPs", "img/s", "kNN before", "head before", "kNN after", "head after", "ΔkNN vs teacher"]
+HEADER = ["model", "params", "FLOPs", "img/s", "kNN before", "head before", "kNN after", "head after",
+          "ΔkNN vs teacher", "kNN ≈ teacher at step"]
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -353,24 +420,29 @@ def print_table(results: dict[str, Any]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path, teacher_knn: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"diversity": "tab:blue", "l2": "tab:orange", "random": "tab:green"}
+    colors = {"diversity": "tab:blue", "l2": "tab:orange", "random": "tab:green", "diversity+comp": "tab:purple",
+              "diversity+comp+global": "tab:red"}
     for name, pts in curves.items():
         crit, ratio = name.split("-")[0], name.split("-")[1]
         style = "-" if ratio == "r1" else "--"
         loss = [(p["step"], p["loss"]) for p in pts if "loss" in p]
-        acc = [(p["step"], 100 * p["head_top1"]) for p in pts if "head_top1" in p]
+        acc = [(p["step"], 100 * p["knn_top1"]) for p in pts if "knn_top1" in p]
         label = f"{crit} {ratio}"
         ax1.plot(*zip(*loss), style, color=colors.get(crit, "gray"), alpha=0.6, label=label)
         ax2.plot(*zip(*acc), style, marker="o", ms=3, color=colors.get(crit, "gray"), alpha=0.6, label=label)
     ax1.set(xlabel="distillation step", ylabel="distillation loss (MSE)", yscale="log", title="distillation loss")
-    ax2.set(xlabel="distillation step", ylabel="test top-1 (%), classifier head", title="recovery")
+    if teacher_knn is not None:
+        ax2.axhspan(100 * (teacher_knn - KNN_CLOSE), 100 * teacher_knn, color="gray", alpha=0.2,
+                    label="teacher kNN (-0.5 pt)")
+    ax2.set(xlabel="distillation step (0: pruned, before distillation)", ylabel=f"test kNN top-1 (%), k={KNN_K}",
+            title="recovery")
     for ax in (ax1, ax2):
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
@@ -390,12 +462,12 @@ def plot_accuracy_vs_flops(results: dict[str, Any], path: Path) -> None:
     t = results["teacher"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter([t["flops"] / 1e6], [100 * t["knn_top1"]], marker="*", s=200, color="black", label="teacher", zorder=3)
-    markers = {"diversity": "o", "l2": "s", "random": "^"}
+    markers = {"diversity": "o", "l2": "s", "random": "^", "diversity+comp": "D", "diversity+comp+global": "P"}
     for a in results["summary"]:
-        m = markers.get(a["criterion"], "x")
+        m = markers.get(a.get("method", a["criterion"]), "x")
         ax.errorbar([a["flops"] / 1e6], [100 * a["knn_top1_after"]], yerr=[[100 * (a["knn_top1_after"] - a["knn_top1_after_min"])],
                     [100 * (a["knn_top1_after_max"] - a["knn_top1_after"])]], fmt=m, capsize=3,
-                    label=f"{a['criterion']} r={a['mlp_ratio']:g} distilled")
+                    label=f"{a.get('method', a['criterion'])} r={a['mlp_ratio']:g} distilled")
         ax.scatter([a["flops"] / 1e6], [100 * a["knn_top1_before"]], marker=m, facecolors="none", edgecolors="gray")
     ax.set(xlabel="MFLOPs per image", ylabel=f"kNN top-1 (%), k={results['knn_k']}",
            title="accuracy vs FLOPs (hollow: pruned, before distillation)")

@@ -268,9 +268,6 @@ class Moments:
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         x = x.double()
-        if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
-            raise DgmrError(f"{self.name}: non-finite activations on the calibration images (NaN or inf in the "
-                            "model's forward); nothing was written")
         if self.bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         g = x.T @ x
@@ -279,8 +276,28 @@ class Moments:
             y = y.double()
             c = x.T @ y
             self.C = c if self.C is None else self.C.add_(c)
-            self.yy += float((y * y).sum())
+            self.yy += (y * y).sum()
         self.tokens += x.shape[0]
+
+    def check(self) -> "Moments":
+        """Refuse statistics that saw NaN or inf (any non-finite activation reaches the sums)."""
+        self.yy = float(self.yy)
+        if not (torch.isfinite(self.G).all() and (self.C is None or torch.isfinite(self.C).all())
+                and math.isfinite(self.yy)):
+            raise DgmrError(f"{self.name}: non-finite activations on the calibration images (NaN or inf in the "
+                            "model's forward); nothing was written")
+        return self
+
+    def sub(self, keep: torch.Tensor) -> "Moments":
+        """The moments of the regressors ``keep`` only (the bias column stays)."""
+        assert self.G is not None and self.C is not None
+        h = self.G.shape[0] - self.bias
+        idx = keep.to(self.G.device)
+        if self.bias:
+            idx = torch.cat([idx, torch.tensor([h], device=idx.device)])
+        out = Moments(self.name, self.bias)
+        out.G, out.C, out.yy, out.tokens = self.G[idx][:, idx], self.C[idx], self.yy, self.tokens
+        return out
 
     def error(self, wt: torch.Tensor) -> float:
         """||X wt - Y||^2 for a (k[+1], d) coefficient matrix ``wt``, from the moments alone."""
@@ -288,20 +305,24 @@ class Moments:
         return max(float((wt * (self.G @ wt)).sum() - 2 * (wt * self.C).sum()) + self.yy, 0.0)
 
 
-def hidden_moments(runner: Runner, site: MlpSite, bias: bool = False) -> Moments:
-    """Moments of ``site``'s hidden activations (what its down projection reads) and, as
-    targets, the down projection's output: one pass to ``site``."""
-    mom = Moments(site.name, bias)
-    h_in: list[torch.Tensor] = []
+def hidden_moments(runner: Runner, sites: list[MlpSite], bias: bool | None = None) -> dict[str, Moments]:
+    """For each of ``sites``: moments of its hidden activations (what its down projection
+    reads) against, as targets, the down projection's output; one pass, to the last of them
+    in forward order. ``bias``: append a ones column (default: where the down projection has a bias)."""
+    moms = {s.name: Moments(s.name, s.down.bias is not None if bias is None else bias) for s in sites}
+    hooks: list[tuple[nn.Module, str, Callable]] = []
+    for site in sites:
+        h_in: list[torch.Tensor] = []
 
-    def take_in(_m: nn.Module, args: tuple) -> None:
-        h_in.append(_tokens(args[0], site.down))
+        def take_in(_m: nn.Module, args: tuple, h_in=h_in, site=site) -> None:
+            h_in.append(_tokens(args[0], site.down))
 
-    def take_out(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        mom.add(h_in.pop(), _tokens(out, site.down))
+        def take_out(_m: nn.Module, _args: tuple, out: torch.Tensor, h_in=h_in, site=site) -> None:
+            moms[site.name].add(h_in.pop(), _tokens(out, site.down))
 
-    runner.run_to(site, [(site.down, "pre", take_in), (site.down, "post", take_out)])
-    return mom
+        hooks += [(site.down, "pre", take_in), (site.down, "post", take_out)]
+    runner.run_to(sites[-1], hooks)
+    return {name: mom.check() for name, mom in moms.items()}
 
 
 def pruned_moments(runner: Runner, site: MlpSite, original: MlpSite) -> Moments:
@@ -324,7 +345,7 @@ def pruned_moments(runner: Runner, site: MlpSite, original: MlpSite) -> Moments:
         runner.run_to(site, [(site.module, "pre", run_original), (site.down, "pre", take_hidden)])
     finally:
         handle.remove()
-    return mom
+    return mom.check()
 
 
 def activation_rows(mom: Moments, down: Proj, ridge: float) -> torch.Tensor:
@@ -334,7 +355,8 @@ def activation_rows(mom: Moments, down: Proj, ridge: float) -> torch.Tensor:
     The ridge keeps the factorisation defined when there are fewer tokens than neurons."""
     assert mom.G is not None
     scale = torch.linalg.vector_norm(matrix(down).detach().double().cpu(), dim=0)
-    g = mom.G.cpu() * scale[:, None] * scale[None, :]
+    h = scale.numel()
+    g = mom.G[:h, :h].cpu() * scale[:, None] * scale[None, :]
     g.diagonal().add_(max(ridge, 1e-10) * float(g.diagonal().mean()) + 1e-300)
     chol, info = torch.linalg.cholesky_ex(g)
     if info:

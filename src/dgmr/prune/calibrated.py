@@ -12,12 +12,43 @@ from tqdm.auto import tqdm
 from .allocate import compensated_curve, dropped_curve, neuron_cost, spend, width_step
 from .calibrate import (CalibrationSettings, Runner, _down_coefficients, activation_rows, calibration_data,
                         hidden_moments, keep_original, pruned_moments, refit_down, resolve_device)
-from .criteria import criterion_scores, get_criterion, select_neurons
-from .mlp import MlpSite, check_width, shrink_mlp
+from .criteria import criterion_scores, get_criterion, scoring_matrix, select_neurons
+from .mlp import MlpSite, check_width, matrix, shrink_mlp
 
 
-def _activations(runner: Runner, site: MlpSite, settings: CalibrationSettings) -> torch.Tensor:
-    return activation_rows(hidden_moments(runner, site), site.down, settings.ridge)
+STATS_BUDGET = 2 << 30  # bytes of float64 statistics one allocation pass may hold (layers grouped to fit)
+
+
+def _stat_bytes(site: MlpSite) -> int:
+    h = site.hidden + 1
+    return 8 * h * (h + matrix(site.down).shape[0])
+
+
+def _groups(sites: list[MlpSite], order: list[int]) -> list[list[int]]:
+    """Consecutive runs of ``order`` whose statistics fit STATS_BUDGET together (one pass each)."""
+    groups: list[list[int]] = []
+    size = 0
+    for i in order:
+        b = _stat_bytes(sites[i])
+        if not groups or size + b > STATS_BUDGET:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += b
+    return groups
+
+
+def _error_curve(site: MlpSite, mom: Any, criterion: str, seed: int, settings: CalibrationSettings) -> torch.Tensor:
+    """Relative output error of ``site`` as a function of its width (index k = width k)."""
+    if criterion_scores(criterion) == "activations":
+        rows = activation_rows(mom, site.down, settings.ridge)
+    else:
+        rows = scoring_matrix(*site.scoring_weights())
+    rank = get_criterion(criterion)(rows, site.hidden, seed=seed).long().cpu()  # full order: prefixes are picks
+    mom.G, mom.C = mom.G.cpu(), mom.C.cpu()
+    if settings.compensate:
+        return compensated_curve(mom, rank, settings.ridge)
+    return dropped_curve(mom, rank, _down_coefficients(site.down).cpu()[: site.hidden].T)
 
 
 def allocate_widths(runner: Runner, sites: list[MlpSite], order: list[int], ks: list[int], criterion: str,
@@ -25,21 +56,13 @@ def allocate_widths(runner: Runner, sites: list[MlpSite], order: list[int], ks: 
     """Per-layer widths spending the uniform ``ks``' parameters by measured error (on the
     original model), and each layer's estimated relative error at its new width."""
     curves: list[torch.Tensor] = [torch.zeros(0)] * len(sites)
-    fn = get_criterion(criterion)
-    for i in tqdm(order, desc="allocate", unit="layer", disable=not progress, leave=False):
-        site = sites[i]
-        mom = hidden_moments(runner, site, bias=site.down.bias is not None)
-        if criterion_scores(criterion) == "activations":
-            rows = activation_rows(mom, site.down, settings.ridge)
-        else:
-            from .criteria import scoring_matrix
-
-            rows = scoring_matrix(*site.scoring_weights())
-        rank = fn(rows, site.hidden, seed=seed + i).long().cpu()  # the criterion's full order: prefixes are picks
-        mom.G, mom.C = mom.G.cpu(), mom.C.cpu()
-        w0 = _down_coefficients(site.down).cpu()[: site.hidden]
-        curves[i] = (compensated_curve(mom, rank, settings.ridge) if settings.compensate
-                     else dropped_curve(mom, rank, w0.T))
+    bar = tqdm(total=len(order), desc="allocate", unit="layer", disable=not progress, leave=False)
+    for group in _groups(sites, order):
+        moms = hidden_moments(runner, [sites[i] for i in group])
+        for i in group:
+            curves[i] = _error_curve(sites[i], moms.pop(sites[i].name), criterion, seed + i, settings)
+            bar.update()
+    bar.close()
     widths = spend(curves, [neuron_cost(s) for s in sites], ks, [s.hidden for s in sites],
                    [width_step(s) for s in sites], settings.floor, settings.ceiling)
     return widths, [float(c[k]) for c, k in zip(curves, widths)]
@@ -47,14 +70,26 @@ def allocate_widths(runner: Runner, sites: list[MlpSite], order: list[int], ks: 
 
 def _cut_one(runner: Runner, site: MlpSite, k: int, criterion: str, seed: int,
              settings: CalibrationSettings) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Score, cut and (with compensation) refit one MLP; returns the kept indices and what the refit did."""
+    """Score, cut and (with compensation) refit one MLP; returns the kept indices and what the refit did.
+
+    Without hidden norms the cut MLP's hidden layer is the kept columns of the original's, so
+    one pass gives both the activations to score and the refit's statistics (a sub-block);
+    a hidden norm renormalises after the cut, so then a second pass runs the cut MLP."""
     check_width(site, k)
-    acts = _activations(runner, site, settings) if criterion_scores(criterion) == "activations" else None
+    by_activations = criterion_scores(criterion) == "activations"
+    sliceable = not site.norms
+    mom = None
+    if by_activations or (settings.compensate and sliceable):
+        mom = hidden_moments(runner, [site])[site.name]
+    acts = activation_rows(mom, site.down, settings.ridge) if by_activations else None
     w1, w_gate = site.scoring_weights()
     keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed, activations=acts)
     if not settings.compensate:
         shrink_mlp(site, keep)
         return keep, {}
+    if sliceable:
+        shrink_mlp(site, keep)
+        return keep, refit_down(site, mom.sub(keep), settings.ridge)
     original = keep_original(site)
     shrink_mlp(site, keep)
     return keep, refit_down(site, pruned_moments(runner, site, original), settings.ridge)
