@@ -255,3 +255,32 @@ def test_cli_calibration_refusals(cli, tmp_path, extra, message):
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", *argv, "--out", tmp_path / "out")
     assert code == 2 and err.startswith("dgmr: error:") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.cuda
+def test_calibration_on_the_gpu_matches_the_cpu():
+    torch.manual_seed(0)
+    model = GenericNet(d=16, h=64, depth=2).eval()
+    x = _images(16, n=32)
+    cpu, rec_cpu = dgmr.prune(copy.deepcopy(model), hidden=16, calibration=x, progress=False, device="cpu")
+    gpu, rec_gpu = dgmr.prune(copy.deepcopy(model), hidden=16, calibration=x, progress=False, device="cuda")
+    assert rec_gpu.calibration["device"] == "cuda" and next(gpu.parameters()).device.type == "cpu"
+    assert rec_gpu.kept["blocks.0.mlp"].tolist() == rec_cpu.kept["blocks.0.mlp"].tolist()
+    with torch.no_grad():  # bf16 autocast on the GPU: close, not equal
+        assert _rel(gpu(x), cpu(x)) < 0.05
+
+
+def test_pil_images_are_decoded_with_the_models_eval_transform():
+    import timm
+    from PIL import Image
+
+    from helpers import TINY_VIT_KWARGS
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT_KWARGS).eval()
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(30 + i, 50, 3, generator=g) * 255).byte().numpy()) for i in range(6)]
+    _, rec = dgmr.prune(model, mlp_ratio=1.0, calibration=images, images=4, progress=False)
+    cal = rec.calibration
+    assert cal["images"] == 4 and cal["preprocess"]["library"] == "timm"
+    assert cal["preprocess"]["input_size"] == [3, 32, 32]
+    assert all(layer["tokens"] == 4 * 17 for layer in rec.layers)  # 16 patches + CLS per image

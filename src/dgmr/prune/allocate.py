@@ -25,14 +25,15 @@ def compensated_curve(mom: Moments, order: torch.Tensor, ridge: float) -> torch.
     of the first j squared rows of L^-1 C."""
     assert mom.G is not None and mom.C is not None
     h = order.numel()
-    idx = torch.cat([torch.tensor([h]), order]) if mom.bias else order
+    order = order.to(mom.G.device)
+    idx = torch.cat([order.new_tensor([h]), order]) if mom.bias else order
     g = mom.G[idx][:, idx].clone()
     g.diagonal()[-h:].add_(max(ridge, 1e-10) * float(mom.G.diagonal()[:h].mean()) + 1e-300)
     z = torch.linalg.solve_triangular(torch.linalg.cholesky(g), mom.C[idx], upper=False)
     explained = torch.cumsum((z * z).sum(1), 0)
     yy = mom.yy or 1.0
     prefix = explained[-h - 1:] if mom.bias else torch.cat([explained.new_zeros(1), explained])
-    return ((yy - prefix) / yy).clamp_min(0.0)
+    return ((yy - prefix) / yy).clamp_min(0.0).cpu()
 
 
 def dropped_curve(mom: Moments, order: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -40,10 +41,11 @@ def dropped_curve(mom: Moments, order: torch.Tensor, w0: torch.Tensor) -> torch.
     output the dropped neurons wrote, ||H_D W_D^T||^2 = sum over dropped i, j of G_ij (w_i . w_j)."""
     assert mom.G is not None
     h = order.numel()
+    order, w0 = order.to(mom.G.device), w0.to(mom.G.device)
     q = mom.G[:h, :h][order][:, order] * (w0.T @ w0)[order][:, order]
     step = q.diagonal() + 2 * torch.triu(q, diagonal=1).sum(1)  # what order[i] adds to the suffix sum from i
     suffix = torch.cat([step.flip(0).cumsum(0).flip(0), q.new_zeros(1)])
-    return suffix / (mom.yy or 1.0)
+    return (suffix / (mom.yy or 1.0)).cpu()
 
 
 def neuron_cost(site: MlpSite) -> float:

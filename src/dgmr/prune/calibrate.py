@@ -161,13 +161,16 @@ def _decode(source: Any, transform: _EvalTransform, n: int, seed: int) -> tuple[
 
 def calibration_data(data: Any, transform: Callable, settings: CalibrationSettings, *, seed: int = 0) -> CalibrationData:
     """Resolve calibration ``data``: what ``dgmr distill --data`` takes (a folder, a list file,
-    WebDataset shards, a list of PIL images or a Dataset), decoded with ``transform``; or
-    already preprocessed batches (a (N, 3, H, W) tensor, a DataLoader or an iterable of them)."""
+    WebDataset shards, a list of PIL images or paths, or a Dataset), decoded with
+    ``transform``; or already preprocessed images (a (N, 3, H, W) tensor, a list of image
+    tensors, a DataLoader or an iterable of batches)."""
     n, bs = settings.images, settings.batch_size
     if isinstance(data, CalibrationData):
         cal = data
     elif isinstance(data, torch.Tensor):
         cal = CalibrationData(_batched([data], n, bs), 0, f"a tensor of {data.shape[0]} images")
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        cal = CalibrationData(_batched(data, n, bs), 0, f"{len(data)} tensors")
     elif isinstance(data, torch.utils.data.DataLoader) or (
             isinstance(data, Iterable) and not isinstance(data, (str, bytes, list, tuple))
             and not isinstance(data, torch.utils.data.Dataset) and not hasattr(data, "__fspath__")):
@@ -354,10 +357,10 @@ def activation_rows(mom: Moments, down: Proj, ridge: float) -> torch.Tensor:
     writes): greedy Gram-Schmidt on them is pivoted Cholesky of that weighted Gram matrix.
     The ridge keeps the factorisation defined when there are fewer tokens than neurons."""
     assert mom.G is not None
-    scale = torch.linalg.vector_norm(matrix(down).detach().double().cpu(), dim=0)
+    scale = torch.linalg.vector_norm(matrix(down).detach().double(), dim=0).to(mom.G.device)
     h = scale.numel()
-    g = mom.G[:h, :h].cpu() * scale[:, None] * scale[None, :]
-    g.diagonal().add_(max(ridge, 1e-10) * float(g.diagonal().mean()) + 1e-300)
+    g = mom.G[:h, :h] * scale[:, None] * scale[None, :]
+    g.diagonal().add_(max(ridge, 1e-10) * float(g.diagonal().mean()) + torch.finfo(g.dtype).tiny)
     chol, info = torch.linalg.cholesky_ex(g)
     if info:
         raise DgmrError(f"{mom.name}: the activations' Gram matrix is not positive definite (raise --ridge)")

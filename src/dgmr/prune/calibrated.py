@@ -44,11 +44,10 @@ def _error_curve(site: MlpSite, mom: Any, criterion: str, seed: int, settings: C
         rows = activation_rows(mom, site.down, settings.ridge)
     else:
         rows = scoring_matrix(*site.scoring_weights())
-    rank = get_criterion(criterion)(rows, site.hidden, seed=seed).long().cpu()  # full order: prefixes are picks
-    mom.G, mom.C = mom.G.cpu(), mom.C.cpu()
+    rank = get_criterion(criterion)(rows, site.hidden, seed=seed).long()  # the full order: prefixes are picks
     if settings.compensate:
         return compensated_curve(mom, rank, settings.ridge)
-    return dropped_curve(mom, rank, _down_coefficients(site.down).cpu()[: site.hidden].T)
+    return dropped_curve(mom, rank, _down_coefficients(site.down)[: site.hidden].T)
 
 
 def allocate_widths(runner: Runner, sites: list[MlpSite], order: list[int], ks: list[int], criterion: str,
