@@ -110,3 +110,13 @@ def test_folder_reader_reports_odd_files_by_reason(tmp_path):
     x, bad = collate([ds[i] for i in range(len(ds))])
     assert x.shape[0] == 1 and len(bad) == 1
     assert bad[0].startswith(str(tmp_path / "b.tif")) and "only float images in [0, 1]" in bad[0]
+
+
+def test_in_memory_16_bit_images_and_fifo_as_data(tmp_path):
+    img16 = Image.fromarray((RAMP * 65535).astype(np.uint16))
+    ds = ImageDataset([img16], TrainTransform(8, (0.0,) * 3, (1.0,) * 3))
+    x, bad = collate([ds[0]])
+    assert not bad and 0.1 < x.mean().item() < 0.9  # a crop of the ramp; was ~1.0 (clipped to 255)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DgmrError, match="is not a regular file or a directory"):
+        resolve_data(str(tmp_path / "pipe"))

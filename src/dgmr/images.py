@@ -98,7 +98,7 @@ def open_image(src: bytes | str | os.PathLike, name: str | None = None) -> Image
         if w * h > MAX_PIXELS:
             raise UnreadableImage(label, f"{w}x{h} pixels is more than {MAX_PIXELS:,} (a decompression bomb?)")
         img.load()  # decode everything now, so a truncated file fails here and not in a transform
-        return _to_rgb(img, label)
+        return to_rgb(img, label)
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
@@ -110,7 +110,9 @@ def open_image(src: bytes | str | os.PathLike, name: str | None = None) -> Image
         raise UnreadableImage(label, f"cannot decode ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+def to_rgb(img: Image.Image, label: str = "image") -> Image.Image:
+    """An already decoded image (a file's, or one a caller holds in memory) as 8-bit RGB, with
+    the 16-bit and float rules above."""
     mode = img.mode
     if mode in SIXTEEN_BIT_MODES or mode == "I":
         a = np.asarray(img).astype(np.int64)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 from .. import dist as D
 from ..errors import DgmrError
-from ..images import UnreadableImage, open_image, printable
+from ..images import UnreadableImage, open_image, printable, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -93,7 +93,7 @@ class ImageDataset(Dataset):
         if isinstance(item, (str, os.PathLike)):
             return open_image(item)
         if isinstance(item, Image.Image):
-            return item.convert("RGB")
+            return to_rgb(item, f"{self.name}[{index}]")
         if isinstance(item, torch.Tensor) and item.ndim == 3 and item.shape[0] in (1, 3):
             return item.expand(3, -1, -1) if item.shape[0] == 1 else item
         raise ValueError(f"item {index} is a {type(item).__name__}, not an image")
@@ -286,6 +286,8 @@ def resolve_data(data: Any) -> DataSource:
         if not paths:
             raise DgmrError(f"the image list {spec} is empty")
         return DataSource("files", paths, f"{len(paths)} images listed in {spec}", len(paths))
+    if path.exists():  # a FIFO, a device, a socket: reading it could block or never end
+        raise DgmrError(f"data {spec} is not a regular file or a directory")
     raise DgmrError(f"data {spec} does not exist")
 
 
