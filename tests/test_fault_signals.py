@@ -164,3 +164,31 @@ def test_open_clip_config_registration_leaves_no_temp_dir(tmp_path, monkeypatch)
     _register_open_clip_cfg("dgmr-test-leak-b", cfg)  # a second registration rescans the known paths
     assert list(tmp_path.iterdir()) == []  # each call used to leave a dgmr-open_clip-* directory
     assert open_clip.get_model_config("dgmr-test-leak-a") == cfg == open_clip.get_model_config("dgmr-test-leak-b")
+
+
+EXPORT_SIGTERM_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import dgmr.models.artifact as artifact
+    from dgmr.cli import main
+
+    save_model = artifact.save_model
+    def signalled(model, path, **kw):  # SIGTERM with the export's weights written, its config not yet
+        save_model(model, path, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+    artifact.save_model = signalled
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_during_the_export_cleans_it_and_resume_exports(tiny, tmp_path):
+    """After the training loop, SIGTERM is the command-wide handler's: the half export goes,
+    the final checkpoint stays, exit 143; --resume only exports."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", EXPORT_SIGTERM_CHILD, *_argv(tiny, run, "--workers", "0",
+                                                                             "--steps", "2")],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == EXIT_TERMINATED, proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock file either
+    assert main(["distill", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert (run / "config.json").is_file() and not list(run.glob(".*"))
