@@ -120,3 +120,23 @@ def test_in_memory_16_bit_images_and_fifo_as_data(tmp_path):
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(DgmrError, match="is not a regular file or a directory"):
         resolve_data(str(tmp_path / "pipe"))
+
+
+def test_file_names_that_are_not_utf8_in_folders_and_lists(tmp_path):
+    png = _png(Image.fromarray((RAMP * 255).astype(np.uint8)))
+    d = tmp_path / "imgs"
+    d.mkdir()
+    with open(os.fsencode(d) + b"/caf\xe9.png", "wb") as f:  # a Latin-1 name
+        f.write(png)
+    with open(os.fsencode(d) + b"/bad\xff.png", "wb") as f:
+        f.write(b"garbage")
+    (tmp_path / "list.txt").write_bytes(b"imgs/caf\xe9.png\nimgs/bad\xff.png\n")
+    for data in (d, tmp_path / "list.txt"):
+        src = resolve_data(str(data))
+        ds = ImageDataset(src.items, TrainTransform(8, MEAN, STD))
+        x, bad = collate([ds[i] for i in range(len(ds))])
+        assert x.shape[0] == 1 and len(bad) == 1 and "bad\\xff.png" in bad[0], bad
+        bad[0].encode("utf-8")  # printable in a summary and on a terminal
+    (tmp_path / "bin.txt").write_bytes(b"\0\1\2")
+    with pytest.raises(DgmrError, match="not a text file of image paths"):
+        resolve_data(str(tmp_path / "bin.txt"))

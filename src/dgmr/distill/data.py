@@ -273,10 +273,14 @@ def resolve_data(data: Any) -> DataSource:
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return DataSource("files", [spec], spec, 1)
         try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DgmrError(f"{spec} is not a text file of image paths ({type(e).__name__}); --data takes a directory, "
-                            "a .txt list of image paths, or .tar shards") from None
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DgmrError(f"cannot read the image list {spec}: {e.strerror or e}") from None
+        if b"\0" in raw:
+            raise DgmrError(f"{spec} is not a text file of image paths (binary); --data takes a directory, "
+                            "a .txt list of image paths, or .tar shards")
+        # file names need not be UTF-8: keep their bytes, as os.listdir does (surrogateescape)
+        lines = raw.decode("utf-8", "surrogateescape").splitlines()
         paths = []
         for line in lines:
             line = line.split("\t", 1)[0].strip()
