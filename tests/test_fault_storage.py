@@ -167,3 +167,35 @@ def test_streaming_prune_on_a_full_disk_leaves_nothing(tmp_path, cli, monkeypatc
                        "--weights", tmp_path / "w.safetensors", "--out", out)
     _full_disk_error(code, err, out)
     assert len(count) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_a_full_disk_under_the_feature_cache_costs_the_cache_not_the_evaluation(tmp_path, monkeypatch):
+    import dgmr.evaluate.features as features
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise _enospc(filename)
+
+    monkeypatch.setattr(features, "save_file", full)
+    cache = features.FeatureCache(tmp_path / "cache")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.ones(3, 4), torch.arange(3)
+
+    with pytest.warns(UserWarning, match="No space left on device.*going on without the feature cache"):
+        feats, labels = cache.features({"model": "m"}, compute)
+    assert torch.equal(feats, torch.ones(3, 4)) and torch.equal(labels, torch.arange(3))
+    assert cache.root is None and list((tmp_path / "cache").iterdir()) == []  # no partial entry left
+    cache.features({"model": "m"}, compute)  # no second write attempt, no second warning
+    assert len(calls) == 2
+
+
+def test_python_api_refuses_a_non_finite_mlp_ratio():
+    import dgmr
+    from tiny_models import GenericNet
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(dgmr.DgmrError, match="mlp ratio must be a finite number > 0"):
+            dgmr.prune(GenericNet(), mlp_ratio=bad, progress=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -166,11 +166,19 @@ class FeatureCache:
         p = self.path(key)
         if p is None or D.rank_world()[0] != 0:
             return
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-        save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp),
-                  metadata={k: str(v) for k, v in meta.items()})
-        tmp.replace(p)
+        from ..paths import atomic_path
+
+        try:  # the cache only saves time: a full or read-only disk must not cost the evaluation
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DgmrError(f"cannot create the feature cache {p.parent}: {e.strerror or e}") from None
+            with atomic_path(p, "a feature cache entry") as tmp:
+                save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp),
+                          metadata={k: str(v) for k, v in meta.items()})
+        except DgmrError as e:
+            warnings.warn(f"{e}; going on without the feature cache")
+            self.root = None
 
     def features(self, key_parts: dict[str, str], compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ docs/method.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -79,8 +80,8 @@ def resolve_widths(
         raise DgmrError("give exactly one of mlp_ratio, hidden, keep_fraction, widths" +
                         (f" (got {', '.join(given)})" if given else ""))
     if mlp_ratio is not None:
-        if not mlp_ratio > 0:
-            raise DgmrError(f"mlp ratio must be > 0, got {mlp_ratio}")
+        if not (math.isfinite(mlp_ratio) and mlp_ratio > 0):
+            raise DgmrError(f"mlp ratio must be a finite number > 0, got {mlp_ratio}")
         ks = [int(round(mlp_ratio * s.in_features)) for s in sites]
     elif hidden is not None:
         ks = [int(hidden)] * len(sites)
