@@ -340,14 +340,16 @@ METHODS = ("auto", "lazy", "qrcp", "cholesky")
 
 def greedy_order(w: torch.Tensor, n: int, *, method: str = "auto") -> torch.Tensor:
     """First ``n`` rows of ``w`` in greedy Gram-Schmidt order, by the method that suits the
-    device and shape (``auto``): on a GPU the blocked pivoted Cholesky
-    (:func:`cholesky_pivot_order`), on the CPU LAPACK ``geqp3`` up to ViT-L's layer size
-    and the lazy blocked greedy (:func:`pivot_order`) above it. Every method gives the
+    device and shape (``auto``): on a GPU, and for matrices at least as wide as tall (the
+    activation factors of ``diversity-act``), the blocked pivoted Cholesky
+    (:func:`cholesky_pivot_order`); otherwise on the CPU LAPACK ``geqp3`` up to ViT-L's
+    layer size and the lazy blocked greedy (:func:`pivot_order`) above it. Every method gives the
     greedy picks (docs/method.md, "The algorithm"); they differ in speed only."""
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "auto":
-        method = "cholesky" if w.device.type == "cuda" else "qrcp" if w.numel() <= _QRCP_MAX else "lazy"
+    if method == "auto":  # square matrices (activation factors, diversity-act) are the Gram matrix's own size
+        method = ("cholesky" if w.device.type == "cuda" or w.shape[1] >= w.shape[0] else
+                  "qrcp" if w.numel() <= _QRCP_MAX else "lazy")
     h, d = w.shape
     if n > min(h, d):
         raise ValueError(f"one round picks at most min(rows, cols) = {min(h, d)} rows, asked {n}")
