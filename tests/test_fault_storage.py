@@ -197,5 +197,5 @@ def test_python_api_refuses_a_non_finite_mlp_ratio():
     from tiny_models import GenericNet
 
     for bad in (float("inf"), float("nan")):
-        with pytest.raises(dgmr.DgmrError, match="mlp ratio must be a finite number > 0"):
+        with pytest.raises(dgmr.DgmrError, match="mlp ratio must be > 0 and finite"):
             dgmr.prune(GenericNet(), mlp_ratio=bad, progress=False)

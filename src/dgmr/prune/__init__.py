@@ -81,7 +81,7 @@ def resolve_widths(
                         (f" (got {', '.join(given)})" if given else ""))
     if mlp_ratio is not None:
         if not (math.isfinite(mlp_ratio) and mlp_ratio > 0):
-            raise DgmrError(f"mlp ratio must be a finite number > 0, got {mlp_ratio}")
+            raise DgmrError(f"mlp ratio must be > 0 and finite, got {mlp_ratio}")
         ks = [int(round(mlp_ratio * s.in_features)) for s in sites]
     elif hidden is not None:
         ks = [int(hidden)] * len(sites)
