@@ -134,7 +134,9 @@ def prune(
     cut MLPs' down projections are refitted to the original outputs, and activation criteria
     (``diversity-act``) can score; ``calibration_settings`` are the fields of
     :class:`~dgmr.prune.calibrate.CalibrationSettings` (``compensate``, ``allocate``,
-    ``images``, ``ridge``, ...). docs/calibration.md.
+    ``images``, ``ridge``, ...). docs/calibration.md. Calibration runs every image once
+    before the first cut and refuses, leaving the model whole, what it cannot calibrate;
+    an error after that (out of memory, say) leaves the model partly pruned.
     """
     from .calibrate import CalibrationSettings
     from .criteria import criterion_scores
@@ -150,6 +152,10 @@ def prune(
         from .calibrated import calibrated_prune
 
         settings = CalibrationSettings(**calibration_settings)
+        if not settings.compensate and settings.allocate == "uniform" and criterion_scores(criterion) == "weights":
+            raise DgmrError(f"calibration changes nothing here: no compensation, uniform widths and {criterion!r} "
+                            "scores weights; drop the calibration images, or compensate, allocate globally or "
+                            "use an activation criterion")
         calibrated_prune(model, family, sites, ks, record, calibration, settings, criterion=criterion, seed=seed,
                          progress=progress, source=source)
         record.config_updates = family.update_config(model, source)

@@ -28,10 +28,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..errors import DgmrError
+from ..errors import DgmrError, first_line
 from .mlp import MlpSite, Proj, matrix
 
 ALLOCATIONS = ("uniform", "global")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class CalibrationWarning(UserWarning):
@@ -61,14 +62,19 @@ class CalibrationSettings:
     ceiling: float = _setting(2.0, "with --allocate global: no MLP wider than this times the uniform width "
                                    "(nor its original width)", flag="--allocate-ceiling", metavar="F")
     batch_size: int = _setting(32, "calibration batch size", flag="--calibration-batch-size", metavar="B")
-    device: str = _setting("auto", "where the calibration forward runs (auto: cuda when available; bf16 autocast "
-                                   "on GPUs, statistics in float64)", flag="--calibration-device")
+    device: str = _setting("auto", "where the calibration forward runs (auto: cuda when available)",
+                           flag="--calibration-device")
+    precision: str = _setting("auto", "the calibration forward's precision (auto: bf16 autocast on GPUs, fp32 on the "
+                                      "CPU); statistics are float64 either way", flag="--calibration-precision",
+                              choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.images, int) and self.images > 0):
             raise DgmrError(f"calibration images must be a positive integer, got {self.images!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
             raise DgmrError(f"calibration batch size must be a positive integer, got {self.batch_size!r}")
+        if self.precision not in PRECISIONS:
+            raise DgmrError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.allocate not in ALLOCATIONS:
             raise DgmrError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
         if not (math.isfinite(self.ridge) and self.ridge >= 0):
@@ -125,7 +131,22 @@ def _batched(tensors: Iterable[torch.Tensor], n: int, batch_size: int) -> list[t
 
 def _from_loader(loader: Iterable, n: int, batch_size: int) -> list[torch.Tensor]:
     """Batches a user's DataLoader (already preprocessed) yields; (images, labels) pairs are fine."""
-    return _batched(((b[0] if isinstance(b, (tuple, list)) else b) for b in loader), n, batch_size)
+    return _batched((_images_of(b) for b in loader), n, batch_size)
+
+
+def _images_of(batch: Any) -> torch.Tensor:
+    """The image tensor of a loader's batch: itself, the first of a tuple, or a dict's
+    ``pixel_values``/``image``/``images`` (Hugging Face and WebDataset conventions)."""
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        key = next((k for k in ("pixel_values", "image", "images") if k in batch), None)
+        if key is None:
+            raise DgmrError(f"a calibration batch is a dict without pixel_values/image/images (keys: {sorted(batch)})")
+        batch = batch[key]
+    if not isinstance(batch, torch.Tensor):
+        raise DgmrError(f"a calibration batch is a {type(batch).__name__}, not an image tensor")
+    return batch
 
 
 def _decode(source: Any, transform: _EvalTransform, n: int, seed: int) -> tuple[list[torch.Tensor], int]:
@@ -190,8 +211,9 @@ def calibration_data(data: Any, transform: Callable, settings: CalibrationSettin
 
 # ---------------------------------------------------------------------------------------------
 # running the model up to one MLP
-class _Stop(Exception):
-    """Raised by a hook once the MLP being calibrated has run: the rest of the forward is not needed."""
+class _Stop(BaseException):
+    """Raised by a hook once the MLP being calibrated has run: the rest of the forward is not
+    needed. A BaseException, so that a model's own ``except Exception`` does not swallow it."""
 
 
 def _tokens(t: torch.Tensor, proj: Proj) -> torch.Tensor:
@@ -210,10 +232,22 @@ class Runner:
     data: CalibrationData
     device: torch.device
 
+    precision: str = "auto"
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
+
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _forward(self, x: torch.Tensor) -> Any:
+        """The tower on one batch; a model that cannot take the calibration images says so in one line."""
+        try:
+            return self.family.image_forward(self.model, x.to(self.device, non_blocking=True))
+        except (RuntimeError, ValueError, AssertionError, TypeError, IndexError) as e:
+            raise DgmrError(f"the model's forward failed on the calibration images (batch of shape "
+                            f"{tuple(x.shape)}): {first_line(e)}") from None
 
     def run_to(self, site: MlpSite, hooks: list[tuple[nn.Module, str, Callable]], batches: int | None = None) -> None:
         """Forward the batches until ``site`` has run, with ``hooks`` ((module, "pre"|"post", fn)) set."""
@@ -228,7 +262,7 @@ class Runner:
             with torch.no_grad(), self.autocast():
                 for x in self.data.batches[:batches]:
                     try:
-                        self.family.image_forward(self.model, x.to(self.device, non_blocking=True))
+                        self._forward(x)
                     except _Stop:
                         continue
                     raise DgmrError(f"{site.name} does not run in the model's forward: cannot calibrate it; "
@@ -238,22 +272,44 @@ class Runner:
                 h.remove()
 
     def forward_order(self, sites: list[MlpSite]) -> list[int]:
-        """Indices of ``sites`` in the order the forward calls them (one batch, up to the last MLP)."""
+        """Indices of ``sites`` in the order the forward calls them. Runs every batch once, before
+        anything is cut, so that a model that cannot calibrate (non-finite activations, an MLP
+        that runs twice per forward or not at all) is refused while it is still whole."""
         calls: list[int] = []
-        hooks = [(s.module, "pre", (lambda i: lambda *_: calls.append(i))(i)) for i, s in enumerate(sites)]
-        with torch.no_grad(), self.autocast():
-            handles = [m.register_forward_pre_hook(fn) for m, _, fn in hooks]
-            try:
-                self.family.image_forward(self.model, self.data.batches[0].to(self.device))
-            finally:
-                for h in handles:
-                    h.remove()
-        order = list(dict.fromkeys(calls))
-        missing = [s.name for i, s in enumerate(sites) if i not in order]
+        bad: list[str] = []
+
+        def seen(i: int) -> Callable:
+            def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+                calls.append(i)
+                if isinstance(out, torch.Tensor) and not bad and not torch.isfinite(out).all():
+                    bad.append(sites[i].name)
+            return hook
+
+        handles = [s.module.register_forward_hook(seen(i)) for i, s in enumerate(sites)]
+        try:
+            with torch.no_grad(), self.autocast():
+                for x in self.data.batches:
+                    calls.clear()
+                    self._forward(x)
+                    self._check_calls(sites, calls, bad)
+        finally:
+            for h in handles:
+                h.remove()
+        return list(dict.fromkeys(calls))
+
+    @staticmethod
+    def _check_calls(sites: list[MlpSite], calls: list[int], bad: list[str]) -> None:
+        if bad:
+            raise DgmrError(f"{bad[0]}: non-finite activations on the calibration images (NaN or inf in the model's "
+                            "forward); nothing was cut")
+        missing = [s.name for i, s in enumerate(sites) if i not in calls]
         if missing:
             raise DgmrError(f"{missing[0]} does not run in the model's forward ({len(missing)} such MLPs): cannot "
                             "calibrate it; prune without calibration")
-        return order
+        twice = next((i for i in set(calls) if calls.count(i) > 1), None)
+        if twice is not None:
+            raise DgmrError(f"{sites[twice].name} runs {calls.count(twice)} times per forward (shared weights): "
+                            "calibration fits MLPs that run once; prune without calibration")
 
 
 # ---------------------------------------------------------------------------------------------

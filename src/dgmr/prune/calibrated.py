@@ -3,7 +3,8 @@ order, score (on weights or activations), cut, refit the down projection; option
 widths allocated across layers first. The pieces live in :mod:`.calibrate` and :mod:`.allocate`."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -75,6 +76,9 @@ def _cut_one(runner: Runner, site: MlpSite, k: int, criterion: str, seed: int,
     one pass gives both the activations to score and the refit's statistics (a sub-block);
     a hidden norm renormalises after the cut, so then a second pass runs the cut MLP."""
     check_width(site, k)
+    if k == site.hidden:  # nothing cut: the original MLP is its own best fit (and a bf16 fit would only add noise)
+        return torch.arange(k), ({"rel_err_before": 0.0, "rel_err_after": 0.0, "refit": False}
+                                 if settings.compensate else {})
     by_activations = criterion_scores(criterion) == "activations"
     sliceable = not site.norms
     mom = None
@@ -94,6 +98,24 @@ def _cut_one(runner: Runner, site: MlpSite, k: int, criterion: str, seed: int,
     return keep, refit_down(site, pruned_moments(runner, site, original), settings.ridge)
 
 
+@contextlib.contextmanager
+def _calibration_state(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """The model in eval mode on the calibration device, in float32 on a CPU (no half-precision
+    CPU kernels for every op); afterwards each module's own mode, and the model's device and dtype, again."""
+    modes = {m: m.training for m in model.modules()}
+    first = next(model.parameters())
+    home, dtype = first.device, first.dtype
+    try:
+        model.eval().to(device)
+        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            model.float()
+        yield
+    finally:
+        model.to(device=home, dtype=dtype)
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: list[int], record: Any, data: Any,
                      settings: CalibrationSettings, *, criterion: str, seed: int, progress: bool,
                      source: Any = None) -> None:
@@ -103,11 +125,8 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
     device = resolve_device(settings.device)
     pre = resolve_eval_preprocess(model, family, source=source)
     cal = calibration_data(data, pre.transform, settings, seed=seed)
-    home = next(model.parameters()).device
-    was_training = model.training
-    model.eval().to(device)
-    try:
-        runner = Runner(model, family, cal, device)
+    with _calibration_state(model, device):
+        runner = Runner(model, family, cal, device, settings.precision)
         order = runner.forward_order(sites)
         estimates = None
         if settings.allocate == "global":
@@ -119,8 +138,6 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
             if estimates is not None:
                 info["rel_err_estimate"] = estimates[i]
             done[i] = (h, keep, info)
-    finally:
-        model.to(home).train(was_training)
     for i, site in enumerate(sites):
         h, keep, info = done[i]
         record.add(site, h, keep, **info)
@@ -128,5 +145,6 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
                           "compensate": settings.compensate,
                           "allocate": settings.allocate, "criterion": criterion, "ridge": settings.ridge,
                           "preprocess": pre.settings if cal.decoded else None, "device": device.type,
+                          "precision": "bf16" if runner.bf16 else "fp32",
                           **({"floor": settings.floor, "ceiling": settings.ceiling}
                              if settings.allocate == "global" else {})}
