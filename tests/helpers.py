@@ -113,3 +113,11 @@ def tiny_teacher_student(root: Path, **model_kwargs) -> tuple[Path, Path]:
     student, record = dgmr.prune(dgmr.load(root / "teacher"), mlp_ratio=1, progress=False)
     dgmr.save(student, root / "student", source=src, record=record)
     return root / "teacher", root / "student"
+
+
+def tiny_run_inputs(root: Path, per_class: int = 4) -> dict[str, Path]:
+    """What a tiny distillation run reads: :func:`tiny_teacher_student` plus 2 x ``per_class``
+    noise images (36 px) under ``root/images``."""
+    tiny_teacher_student(root)
+    image_folder(root / "images", ["a", "b"], per_class, style="noise", size=(36, 36))
+    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}

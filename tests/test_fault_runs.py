@@ -17,17 +17,14 @@ from safetensors.torch import load_file
 from dgmr.distill import distill
 from dgmr.errors import DgmrError
 
-from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_teacher_student
+from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_run_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runs")
-    tiny_teacher_student(root)
-    image_folder(root / "images", ["a", "b"], 4, style="noise", size=(36, 36))
-    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+    return tiny_run_inputs(tmp_path_factory.mktemp("runs"), 4)
 
 
 class _Stop(Exception):

@@ -18,7 +18,7 @@ from dgmr.distill import distill, load_checkpoint
 from dgmr.errors import EXIT_PREEMPTED, EXIT_TERMINATED, Preempted
 from dgmr.paths import remove_stale_temps
 
-from helpers import TINY_VIT_ARGV, image_folder, tiny_teacher_student
+from helpers import TINY_VIT_ARGV, tiny_run_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -26,10 +26,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("signals")
-    tiny_teacher_student(root)
-    image_folder(root / "images", ["a", "b"], 6, style="noise", size=(36, 36))
-    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+    return tiny_run_inputs(tmp_path_factory.mktemp("signals"), 6)
 
 
 def _argv(tiny, out: Path, *extra: str) -> list[str]:

@@ -16,7 +16,7 @@ from dgmr.errors import DgmrError
 from dgmr.evaluate import render_report, save_result
 from dgmr.paths import lock_path, output_lock, refuse_overlap
 
-from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_teacher_student
+from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, tiny_run_inputs
 
 KW = json.dumps(TINY_VIT_KWARGS)
 # what another process holding an output's lock does: the documented file, flock, its pid inside
@@ -37,10 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random-init tiny teacher (a dgmr directory), its r=1 student, 8 images."""
-    root = tmp_path_factory.mktemp("faults")
-    tiny_teacher_student(root)
-    image_folder(root / "images", ["a", "b"], 4, style="noise", size=(36, 36))
-    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+    return tiny_run_inputs(tmp_path_factory.mktemp("faults"), 4)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ plus params, FLOPs and measured CPU throughput. Outputs: a terminal table, ``rep
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,7 +20,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ class DemoSettings:
     # calibrated students (docs/calibration.md): diversity + compensation at these (ratio, allocation)
     calibrated: tuple[tuple[float, str], ...] = ((1.0, "uniform"), (0.5, "uniform"), (0.5, "global"))
     calibration_images: int = 256
+    threads: int = 1  # intra-op threads (see _threads)
 
     @classmethod
     def make(cls, out: str | os.PathLike = "runs/demo", seed: int = 0, quick: bool = False) -> "DemoSettings":
@@ -259,31 +261,76 @@ def _cost(model: nn.Module) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine the
+    extra thread's spinning makes every op several times slower (measured 5-8x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool = False,
              progress: bool = True, settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the demo into ``out``; returns the results dict also written to ``out/results.json``."""
-    from .distill import distill
-    from .evaluate.speed import measure_speed
-
     s = settings or DemoSettings.make(out, seed, quick)
     outp = Path(s.out)
     if outp.exists() and not outp.is_dir():
         raise DgmrError(f"output {outp} exists and is not a directory")
     outp.mkdir(parents=True, exist_ok=True)
+    with _threads(s.threads):
+        return _run(s, outp, progress)
+
+
+def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: Source, data: dict[str, torch.Tensor],
+                       s: DemoSettings, outp: Path, teacher_knn: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Distill one pruned ``student`` (in place), scoring it along the way: its results row and curve."""
+    from .distill import distill
+
+    eval_every = max(1, s.distill_steps // s.curve_points)
+    before = score(student, data)
+    curve = [{"step": 0, **before}]
+
+    def on_step(info: dict[str, Any]) -> None:
+        if info["step"] % eval_every == 0 or info["step"] == info["total_steps"]:
+            curve.append({"step": info["step"], **score(student, data)})
+
+    run_dir = outp / "students" / job.name
+    summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
+                      on_step=on_step, student_source=src, steps=s.distill_steps, batch_size=s.distill_batch,
+                      lr=s.distill_lr, seed=job.seed, log_every=1, save_every=0, workers=0, tensorboard=False,
+                      device="cpu")
+    after = curve[-1] if curve[-1]["step"] == summary["steps"] else score(student, data)
+    losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    row = {
+        "criterion": job.criterion, "method": job.method, "mlp_ratio": job.ratio, "seed": job.seed,
+        "calibration": job.calibration, "arch": job.arch, **_cost(student),
+        "knn_top1_before": before["knn_top1"], "head_top1_before": before["head_top1"],
+        "knn_top1_after": after["knn_top1"], "head_top1_after": after["head_top1"],
+        "knn_close_step": first_close_step(curve, teacher_knn),
+        "loss_first": losses[0]["loss"], "loss_last": losses[-1]["loss"],
+        "distill_steps": summary["steps"], "distill_seconds": summary.get("seconds"),
+    }
+    return row, [{"step": m["step"], "loss": m["loss"]} for m in losses] + [{**c, "acc": True} for c in curve]
+
+
+def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
+    from .evaluate.speed import measure_speed
+
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     data = digits_split(s.seed)
     teacher, src, tinfo = cached_teacher(data, s, progress)
     teacher_scores = score(teacher, data)
     teacher_row = {**_cost(teacher), **teacher_scores, "train": tinfo}
-
-    jobs = demo_jobs(s)
     students: list[dict[str, Any]] = []
-    curves: dict[str, list[dict[str, float]]] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
     archs: dict[str, nn.Module] = {}
-    eval_every = max(1, s.distill_steps // s.curve_points)
     calibrated: dict[str, nn.Module] = {}  # a calibrated diversity prune does not depend on the seed: one per arch
-    bar = tqdm(jobs, desc="prune + distill students", unit="student", disable=not progress)
+    bar = tqdm(demo_jobs(s), desc="prune + distill students", unit="student", disable=not progress)
     for job in bar:
         bar.set_postfix_str(job.name)
         if job.calibration is None:
@@ -292,31 +339,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
             if job.arch + job.method not in calibrated:
                 calibrated[job.arch + job.method] = prune_student(teacher, job, data, src)
             student = copy.deepcopy(calibrated[job.arch + job.method])
-        before = score(student, data)
-        curve = [{"step": 0, **before}]
-
-        def on_step(info: dict[str, Any], student=student, curve=curve) -> None:
-            if info["step"] % eval_every == 0 or info["step"] == info["total_steps"]:
-                curve.append({"step": info["step"], **score(student, data)})
-
-        run_dir = outp / "students" / job.name
-        summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
-                          on_step=on_step, student_source=src, steps=s.distill_steps, batch_size=s.distill_batch,
-                          lr=s.distill_lr, seed=job.seed, log_every=1, save_every=0, workers=0, tensorboard=False,
-                          device="cpu")
-        after = curve[-1] if curve[-1]["step"] == summary["steps"] else score(student, data)
-        losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        curves[job.name] = [{"step": m["step"], "loss": m["loss"]} for m in losses] + [{**c, "acc": True} for c in curve]
+        row, curves[job.name] = _distilled_student(job, student, teacher, src, data, s, outp, teacher_scores["knn_top1"])
+        students.append(row)
         archs.setdefault(job.arch, student)
-        students.append({
-            "criterion": job.criterion, "method": job.method, "mlp_ratio": job.ratio, "seed": job.seed,
-            "calibration": job.calibration, "arch": job.arch, **_cost(student),
-            "knn_top1_before": before["knn_top1"], "head_top1_before": before["head_top1"],
-            "knn_top1_after": after["knn_top1"], "head_top1_after": after["head_top1"],
-            "knn_close_step": first_close_step(curve, teacher_scores["knn_top1"]),
-            "loss_first": losses[0]["loss"], "loss_last": losses[-1]["loss"],
-            "distill_steps": summary["steps"], "distill_seconds": summary.get("seconds"),
-        })
     speed = measure_speed({"teacher": teacher, **archs},
                           batch_size=s.speed_batch, image_size=IMAGE_SIZE, device="cpu", warmup=2, repeats=5)
     teacher_row["images_per_s"] = speed["models"]["teacher"]["throughput"]
@@ -331,8 +356,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
     write_json(outp / "curves.json", curves)
     plot_curves(curves, outp / "recovery.png", teacher_scores["knn_top1"])
     plot_accuracy_vs_flops(results, outp / "accuracy_vs_flops.png")
-    report = render_markdown(results)
-    (outp / "report.md").write_text(report)
+    (outp / "report.md").write_text(render_markdown(results))
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(outp / "results.json", results)
     return results
@@ -400,7 +424,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"scratch for {t['train']['epochs']} epochs. Students: pruned with each criterion, then distilled for "
         f"{results['settings']['distill_steps']} steps on the unlabeled train images. Accuracies are test top-1 in %: "
         f"kNN (k={results['knn_k']}, cosine, pooled features) and the classifier head; 'before' = pruned, not distilled. "
-        "Mean ± standard deviation over seeds where n > 1. CPU throughput measured in one run.", "",
+        "Mean ± standard deviation over seeds where n > 1. CPU throughput measured in one run, one thread.", "",
         "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
         *["| " + " | ".join(r) + " |" for r in table_rows(results)], "",
         "MLP parameter reduction: " + ", ".join(sorted({f"r={a['mlp_ratio']:g}: {100 * a['mlp_param_reduction']:.0f}%"
