@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -140,3 +141,41 @@ def test_file_names_that_are_not_utf8_in_folders_and_lists(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\0\1\2")
     with pytest.raises(DgmrError, match="not a text file of image paths"):
         resolve_data(str(tmp_path / "bin.txt"))
+
+
+def test_eval_readers_refuse_bombs_and_fifos_in_one_line_and_read_odd_names(tmp_path, cli, monkeypatch):
+    from helpers import TINY_VIT_ARGV, image_folder
+
+    image_folder(tmp_path / "train", ["a", "b"], 3, style="noise", size=(36, 36))
+    image_folder(tmp_path / "val", ["a", "b"], 1, style="noise", size=(36, 36))
+    odd = os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8
+    os.rename(tmp_path / "val" / "a" / "0.png", tmp_path / "val" / "a" / odd)
+    knn = ("eval", "knn", *TINY_VIT_ARGV, "--train", tmp_path / "train", "--no-cache")
+    code, out, err = cli(*knn, "--val", tmp_path / "val", "--json")
+    assert code == 0, err
+    n_test = json.loads(out)["n_test"]
+    assert n_test == 2  # the image with the odd name is read
+    side = int(MAX_PIXELS ** 0.5) + 100
+    (tmp_path / "val" / "b" / "bomb.png").write_bytes(_png(Image.new("1", (side, side))))
+    code, _, err = cli(*knn, "--val", tmp_path / "val")
+    assert code == 2 and err.count("\n") == 1 and "bomb.png" in err and "decompression bomb" in err
+    (tmp_path / "val" / "b" / "bomb.png").unlink()
+    os.mkfifo(tmp_path / "val" / "b" / "pipe.png")
+    code, out, err = cli(*knn, "--val", tmp_path / "val", "--json")  # would block forever if the FIFO were opened
+    assert code == 0 and json.loads(out)["n_test"] == n_test  # not a file: not an image of the split
+    (tmp_path / "val" / "b" / "pipe.png").unlink()
+
+    import pathlib
+
+    write_text = pathlib.Path.write_text
+
+    def full(self, *a, **k):  # the result's disk is full: a partial write, then ENOSPC
+        if "res" not in self.parts:
+            return write_text(self, *a, **k)
+        write_text(self, "{")
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    code, _, err = cli(*knn, "--val", tmp_path / "val", "--save", tmp_path / "res" / "knn.json")
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1
+    assert not (tmp_path / "res" / "knn.json").exists() and not list((tmp_path / "res").glob(".*"))

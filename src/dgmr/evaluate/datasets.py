@@ -92,7 +92,8 @@ class ImageFolderSplit(Dataset):
         h = hashlib.sha256()
         for p, y in self.samples:
             st = p.stat()
-            h.update(f"{p.relative_to(self.root)}\t{st.st_size}\t{st.st_mtime_ns}\t{y}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 hashes as its own bytes
+            h.update(f"{p.relative_to(self.root)}\t{st.st_size}\t{st.st_mtime_ns}\t{y}\n".encode("utf-8", "surrogateescape"))
         h.update(json.dumps(self.classes).encode())
         return h.hexdigest()
 
@@ -118,7 +119,7 @@ class ImageListDataset(Dataset):
         h = hashlib.sha256()
         for p in self.paths:
             st = p.stat()
-            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
