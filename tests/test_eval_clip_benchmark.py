@@ -391,3 +391,14 @@ def test_clip_benchmark_probe_trains_on_clip_image_embeddings(data, tiny_clip, t
     assert lp["cache"]["hits"] == 1 and zs["cache"]["misses"] == 1  # val embeddings: the ones zero-shot cached
     pooled = eval_linear(tiny_clip, data / "train", data / "val", cache_dir=False)
     assert pooled["features"] == "pooled" and pooled["protocol"] == "lbfgs"
+
+
+def test_templates_fill_like_str_format():
+    from dgmr.evaluate.zeroshot import fill_template
+
+    assert fill_template("a photo of a {c}.", "dog") == "a photo of a dog."
+    assert fill_template("a {} photo, {{}} braces", "dog") == "a dog photo, {} braces"
+    assert fill_template("a photo of a {c} {{style}}.", "dog") == "a photo of a dog {style}."
+    assert fill_template("a photo of a {}.", "{}-shaped thing") == "a photo of a {}-shaped thing."
+    with pytest.raises(DgmrError, match="one kind of class slot"):
+        fill_template("a {c} and a {}", "dog")

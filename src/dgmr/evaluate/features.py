@@ -74,7 +74,7 @@ def extract_features(
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn`` over ``dataset`` (items ``(image, label, index)``); returns ``(features
-    float16 (N, D) on CPU, labels int64 (N,))`` in dataset order on every rank."""
+    float32 (N, D) on CPU, labels int64 (N,))`` in dataset order on every rank."""
     import torch.distributed as dist
 
     rank, world = D.rank_world()
@@ -98,7 +98,7 @@ def extract_features(
             f = f.flatten(1)
         if not torch.isfinite(f).all():
             raise DgmrError("the model produced NaN/inf features")
-        feats.append(f.float().half())
+        feats.append(f.float())  # float32: fp16 storage moved zero-shot/retrieval scores off clip_benchmark's
         labels.append(torch.as_tensor(y, device=device))
         idxs.append(torch.as_tensor(i, device=device))
     f, y, i = torch.cat(feats), torch.cat(labels).long(), torch.cat(idxs).long()
@@ -113,7 +113,7 @@ def extract_features(
         dist.all_gather(ys, y.contiguous())
         dist.all_gather(is_, i.contiguous())
         f, y, i = torch.cat(fs), torch.cat(ys), torch.cat(is_)
-    out_f = torch.empty(n, f.shape[1], dtype=torch.float16)
+    out_f = torch.empty(n, f.shape[1], dtype=torch.float32)
     out_y = torch.empty(n, dtype=torch.long)
     seen = torch.zeros(n, dtype=torch.bool)
     i = i.cpu()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DgmrError
+from .metrics import TOP5_MIN_CLASSES
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -96,7 +97,8 @@ def knn_classify(
             correct[k][0] += int(hit[:, 0].sum())
             correct[k][1] += int(hit.any(1).sum())
     n = len(test_feats)
-    per_k = {str(k): {"top1": correct[k][0] / n, "top5": correct[k][1] / n} for k in ks}
+    per_k = {str(k): {"top1": correct[k][0] / n, "top5": correct[k][1] / n if c >= TOP5_MIN_CLASSES else None}
+             for k in ks}
     best_k = max(ks, key=lambda k: (per_k[str(k)]["top1"], -k))
     return {"metric": "knn", "per_k": per_k, "best_k": best_k, "top1": per_k[str(best_k)]["top1"],
             "top5": per_k[str(best_k)]["top5"], "temperature": temperature, "n_train": n_train,

@@ -115,7 +115,7 @@ def _split_features(fn, ds, key: dict[str, str], cache: FeatureCache, **kw: Any)
 
 def _feature_key(net: nn.Module, family: Family, pre: EvalPreprocess, kind: str, dtype: torch.dtype) -> dict[str, str]:
     return {"weights": weights_hash(net), "family": family.name, "kind": kind, "dtype": str(dtype),
-            "transform": pre.describe()}
+            "transform": pre.describe(), "stored": "float32"}
 
 
 def _classification_features(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, image_size, batch_size,

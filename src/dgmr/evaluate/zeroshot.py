@@ -165,11 +165,21 @@ CLASS_SLOTS = ("{c}", "{}")
 
 
 def fill_template(template: str, classname: str) -> str:
-    """The prompt of ``template`` for ``classname``: ``{c}`` (clip_benchmark's files) or
-    ``{}`` (OpenAI's lists) is where the name goes."""
-    for slot in CLASS_SLOTS:
-        template = template.replace(slot, classname)
-    return template
+    """The prompt of ``template`` for ``classname`` by ``str.format``, as clip_benchmark
+    (``t.format(c=name)``) and OpenAI's lists (``t.format(name)``) fill them: ``{c}`` or
+    ``{}`` is where the name goes, ``{{``/``}}`` are literal braces."""
+    import string
+
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        if fields == {"c"}:
+            return template.format(c=classname)
+        if fields == {""}:
+            return template.format(classname)
+    except (ValueError, IndexError, KeyError):
+        pass
+    raise DgmrError(f"template {template!r} must hold one kind of class slot, {{c}} or {{}} "
+                    "(literal braces doubled: {{ }})")
 
 
 def _prompts(classnames: Sequence[str], templates: Sequence[str] | dict[str, Sequence[str]]) -> list[list[str]]:
