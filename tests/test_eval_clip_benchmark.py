@@ -127,7 +127,9 @@ def test_every_family_transform_feeds_its_model(case_id, tmp_path):
     model, src = build(next(c for c in CASES if c.id == case_id), tmp_path)
     family = family_of(model)
     x = torch.stack([eval_transform(model, family, source=src)(im) for im in _images()])
-    assert x.shape[-1] == x.shape[-2] == family.data_config(model)["image_size"]
+    # DINOv2 takes any size (its config's image_size is the training size): the published 224 crop
+    want = 224 if case_id.startswith("hf_dinov2") else family.data_config(model)["image_size"]
+    assert x.shape[-1] == x.shape[-2] == want
     with torch.no_grad():
         assert torch.isfinite(family.features(model, x)["pooled"]).all()
 

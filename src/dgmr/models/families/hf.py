@@ -62,11 +62,13 @@ class HFFamily(Family):
         size = int(image_size or self.image_size(model))
         if proc is None:  # a model type without an image processor: the generic transform
             return super().eval_preprocess(model, src, size)
-        kwargs = _resized(proc, size)
+        # DINOv2 interpolates its position embeddings to any input: its config's 518 px is the
+        # training size, the published processor's 224 crop is how it is evaluated
+        any_size = str(getattr(model.config, "model_type", "")) in _ANY_SIZE and image_size is None
+        kwargs = {} if any_size else _resized(proc, size)
         transform = _ProcessorTransform(proc, kwargs)
-        keep = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                "do_normalize", "image_mean", "image_std", "do_convert_rgb", "do_pad")
-        d = {k: v for k, v in proc.to_dict().items() if k in keep}
+        # every processor setting (crop_pct, ...) keys the feature cache, not a chosen few
+        d = {k: v for k, v in proc.to_dict().items() if not k.startswith("_")}
         return EvalPreprocess(transform, json.loads(json.dumps(
             {"library": "hf", "processor": type(proc).__name__, **d, **kwargs}, default=str)))
 
@@ -151,6 +153,8 @@ class _ProcessorTransform:
     def __call__(self, img: Any) -> torch.Tensor:
         return self.proc(images=img, return_tensors="pt", **self.kwargs)["pixel_values"][0]
 
+
+_ANY_SIZE = {"dinov2"}  # model types whose embeddings take any image size
 
 # where a processor class's defaults differ from the checkpoints' published settings
 _PUBLISHED = {"dinov2": {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
