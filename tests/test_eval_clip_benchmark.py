@@ -404,3 +404,13 @@ def test_templates_fill_like_str_format():
     assert fill_template("a photo of a {}.", "{}-shaped thing") == "a photo of a {}-shaped thing."
     with pytest.raises(DgmrError, match="one kind of class slot"):
         fill_template("a {c} and a {}", "dog")
+
+
+def test_fixed_crop_keeps_an_open_clip_tags_normalisation():
+    """--crop-pct on a SigLIP tag built without its weights: the tag's mean/std (0.5), not OpenAI's."""
+    from dgmr.models.preprocess import resolve_eval_preprocess
+    from dgmr.models.sources import build_model, parse_spec
+
+    src = parse_spec("open_clip:ViT-B-16-SigLIP:webli")
+    pre = resolve_eval_preprocess(build_model(src, meta=True), source=src, crop=0.875)
+    assert pre.settings["mean"] == [0.5, 0.5, 0.5] and pre.settings["std"] == [0.5, 0.5, 0.5]

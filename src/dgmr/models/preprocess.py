@@ -78,10 +78,15 @@ def resolve_eval_preprocess(model: torch.nn.Module, family: Any = None, *, sourc
     family = family or family_of(model)
     if image_size is not None and int(image_size) <= 0:
         raise DgmrError(f"image size must be a positive integer, got {image_size}")
-    if crop is not None:
-        dc = family.data_config(model)
-        return crop_preprocess(int(image_size or dc["image_size"]), dc["mean"], dc["std"], crop)
-    return family.eval_preprocess(model, source, image_size)
+    own = family.eval_preprocess(model, source, image_size)
+    if crop is None:
+        return own
+    # the fixed crop in the model's own normalisation: the library's (an open_clip tag's
+    # mean/std are not on a model built without the tag), else the family's
+    dc = family.data_config(model)
+    mean = own.settings.get("mean") or own.settings.get("image_mean") or dc["mean"]
+    std = own.settings.get("std") or own.settings.get("image_std") or dc["std"]
+    return crop_preprocess(int(image_size or dc["image_size"]), mean, std, crop)
 
 
 def eval_transform(model: torch.nn.Module, family: Any = None, *, source: Any = None, crop: float | None = None,
