@@ -111,3 +111,16 @@ def test_report_cli_and_mistakes(setup, tmp_path, capsys):
     assert not (tmp_path / "o3").exists()
     with pytest.raises(DgmrError, match="--baseline"):
         render_report([root / "knn_original.json"], tmp_path / "o4", baseline="nope")
+
+
+def test_other_probe_protocols_and_tie_rules_get_their_own_columns():
+    from dgmr.evaluate.report import metric_columns
+
+    lbfgs = {"metric": "linear", "dataset": "ds", "top1": 0.3, "protocol": "lbfgs"}
+    cb = {**lbfgs, "top1": 0.37, "protocol": "clip_benchmark"}
+    assert set(metric_columns(lbfgs)) == {"linear top-1 (ds)"}
+    assert set(metric_columns(cb)) == {"linear [clip_benchmark] top-1 (ds)"}
+    rec = {"R@1": 0.5, "R@5": 0.9, "R@10": 1.0}
+    ret = {"metric": "retrieval", "dataset": "coco", "image_to_text": rec, "text_to_image": rec, "mean_recall": 0.8}
+    assert "retrieval mean recall (coco)" in metric_columns({**ret, "ties": "expected"})
+    assert "retrieval mean recall (coco) [ties optimistic]" in metric_columns({**ret, "ties": "optimistic"})

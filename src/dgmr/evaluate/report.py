@@ -43,13 +43,16 @@ def metric_columns(result: dict[str, Any]) -> dict[str, float]:
     if m in ("knn", "linear", "zeroshot"):
         ds = result.get("dataset") or dataset_name(result.get("val") or result.get("data"))
         suffix = f" ({ds})" if ds else ""
+        if m == "linear" and result.get("protocol") not in (None, "lbfgs"):
+            m = f"linear [{result['protocol']}]"  # another recipe, another number: its own column
         cols = {f"{m} top-1{suffix}": result["top1"]}
         if result.get("mean_per_class_recall") is not None:
             cols[f"{m} mean per-class recall{suffix}"] = result["mean_per_class_recall"]
         return cols
     if m == "retrieval":
         ds = result.get("dataset") or dataset_name(result.get("captions"))
-        suffix = f" ({ds})" if ds else ""
+        suffix = (f" ({ds})" if ds else "") + (f" [ties {result['ties']}]"
+                                              if result.get("ties") not in (None, "expected") else "")
         ks = sorted({k.removeprefix("R@") for k in result["image_to_text"]}, key=int)
         mean_col = f"retrieval mean recall{suffix}" if ks == ["1", "5", "10"] else \
             f"retrieval mean recall@{','.join(ks)}{suffix}"  # a mean over other Ks is another number

@@ -87,7 +87,8 @@ def from_clip_benchmark(d: dict[str, Any], origin: str) -> dict[str, Any] | None
         p = "lp_" if task == "linear_probe" and "lp_acc1" in m else ""
         if f"{p}acc1" not in m:
             return None  # multi-label datasets report mean average precision only
-        return {**base, "metric": "zeroshot" if task == "zeroshot_classification" else "linear",
+        proto = {} if task == "zeroshot_classification" else {"protocol": "clip_benchmark"}
+        return {**base, **proto, "metric": "zeroshot" if task == "zeroshot_classification" else "linear",
                 "top1": m[f"{p}acc1"], "top5": _nan_to_none(m.get(f"{p}acc5")),
                 "mean_per_class_recall": _nan_to_none(m.get(f"{p}mean_per_class_recall"))}
     if task == "zeroshot_retrieval":
@@ -96,5 +97,6 @@ def from_clip_benchmark(d: dict[str, Any], origin: str) -> dict[str, Any] | None
         if not t2i or not i2t:
             return None
         mean = (sum(t2i.values()) + sum(i2t.values())) / (len(t2i) + len(i2t))
+        # no tie rule: clip_benchmark's topk order equals dgmr's default where no scores tie, as with real embeddings
         return {**base, "metric": "retrieval", "image_to_text": i2t, "text_to_image": t2i, "mean_recall": mean}
     return None
