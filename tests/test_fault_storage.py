@@ -199,3 +199,30 @@ def test_python_api_refuses_a_non_finite_mlp_ratio():
     for bad in (float("inf"), float("nan")):
         with pytest.raises(dgmr.DgmrError, match="mlp ratio must be > 0 and finite"):
             dgmr.prune(GenericNet(), mlp_ratio=bad, progress=False)
+
+
+def test_lock_file_on_a_full_disk_and_file_systems_without_flock(tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    from dgmr.errors import DgmrError
+    from dgmr.paths import output_lock
+
+    def full(fd, *a):
+        raise _enospc("lock")
+
+    with monkeypatch.context() as m:  # the disk is full already when the lock records its pid
+        m.setattr(os, "pwrite", full)
+        with pytest.raises(DgmrError, match=r"cannot write the lock file .*No space left on device.* free there"):
+            with output_lock(tmp_path / "out"):
+                pass
+    assert list(tmp_path.iterdir()) == []  # no lock file left
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # Lustre without -o flock, some NFS mounts
+    with pytest.warns(UserWarning, match="going on without a lock"):
+        with output_lock(tmp_path / "out") as lock:
+            assert lock.exists()
+    assert list(tmp_path.iterdir()) == []

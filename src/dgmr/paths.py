@@ -14,10 +14,12 @@ Paths are compared after resolving symlinks, ``..`` and relative parts (``os.pat
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -154,7 +156,11 @@ def _acquire(path: Path, out: str | os.PathLike) -> int:
             raise DgmrError(f"cannot create the lock file {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock on this file system (Lustre, some NFS)
+                warnings.warn(f"cannot lock {path} ({e.strerror or e}): going on without a lock; do not run "
+                              f"two dgmr commands on {out} at once")
+                return fd
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise DgmrError(f"{out} is in use by another dgmr process (pid {holder}; lock file {path}): "
@@ -167,8 +173,14 @@ def _acquire(path: Path, out: str | os.PathLike) -> int:
         except FileNotFoundError:
             current = False
         if current:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:  # a full disk fails here first, before any output
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise storage_error(path, e, "the lock file") from None
             return fd
         os.close(fd)
     raise DgmrError(f"could not take the lock file {path} (it keeps being replaced)")

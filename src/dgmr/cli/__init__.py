@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Terminated as e:
         print(f"dgmr: {e}; temporary output removed", file=sys.stderr)
-        return EXIT_TERMINATED
+        return EXIT_TERMINATED if e.signum == signal.SIGTERM else 128 + e.signum
     if result is not None:
         print_result(result, getattr(args, "json", False))
     return 0
@@ -86,9 +86,10 @@ def _printable(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """SIGTERM raises :class:`Terminated` in the main thread for the command (the default
-    would end the process at once, leaving temporary output behind); distill's training
-    loop installs its own handler, which checkpoints first."""
+    """SIGTERM and SIGUSR1 (SLURM's pre-emption warning) raise :class:`Terminated` in the
+    main thread for the command (their default ends the process at once, leaving temporary
+    output and the lock file behind); distill's training loop installs its own handler,
+    which checkpoints first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -96,8 +97,10 @@ def _sigterm_raises():
     def handler(signum: int, frame: object) -> None:
         raise Terminated(signum)
 
-    before = signal.signal(signal.SIGTERM, handler)
+    signals = [signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
+    before = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, h in before.items():
+            signal.signal(s, h)
