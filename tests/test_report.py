@@ -124,3 +124,14 @@ def test_other_probe_protocols_and_tie_rules_get_their_own_columns():
     ret = {"metric": "retrieval", "dataset": "coco", "image_to_text": rec, "text_to_image": rec, "mean_recall": 0.8}
     assert "retrieval mean recall (coco)" in metric_columns({**ret, "ties": "expected"})
     assert "retrieval mean recall (coco) [ties optimistic]" in metric_columns({**ret, "ties": "optimistic"})
+
+
+@pytest.mark.parametrize("line, field", [(b'{"step": 3, "loss": "abc"}', "loss"), (b'\xff\xfe not utf-8', "JSON line"),
+                                         (b'[1, 2]', "line")])
+def test_report_refuses_a_bad_metrics_line_in_one_error(tmp_path, line, field):
+    from dgmr.evaluate.report import read_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_bytes(b'{"step": 1, "loss": 2.0}\n' + line + b'\n{"step": 5, "loss": 1.0}\n')
+    with pytest.raises(DgmrError, match=f"metrics.jsonl:2: .*{field}"):
+        read_metrics(p)

@@ -116,21 +116,24 @@ class _Rows:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Lines of a ``metrics.jsonl`` (a torn last line of a live run is skipped)."""
+    """Lines of a ``metrics.jsonl``, each checked as ``--resume`` checks them (a torn last
+    line of a live run is skipped)."""
+    from ..schema import metrics_row
+
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise DgmrError(f"cannot read {path}: {e.strerror or e}") from None
     rows = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
     for n, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            d = json.loads(line)
-        except ValueError:
+            rows.append(metrics_row(line, f"{path}:{n + 1}"))
+        except DgmrError:
             if n == len(lines) - 1:
                 continue
-            raise DgmrError(f"{path}:{n + 1} is not a JSON line") from None
-        if isinstance(d, dict):
-            d.setdefault("step", len(rows))
-            rows.append(d)
+            raise
     return rows
 
 
