@@ -189,3 +189,25 @@ def test_non_finite_tensors_are_never_written(tmp_path, cli, name, value):
     line = err.replace("\r", "\n").strip().splitlines()[-1]
     assert code == 2 and line.startswith("dgmr: error: ") and ("NaN" in line or "inf" in line), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: abc", "setting lr must be a number, got 'abc'"),
+    ("batch_size: 2.5", "setting batch_size must be a whole number, got 2.5"),
+    ("betas: [0.9]", "setting betas must be 2 numbers"),
+    ("steps: true", "setting steps must be a whole number, got True"),
+    ("ema: 'yes'", "setting ema must be a number"),
+])
+def test_config_values_of_the_wrong_type_are_one_error(tiny, tmp_path, cli, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text + "\n")
+    code, _, err = cli("distill", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data",
+                       tiny["root"] / "images", "--out", tmp_path / "run", "--config", cfg)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_reads_1e_minus_4_as_text_and_the_setting_takes_it():
+    from dgmr.distill.settings import DistillSettings
+
+    assert DistillSettings.resolve({"lr": "1e-4", "steps": 2.0}).lr == 1e-4

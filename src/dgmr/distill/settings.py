@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,41 @@ SCHEDULE, LOSS_AND_DATA, HARDWARE = "schedule", "loss and data", "hardware and o
 
 def _setting(default: Any, group: str, help: str, **cli: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "group": group, **cli})
+
+
+def _typed(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as the setting's type: a YAML/JSON config may hold ``1e-4`` as text (PyYAML
+    reads it so) or ``2.0`` for an int; anything else is one error naming the setting."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    kind = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not tuple else hint
+    origin = typing.get_origin(kind)
+    try:
+        if origin is tuple:
+            if isinstance(value, (str, bytes)) or len(value) != len(typing.get_args(kind)):
+                raise ValueError
+            return tuple(_typed(name, a, v) for a, v in zip(typing.get_args(kind), value))
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is int and not isinstance(value, bool):
+            f = float(value)
+            if f.is_integer():
+                return int(f)
+            raise ValueError
+        if kind is str and isinstance(value, str):
+            return value
+        if origin is dict and isinstance(value, dict):
+            return value
+    except (TypeError, ValueError, OverflowError):
+        pass
+    what = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(kind) or (
+        f"{len(typing.get_args(kind))} numbers" if origin is tuple else str(kind))
+    raise DgmrError(f"setting {name} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -91,9 +127,8 @@ class DistillSettings:
         unknown = sorted(set(values) - names)
         if unknown:
             raise DgmrError(f"unknown distill setting {unknown[0]!r}; known: {', '.join(sorted(names))}")
-        for key in ("betas", "crop_scale"):
-            if key in values and values[key] is not None:
-                values[key] = tuple(float(v) for v in values[key])
+        hints = typing.get_type_hints(cls)
+        values = {k: _typed(k, hints[k], v) for k, v in values.items()}
         s = cls(**values)
         s.validate()
         return s
