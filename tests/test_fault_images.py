@@ -179,3 +179,14 @@ def test_eval_readers_refuse_bombs_and_fifos_in_one_line_and_read_odd_names(tmp_
     code, _, err = cli(*knn, "--val", tmp_path / "val", "--save", tmp_path / "res" / "knn.json")
     assert code == 2 and "No space left on device" in err and err.count("\n") == 1
     assert not (tmp_path / "res" / "knn.json").exists() and not list((tmp_path / "res").glob(".*"))
+
+
+def test_a_huge_file_named_like_an_image_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import dgmr.images as images
+
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 1000)
+    p = tmp_path / "big.png"
+    with open(p, "wb") as f:
+        f.truncate(5000)  # sparse: nothing is really read if the size is checked first
+    with pytest.raises(UnreadableImage, match="5,000 bytes, more than the 1,000 allowed"):
+        open_image(p)

@@ -35,6 +35,7 @@ from .errors import DgmrError
 # Pillow's own bomb threshold (its default Image.MAX_IMAGE_PIXELS, ~89.5 MP), read once so a
 # caller changing Pillow's global does not change what dgmr accepts
 MAX_PIXELS = 89_478_485
+MAX_IMAGE_BYTES = 1 << 30  # the largest image file read (a bigger one is no image we can decode in memory)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -88,7 +89,7 @@ def open_image(src: bytes | str | os.PathLike, name: str | None = None) -> Image
     if isinstance(src, (bytes, bytearray, memoryview)):
         data, label = bytes(src), name or "image bytes"
     else:
-        data, label = read_regular_file(src), name or os.fspath(src)
+        data, label = read_regular_file(src, MAX_IMAGE_BYTES, "image file"), name or os.fspath(src)
     label = printable(label)
     try:
         with warnings.catch_warnings():
