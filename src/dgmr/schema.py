@@ -14,6 +14,7 @@ import json
 import math
 import os
 import stat
+from pathlib import Path
 from typing import Any
 
 from .errors import DgmrError
@@ -93,7 +94,12 @@ def model_config(cfg: Any, where: str) -> dict[str, Any]:
     _str(cfg.get("family"), where, "family")
     widths = _object(cfg.get("widths"), where, "widths")
     for name, w in widths.items():
-        _int(w, where, f"widths[{name!r}]", lo=1)
+        _int(w, where, f"widths[{name!r}]", lo=1, hi=1 << 24)  # a bound before anything is allocated from it
+    for key in ("weights", "weights_scope"):
+        value = _str(cfg.get(key), where, key, optional=True)
+        # a relative path inside the directory: a config must not point the loader at another model's weights
+        if key == "weights" and value and (os.path.isabs(value) or ".." in Path(value).parts):
+            raise _fail(where, key, f"must name a file inside the model directory, not {value!r}")
     try:
         parse_dtype(cfg.get("dtype", "float32"), what="dtype", any_float=True)
     except DgmrError as e:
