@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -112,7 +113,6 @@ class CalibrationData:
 
 def _batched(tensors: Iterable[torch.Tensor], n: int, batch_size: int) -> list[torch.Tensor]:
     """Up to ``n`` images from an iterable of (B, 3, H, W) or (3, H, W) tensors, re-batched."""
-    out: list[torch.Tensor] = []
     pending: list[torch.Tensor] = []
     taken = 0
     for t in tensors:
@@ -124,9 +124,7 @@ def _batched(tensors: Iterable[torch.Tensor], n: int, batch_size: int) -> list[t
         taken += t.shape[0]
         if taken >= n:
             break
-    if pending:
-        out = list(torch.cat(pending).split(batch_size))
-    return out
+    return list(torch.cat(pending).split(batch_size)) if pending else []
 
 
 def _from_loader(loader: Iterable, n: int, batch_size: int) -> list[torch.Tensor]:
@@ -154,23 +152,15 @@ def _decode(source: Any, transform: _EvalTransform, n: int, seed: int) -> tuple[
     or the first ones of shards); returns (images, unreadable count)."""
     from ..distill.data import ImageDataset, ShardImages
 
+    if source.kind == "shards":  # an endless stream: at most one pass over it
+        limit = source.num_samples if source.num_samples is not None else 10 * n
+        samples = itertools.islice(ShardImages(source.items, transform, seed=seed), limit)
+    else:
+        ds = ImageDataset(source.items, transform, seed=seed)
+        samples = (ds[i] for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist())
     images: list[torch.Tensor] = []
     bad = 0
-    if source.kind == "shards":
-        stream = iter(ShardImages(source.items, transform, seed=seed))
-        limit = source.num_samples if source.num_samples is not None else 10 * n
-        for _, (x, _name) in zip(range(limit), stream):
-            if x is None:
-                bad += 1
-            else:
-                images.append(x)
-            if len(images) >= n:
-                break
-        return images, bad
-    ds = ImageDataset(source.items, transform, seed=seed)
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
-    for i in order:
-        x, _name = ds[i]
+    for x, _name in samples:
         if x is None:
             bad += 1
             continue
@@ -249,7 +239,7 @@ class Runner:
             raise DgmrError(f"the model's forward failed on the calibration images (batch of shape "
                             f"{tuple(x.shape)}): {first_line(e)}") from None
 
-    def run_to(self, site: MlpSite, hooks: list[tuple[nn.Module, str, Callable]], batches: int | None = None) -> None:
+    def run_to(self, site: MlpSite, hooks: list[tuple[nn.Module, str, Callable]]) -> None:
         """Forward the batches until ``site`` has run, with ``hooks`` ((module, "pre"|"post", fn)) set."""
 
         def stop(*_: Any) -> None:
@@ -260,7 +250,7 @@ class Runner:
         handles.append(site.module.register_forward_hook(stop))
         try:
             with torch.no_grad(), self.autocast():
-                for x in self.data.batches[:batches]:
+                for x in self.data.batches:
                     try:
                         self._forward(x)
                     except _Stop:
@@ -483,15 +473,3 @@ def keep_original(site: MlpSite) -> MlpSite:
 
     return MlpSite(site.name, module, site.kind, twin(site.up), twin(site.down), twin(site.gate), site.packed,
                    [twin(n) for n in site.norms])
-
-
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(setting)
-    except RuntimeError as e:
-        raise DgmrError(f"unknown calibration device {setting!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DgmrError("calibration device cuda asked for, but no GPU is available")
-    return dev

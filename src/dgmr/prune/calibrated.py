@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import dist as D
+
 from .allocate import compensated_curve, dropped_curve, neuron_cost, spend, width_step
 from .calibrate import (CalibrationSettings, Runner, _down_coefficients, activation_rows, calibration_data,
-                        hidden_moments, keep_original, pruned_moments, refit_down, resolve_device)
+                        hidden_moments, keep_original, pruned_moments, refit_down)
 from .criteria import criterion_scores, get_criterion, scoring_matrix, select_neurons
 from .mlp import MlpSite, check_width, matrix, shrink_mlp
 
@@ -122,7 +124,7 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
     """Prune ``sites`` of ``model`` in place with calibration ``data``; fills ``record``."""
     from ..models.preprocess import resolve_eval_preprocess
 
-    device = resolve_device(settings.device)
+    device = D.pick_device(settings.device)
     pre = resolve_eval_preprocess(model, family, source=source)
     cal = calibration_data(data, pre.transform, settings, seed=seed)
     with _calibration_state(model, device):
