@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -303,6 +304,25 @@ def test_bad_flags(tmp_path, capsys):
     assert parse_size("3GB") == 3_000_000_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size("800M") == 800_000_000
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_freed_hands_heap_memory_back():
+    """The pattern a streaming prune makes: after one large free glibc keeps same-sized
+    tensors on the heap, and a live tensor above them stops the heap from shrinking; the
+    freed ~150 MB stay resident until :func:`dgmr.memory.release_freed`."""
+    script = (
+        "import psutil, torch\n"
+        "from dgmr.memory import release_freed\n"
+        "p = psutil.Process()\n"
+        "big = torch.ones(16 * 2**20 // 4); del big\n"  # a freed mmapped block raises the mmap threshold
+        "ts = [torch.ones(8 * 2**20 // 4) for _ in range(20)]\n"
+        "last = ts.pop(); del ts\n"
+        "before = p.memory_info().rss; release_freed(); after = p.memory_info().rss\n"
+        "print((before - after) / 2**20)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split()[-1]) > 100  # MiB given back of the 152 freed
+
+
 @pytest.mark.parametrize("shard_size", [None, "24MB"], ids=["one-file", "shards"])
 def test_memory_stays_bounded_on_a_mid_size_checkpoint(shard_size, tmp_path):
     """ViT-B/16-sized blocks (d=768, h=3072), 10 of them: a ~290 MB float32 checkpoint,
@@ -324,7 +344,7 @@ def test_memory_stays_bounded_on_a_mid_size_checkpoint(shard_size, tmp_path):
     ckpt_bytes = open_checkpoint(index).nbytes
     assert ckpt_bytes > 250e6
 
-    budget = 220e6  # resident growth allowed: one MLP (fp32 weights + fp64 scoring) + a 64 MB shard, with margin
+    budget = 220e6  # resident growth allowed: one MLP (fp32 weights + fp64 scoring + workspace) + a shard, with margin
     # in a fresh interpreter: what earlier tests left in this process's allocator would blur the figure
     script = (
         "import json, psutil\n"

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...dtypes import dtype_name, parse_dtype
 from ...errors import DgmrError, first_line
-from ...memory import PeakRss
+from ...memory import PeakRss, release_freed
 from ...models.artifact import (CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, check_output_dir, write_json,
                                 write_kept_indices)
 from ...models.families import Family, apply_widths, family_of
@@ -59,6 +59,7 @@ def _cut_one(site: MlpSite, k: int, tensors: list[tuple[nn.Module, str, str]], v
             raise DgmrError(f"{site.name}: {e}") from None
         seconds = time.perf_counter() - t
         del w1, w_gate
+        release_freed()  # the scoring matrix and the selection's workspace
         shrink_mlp(site, keep)
     out = {}
     for m, pname, name in tensors:
@@ -218,6 +219,7 @@ def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], in
             for n, t in tensors.items():
                 writer.add(n, job.cast(t))
             del tensors
+            release_freed()  # this MLP's weights, read and cut
             job.record.add(job.sites[i], hidden_before[i], keep, select_seconds=round(seconds, 4))
             bar.update(1)
     return writer.finish(), writer.total

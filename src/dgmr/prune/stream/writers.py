@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ... import __version__
 from ...models.artifact import SHARD_INDEX as INDEX, WEIGHTS, write_json
+from ...memory import release_freed
 from ...schema import check_finite
 from .checkpoint import ST_DTYPES
 
@@ -51,6 +52,7 @@ class ShardWriter:
             self.weight_map[n] = i
         self.files.append(fname)
         self.buf, self.buf_bytes = {}, 0
+        release_freed()  # the shard and save_file's serialised copy
 
     def finish(self) -> list[str]:
         """Final names: ``model.safetensors`` for one shard, else HF-style shards + index."""
