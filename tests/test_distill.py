@@ -422,3 +422,33 @@ def test_only_unreadable_images_fail_before_any_export(tmp_path, cli):
                        "--steps", "1", "--batch-size", "4", "--workers", "0", "--no-progress", "--json")
     assert code == 2 and "no readable image" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
+_ANY_RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from dgmr import dist as D
+
+info = D.init("cpu")
+real_backend = dist.get_backend
+dist.get_backend = lambda *a: "nccl"  # as under NCCL: any_rank must take a gloo group of its own
+votes = [D.any_rank(info.rank == 1, info), D.any_rank(False, info)]
+group = D._host_group()
+same = group is D._host_group() and group is not None
+dist.get_backend = real_backend
+D.cleanup(info)
+with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:  # one file each: stdout interleaves
+    json.dump({"rank": info.rank, "votes": votes, "twin_group_reused": same}, f)
+"""
+
+
+def test_any_rank_agrees_on_the_host_beside_an_nccl_group(tmp_path):
+    """The per-step stop vote of distill: one rank's flag reaches every rank, through a gloo
+    group made once (under NCCL a CUDA tensor read back would sync each step with the GPU)."""
+    script = tmp_path / "any_rank.py"
+    script.write_text(_ANY_RANK_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert rows == [{"rank": r, "votes": [True, False], "twin_group_reused": True} for r in (0, 1)]

@@ -128,6 +128,32 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+_HOST_GROUP: tuple[Any, Any] | None = None  # (default group, a gloo group of the same ranks) for any_rank
+
+
+def _host_group() -> Any:
+    """A group whose collectives run on the host: the default one when it is gloo, else a gloo
+    twin, made once per default group (every rank reaches its first any_rank together, as
+    new_group needs)."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None or _HOST_GROUP[0] is not dist.group.WORLD:
+        _HOST_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo"))
+    return _HOST_GROUP[1]
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank. Agreed on the host (over gloo, a group of its own
+    under NCCL), so it can be asked after every training step without making the host wait
+    for the GPU: a CUDA tensor read back would sync with all the work queued so far."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+    return bool(t.item())
+
+
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj`` (picklable, small), in rank order."""
     if not info.distributed:

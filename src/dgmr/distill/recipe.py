@@ -653,11 +653,7 @@ class DistillRecipe:
 
     def stop_requested(self) -> bool:
         """Whether any rank got a stop signal (all ranks stop after the same step)."""
-        local = self.signal_received is not None
-        if not self.info.distributed:
-            return local
-        flag = torch.tensor([float(local)], device=self.device)
-        return D.all_reduce_sum(flag, self.info).item() > 0
+        return D.any_rank(self.signal_received is not None, self.info)
 
     def stop_on_signal(self, log: bool, step_stats: tuple, saved: bool) -> None:
         """Log the step (a checkpoint's step always has its metrics line), write a checkpoint
