@@ -612,7 +612,7 @@ class DistillRecipe:
         st.last_log_t = time.perf_counter()
         batches = self.loader.batches(st.step * s.accum, self.steps_per_epoch)
         st.epoch = st.step // self.steps_per_epoch if self.steps_per_epoch else 0
-        with self.stop_signals():
+        with self.stop_signals(), self.closing_outputs():
             while st.step < self.total:
                 lr, wd, grad_norm = self.train_step(batches)
                 st.step += 1
@@ -627,9 +627,16 @@ class DistillRecipe:
                     self.on_step({"step": st.step, "total_steps": self.total, "epoch": st.epoch, "metrics": row})
                 if self.stop_requested():
                     self.stop_on_signal(row is None, (lr, wd, grad_norm), checkpoint_now)
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+
+    @contextlib.contextmanager
+    def closing_outputs(self) -> Iterator[None]:
+        """The progress bar and TensorBoard writer are closed however training ends."""
+        try:
+            yield
+        finally:
+            self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
 
     @contextlib.contextmanager
     def stop_signals(self) -> Iterator[None]:
@@ -664,9 +671,6 @@ class DistillRecipe:
         if not saved:
             self.save_checkpoint()
         self.ckpt_writer.wait()
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
         name = signal.Signals(self.signal_received).name if self.signal_received else "a signal on another rank"
         raise Preempted(f"{name} after step {st.step} of {self.total}: checkpoint {self.out / CHECKPOINT} written; "
                         f"continue with: dgmr distill --out {self.out} --resume")
