@@ -435,6 +435,7 @@ dist.get_backend = lambda *a: "nccl"  # as under NCCL: any_rank must take a gloo
 votes = [D.any_rank(info.rank == 1, info), D.any_rank(False, info)]
 group = D._host_group()
 same = group is D._host_group() and group is not None
+del group
 dist.get_backend = real_backend
 D.cleanup(info)
 with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:  # one file each: stdout interleaves

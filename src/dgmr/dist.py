@@ -105,7 +105,10 @@ def usable_cpus() -> int:
 
 
 def cleanup(info: DistInfo) -> None:
+    global _HOST_GROUP
     if info.started_here and dist.is_initialized():
+        # no reference may outlive the groups: a gloo group freed at interpreter exit aborts it
+        _HOST_GROUP = None
         dist.destroy_process_group()
 
 
