@@ -289,6 +289,7 @@ def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: So
                        s: DemoSettings, outp: Path, teacher_knn: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distill one pruned ``student`` (in place), scoring it along the way: its results row and curve."""
     from .distill import distill
+    from .distill.checkpoint import METRICS, read_metrics
 
     eval_every = max(1, s.distill_steps // s.curve_points)
     before = score(student, data)
@@ -304,7 +305,7 @@ def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: So
                       lr=s.distill_lr, seed=job.seed, log_every=1, save_every=0, workers=0, tensorboard=False,
                       device="cpu")
     after = curve[-1] if curve[-1]["step"] == summary["steps"] else score(student, data)
-    losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [row for _, row in read_metrics(run_dir / METRICS)]
     row = {
         "criterion": job.criterion, "method": job.method, "mlp_ratio": job.ratio, "seed": job.seed,
         "calibration": job.calibration, "arch": job.arch, **_cost(student),

@@ -96,13 +96,19 @@ def truncate_metrics(path: Path, last_step: int) -> list[dict[str, Any]]:
     return [row for _, row in keep]
 
 
-def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(line, row) of each metrics.jsonl line; a last line cut short by a kill is dropped, any
-    other bad line is an error naming the file and line."""
-    lines = path.read_bytes().split(b"\n")
+def read_metrics(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of each metrics.jsonl line (every reader's: ``--resume``, ``dgmr report``,
+    the demo); blank lines are skipped, a last line cut short by a kill (or still being
+    written) is dropped, any other bad line is an error naming the file and line."""
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as e:
+        raise DgmrError(f"cannot read {path}: {e.strerror or e}") from None
     lines = lines[:-1] if lines and not lines[-1] else lines
     out = []
     for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
         try:
             row = metrics_row(raw, f"{path}:{i + 1}")
             out.append((raw.decode("utf-8"), row))

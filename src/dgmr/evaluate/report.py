@@ -116,25 +116,11 @@ class _Rows:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Lines of a ``metrics.jsonl``, each checked as ``--resume`` checks them (a torn last
-    line of a live run is skipped)."""
-    from ..schema import metrics_row
+    """The rows of a ``metrics.jsonl``, checked as ``--resume`` checks them (a torn last line
+    of a live run is skipped): :func:`dgmr.distill.checkpoint.read_metrics`."""
+    from ..distill.checkpoint import read_metrics as read_lines
 
-    try:
-        lines = Path(path).read_bytes().splitlines()
-    except OSError as e:
-        raise DgmrError(f"cannot read {path}: {e.strerror or e}") from None
-    rows = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(metrics_row(line, f"{path}:{n + 1}"))
-        except DgmrError:
-            if n == len(lines) - 1:
-                continue
-            raise
-    return rows
+    return [row for _, row in read_lines(path)]
 
 
 def _load_json_results(path: Path) -> list[dict[str, Any]]:
