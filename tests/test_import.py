@@ -341,3 +341,14 @@ def test_garbage_pickle_is_corrupt_not_code(tmp_path, cli):
                          "--out", tmp_path / "x")
     _one_line_error(code, err, "corrupt or not a torch file")
     assert "run code" not in err and not (tmp_path / "x").exists()
+
+
+def test_spec_that_is_a_directory_is_refused(tmp_path, cli):
+    """SPEC is the original architecture; a directory (say, a dgmr directory given by mistake) is not one."""
+    ckpt = tmp_path / "c.safetensors"
+    save_st({"w": torch.zeros(2)}, ckpt)
+    (tmp_path / "a_dir").mkdir()
+    code, out, err = cli("import", tmp_path / "a_dir", ckpt, "--out", tmp_path / "imp")
+    _one_line_error(code, err, "SPEC must name an architecture (timm:NAME, open_clip:ARCH, hf:DIR)",
+                    f"not the directory {tmp_path / 'a_dir'}")
+    assert not (tmp_path / "imp").exists()

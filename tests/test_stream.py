@@ -293,6 +293,10 @@ def test_bad_flags(tmp_path, capsys):
     assert "too small" in run_err(argv_for(w, tmp_path / "out", "--max-memory", "10MB"), capsys)
     assert "cannot read the size" in run_err(argv_for(w, tmp_path / "out", "--max-memory", "lots"), capsys)
     assert "exclude each other" in run_err(argv_for(w, tmp_path / "out", "--random-init"), capsys)
+    (tmp_path / "a_dir").mkdir()
+    a_dir = ["prune", str(tmp_path / "a_dir"), "--weights", str(w), "--mlp-ratio", "1", "--out", str(tmp_path / "out")]
+    assert ("MODEL must name an architecture (timm:NAME, open_clip:ARCH, hf:DIR), not the directory "
+            f"{tmp_path / 'a_dir'}") in run_err(a_dir, capsys)
     assert "--weights" in run_err(["prune", TINY_VIT[0], "--random-init", "--model-kwargs", json.dumps(TINY_VIT[1]),
                                    "--mlp-ratio", "1", "--max-memory", "3GB", "--out", str(tmp_path / "out")], capsys)
     assert "--weights" in run_err(["prune", TINY_VIT[0], "--random-init", "--model-kwargs", json.dumps(TINY_VIT[1]),

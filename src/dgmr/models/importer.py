@@ -44,7 +44,7 @@ from ..prune.stream.writers import FileWriter, ShardWriter
 from ..prune.to_dir import prune_summary
 from .artifact import WEIGHTS, atomic_dir, check_output_dir
 from .families import Family, apply_widths, family_of
-from .open import model_source
+from .open import architecture_source
 from .sources import Source, build_model
 from ..paths import checkpoint_paths, model_path, output_lock, refuse_overlap
 
@@ -323,10 +323,7 @@ def plan_import(spec: str | Source, checkpoint: str | os.PathLike, *, model_kwar
                 dtype: str | None = None, native: bool = True) -> ImportJob:
     """Open, rename and check everything; reads no weight (except tensors a filter computes)."""
     out_dtype = parse_dtype(dtype) if dtype is not None else None
-    if not isinstance(spec, Source) and os.path.isdir(str(spec)):
-        raise DgmrError(f"SPEC must name the original architecture (timm:NAME, open_clip:ARCH, hf:DIR), "
-                        f"not the directory {spec}")
-    src = spec if isinstance(spec, Source) else model_source(spec, model_kwargs=model_kwargs)[0]
+    src = architecture_source(spec, model_kwargs=model_kwargs, role="SPEC")
     tensors = open_tensors(checkpoint)
     meta = build_model(src, pretrained=False, meta=True)
     family = family_of(meta)

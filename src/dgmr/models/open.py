@@ -25,6 +25,18 @@ def model_source(model: str | os.PathLike, *, model_kwargs: dict[str, Any] | Non
     return parse_spec(str(model), model_kwargs), None
 
 
+def architecture_source(model: str | os.PathLike | Source, *, model_kwargs: dict[str, Any] | None = None,
+                        role: str = "MODEL") -> Source:
+    """The :class:`Source` of an architecture spec, for commands that take the weights from
+    elsewhere (``prune --weights``, ``import``): a directory is refused, naming ``role``."""
+    if isinstance(model, Source):
+        return model
+    if os.path.isdir(str(model)):
+        raise DgmrError(f"{role} must name an architecture (timm:NAME, open_clip:ARCH, hf:DIR), "
+                        f"not the directory {model}")
+    return parse_spec(str(model), model_kwargs)
+
+
 def open_model_with_config(model: str | os.PathLike, *, random_init: bool = False,
                            model_kwargs: dict[str, Any] | None = None, role: str = ""
                            ) -> tuple[nn.Module, Source | None, dict[str, Any] | None]:

@@ -19,7 +19,7 @@ from ...memory import PeakRss, release_freed
 from ...models.artifact import (CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, check_output_dir, write_json,
                                 write_kept_indices)
 from ...models.families import Family, apply_widths, family_of
-from ...models.open import model_source
+from ...models.open import architecture_source
 from ...models.sources import Source, build_model
 from ...paths import checkpoint_paths, model_path, output_lock, refuse_overlap
 from .. import PruneRecord, resolve_widths
@@ -113,15 +113,6 @@ class StreamJob:
                  else infos[n].dtype, self.out_shapes[n]) for n in self.order]
 
 
-def _spec_source(model: str | Source, model_kwargs: dict[str, Any] | None) -> Source:
-    if isinstance(model, Source):
-        return model
-    if os.path.isdir(str(model)):
-        raise DgmrError(f"with --weights, MODEL must be an architecture spec (timm:NAME, open_clip:ARCH, "
-                        f"hf:DIR), not the directory {model}")
-    return model_source(model, model_kwargs=model_kwargs)[0]
-
-
 def _select_where(select_device: str | torch.device | None, select_dtype: str) -> tuple[torch.device | None, torch.dtype]:
     dev = torch.device(select_device) if select_device is not None else None
     if select_dtype not in ("float32", "float64"):
@@ -152,7 +143,7 @@ def plan_stream(model: str | Source, weights: str | os.PathLike, *, widths: dict
     the width request (``mlp_ratio``, ``hidden``, ``keep_fraction`` or ``widths``)."""
     get_criterion(criterion)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
-    src = _spec_source(model, model_kwargs)
+    src = architecture_source(model, model_kwargs=model_kwargs, role="with --weights, MODEL")
     max_bytes = parse_size(max_memory) if max_memory is not None else None
     shard_bytes = parse_size(shard_size) if shard_size is not None else None
     dev, sel_dtype = _select_where(select_device, select_dtype)
