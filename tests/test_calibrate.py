@@ -210,8 +210,10 @@ def test_few_tokens_warn_and_still_refit():
 
 def test_python_api_refusals():
     model = GenericNet().eval()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
     with pytest.raises(dgmr.DgmrError, match="needs calibration images"):
         dgmr.prune(model, hidden=8, criterion="diversity-act", progress=False)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes  # refused before the first cut
     with pytest.raises(dgmr.DgmrError, match="need calibration images"):
         dgmr.prune(model, hidden=8, allocate="global", progress=False)
     with pytest.raises(TypeError, match="calibraton"):

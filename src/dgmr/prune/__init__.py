@@ -163,9 +163,7 @@ def prune(
     if calibration_settings:
         raise DgmrError(f"{', '.join(sorted(calibration_settings))}: calibration settings need calibration images "
                         "(calibration=...)")
-    if criterion_scores(criterion) == "activations":
-        raise DgmrError(f"criterion {criterion!r} scores activations: it needs calibration images "
-                        "(--calibration DATA, or dgmr.prune(..., calibration=...))")
+    # an activation criterion without calibration: select_neurons refuses at the first MLP, before any cut
     bar = tqdm(list(zip(sites, ks)), desc=f"prune ({criterion})", unit="layer", disable=not progress, leave=False)
     for i, (site, k) in enumerate(bar):
         w1, w_gate = site.scoring_weights()
