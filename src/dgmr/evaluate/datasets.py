@@ -15,10 +15,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DgmrError
-from ..models.preprocess import CROP_PCT as _CROP_PCT, crop_preprocess
+from ..models.preprocess import CROP_PCT, crop_preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-CROP_PCT = _CROP_PCT
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
@@ -28,12 +27,6 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
     use :func:`dgmr.models.preprocess.eval_transform`, the model's own transform, unless a
     crop fraction is asked for; this is that fixed-crop transform.)"""
     return crop_preprocess(image_size, mean, std, crop_pct).transform
-
-
-def describe_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                       crop_pct: float = CROP_PCT) -> str:
-    """A stable text form of :func:`eval_transform`'s settings."""
-    return crop_preprocess(image_size, mean, std, crop_pct).describe()
 
 
 def _is_image(p: Path) -> bool:
