@@ -38,6 +38,10 @@ class EvalPreprocess:
     transform: Transform = field(repr=False)
     settings: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        # as JSON holds them (tuples as lists, enums as text), whatever form a family gives
+        object.__setattr__(self, "settings", json.loads(json.dumps(self.settings, default=str)))
+
     def describe(self) -> str:
         return json.dumps(self.settings, sort_keys=True, default=str)
 

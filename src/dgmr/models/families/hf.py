@@ -5,7 +5,6 @@ Exported with ``save_pretrained`` into ``hf/``, the config's ``intermediate_size
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -69,8 +68,7 @@ class HFFamily(Family):
         transform = _ProcessorTransform(proc, kwargs)
         # every processor setting (crop_pct, ...) keys the feature cache, not a chosen few
         d = {k: v for k, v in proc.to_dict().items() if not k.startswith("_")}
-        return EvalPreprocess(transform, json.loads(json.dumps(
-            {"library": "hf", "processor": type(proc).__name__, **d, **kwargs}, default=str)))
+        return EvalPreprocess(transform, {"library": "hf", "processor": type(proc).__name__, **d, **kwargs})
 
     def features(self, model, x):
         out = self.image_forward(model, x)

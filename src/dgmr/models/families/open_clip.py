@@ -68,8 +68,7 @@ class OpenClipFamily(Family):
         if image_size:
             pp["size"] = (int(image_size), int(image_size))
         tf = image_transform_v2(PreprocessCfg(**pp), is_train=False)
-        settings = {"library": "open_clip", **{k: list(v) if isinstance(v, (tuple, list)) else v for k, v in pp.items()}}
-        return EvalPreprocess(tf, settings)
+        return EvalPreprocess(tf, {"library": "open_clip", **pp})
 
     def features(self, model, x):
         visual = model.visual

@@ -90,7 +90,7 @@ class TimmFamily(Family):
         size = (int(image_size),) * 2 if image_size else tuple(int(v) for v in img) if img else None
         cfg = timm.data.resolve_data_config({"input_size": (3, *size)} if size else {}, model=model)
         tf = timm.data.create_transform(**cfg, is_training=False)
-        return EvalPreprocess(tf, {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}})
+        return EvalPreprocess(tf, {"library": "timm", **cfg})
 
     def features(self, model, x):
         if _is_eva(model):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
