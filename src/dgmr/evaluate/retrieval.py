@@ -54,6 +54,14 @@ def _query_counts(sim: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tenso
     return above, (at & correct).sum(1), (at & wrong).sum(1)
 
 
+def check_options(ks: Sequence[int], ties: str) -> None:
+    """Refuse a K below 1 or an unknown tie rule."""
+    if ties not in TIE_MODES:
+        raise DgmrError(f"unknown tie rule {ties!r}: use one of {', '.join(TIE_MODES)}")
+    if any(int(k) < 1 for k in ks):
+        raise DgmrError(f"K must be >= 1, got {list(ks)}")
+
+
 @torch.no_grad()
 def retrieval_recall(sim: torch.Tensor, caption_image: Sequence[int] | torch.Tensor,
                      ks: Sequence[int] = (1, 5, 10), *, ties: str = "expected") -> dict[str, Any]:
@@ -63,8 +71,7 @@ def retrieval_recall(sim: torch.Tensor, caption_image: Sequence[int] | torch.Ten
     image->text: an image counts at K if any of its captions is among its K most similar
     captions; text->image: a caption counts if its image is among its K most similar images.
     ``ties``: see the module docstring."""
-    if ties not in TIE_MODES:
-        raise DgmrError(f"unknown tie rule {ties!r}: use one of {', '.join(TIE_MODES)}")
+    check_options(ks, ties)
     sim = sim.float()
     ci = torch.as_tensor(list(caption_image) if not torch.is_tensor(caption_image) else caption_image,
                          dtype=torch.long, device=sim.device)
@@ -75,8 +82,6 @@ def retrieval_recall(sim: torch.Tensor, caption_image: Sequence[int] | torch.Ten
         raise DgmrError(f"{len(ci)} caption->image links for {n_txt} captions")
     if int(ci.min()) < 0 or int(ci.max()) >= n_img:
         raise DgmrError("a caption points to an image that does not exist")
-    if any(int(k) < 1 for k in ks):
-        raise DgmrError(f"K must be >= 1, got {list(ks)}")
     has = torch.zeros(n_img, dtype=torch.bool, device=sim.device)
     has[ci] = True
     if not bool(has.all()):

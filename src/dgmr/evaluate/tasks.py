@@ -33,7 +33,7 @@ from .knn import DEFAULT_KS, knn_classify
 from .linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS as LINEAR_PROTOCOLS, linear_probe
 from .linear_cb import clip_benchmark_probe
 from .results import dataset_name, with_clip_benchmark_fields
-from .retrieval import retrieval_recall
+from .retrieval import check_options, retrieval_recall
 from .speed import check_image_size, measure_speed
 from .zeroshot import (ClipTowers, clip_image_encoder, clip_towers, encode_texts, imagenet_classnames,
                        imagenet_templates, text_classifier, zeroshot_classify)
@@ -330,7 +330,7 @@ def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.Pat
     """``dgmr eval retrieval``: image->text and text->image recall@K over a captions file
     (see :func:`~dgmr.evaluate.datasets.read_captions`) and its images; ``ties``: see
     :mod:`~dgmr.evaluate.retrieval`."""
-    retrieval_recall(torch.eye(1), [0], ks, ties=ties)  # a bad K or tie rule fails before the model is opened
+    check_options(ks, ties)  # before the model is opened
     caps = read_captions(captions, images)
     with D.session(device) as dinfo:
         emb = _clip_images(model, text_model, lambda transform: ImageListDataset(caps.images, transform), dinfo,
