@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from typing import Any
 
@@ -33,7 +34,13 @@ class PeakRss:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-_TRIM: Any = None
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def release_freed() -> None:
@@ -45,11 +52,6 @@ def release_freed() -> None:
     twice that threshold of freed memory stays resident per arena. A streaming prune holds
     one MLP at a time; without this its resident set drifts 40-80 MB above that working set,
     by chance, from run to run."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = getattr(ctypes.CDLL(None), "malloc_trim", False)
-        except OSError:
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
