@@ -10,6 +10,7 @@ import csv
 import io
 import itertools
 import json
+import os
 import math
 from pathlib import Path
 
@@ -353,6 +354,35 @@ def test_per_dataset_json_files_and_c_templates(data, tiny_clip, tmp_path, cli):
     code, _, err = cli("eval", "zeroshot", str(tiny_clip), "--data", str(data / "val"), "--no-cache",
                        "--classnames", str(tmp_path / "en_classnames.json"))
     assert code == 2 and f"no entry for dataset '{data.name}'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("names.txt", b"red\n\xff\xfe\n", "is not UTF-8 text"),
+    ("names.json", b'["red", \xff]', "is not UTF-8 text"),
+    ("names.json", b'["red",', "is not valid JSON"),
+    ("names.json", b'[1, 2]', "must hold a JSON list of strings"),
+    ("names.json", b'[" ", ""]', "is empty"),
+    ("missing.json", None, "does not exist"),
+    ("fifo.txt", "fifo", "is not a regular file"),
+])
+def test_name_and_template_files_fail_in_one_clear_error(tmp_path, name, content, needle):
+    """Every bad class-name/template file is one DgmrError (a non-UTF-8 text file was a
+    UnicodeDecodeError; a FIFO must not block)."""
+    from dgmr.evaluate.datasets import read_named_lists
+
+    p = tmp_path / name
+    if content == "fifo":
+        os.mkfifo(p)
+    elif content is not None:
+        p.write_bytes(content)
+    with pytest.raises(DgmrError, match=needle):
+        read_named_lists(p, "class names", "colors")
+    assert read_named_lists(_write(tmp_path / "ok.json", b'[" red ", "green"]'), "class names") == ["red", "green"]
+
+
+def _write(p: Path, data: bytes) -> Path:
+    p.write_bytes(data)
+    return p
 
 
 def test_cli_crop_pct_and_ties(data, tiny_clip, tmp_path, cli):

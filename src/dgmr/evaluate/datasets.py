@@ -216,26 +216,41 @@ def read_captions(path: str | os.PathLike, images_dir: str | os.PathLike) -> Cap
     return Captions(images, captions, caption_image)
 
 
-def read_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """Non-empty lines of a text file, or the strings of a JSON list (class names, templates)."""
-    path = Path(path)
-    if not path.is_file():
+def _text(path: Path, what: str) -> str:
+    """A class-name or template file's text: a regular UTF-8 file of bounded size (one error line otherwise)."""
+    from ..schema import read_text_file
+
+    if not path.exists():
         raise DgmrError(f"{what} file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise DgmrError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise DgmrError(f"{path} must hold a JSON list of strings")
-        lines = [x.strip() for x in data]
-    else:
-        lines = [ln.strip() for ln in text.splitlines()]
+    return read_text_file(path, f"{what} file")
+
+
+def _json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(_text(path, what))
+    except ValueError as e:
+        raise DgmrError(f"{path} is not valid JSON: {e}") from None
+
+
+def _non_empty(lines: list[str], path: Path, what: str) -> list[str]:
     lines = [ln for ln in lines if ln]
     if not lines:
         raise DgmrError(f"{what} file {path} is empty")
     return lines
+
+
+def _string_list(data: Any, path: Path, what: str) -> list[str]:
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        raise DgmrError(f"{path} must hold a JSON list of strings")
+    return _non_empty([x.strip() for x in data], path, what)
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Non-empty lines of a text file, or the strings of a JSON list (class names, templates)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return _string_list(_json(path, what), path, what)
+    return _non_empty([ln.strip() for ln in _text(path, what).splitlines()], path, what)
 
 
 def read_named_lists(path: str | os.PathLike, what: str, dataset: str | None = None) -> list[str] | dict[str, list[str]]:
@@ -245,14 +260,11 @@ def read_named_lists(path: str | os.PathLike, what: str, dataset: str | None = N
     entry, a one-entry file needs none) or, for templates, per-class prompts
     (``{class name: [prompts]}``, e.g. CuPL), returned as that dict."""
     p = Path(path)
-    if p.suffix.lower() != ".json" or not p.is_file():
+    if p.suffix.lower() != ".json":
         return read_lines(p, what)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise DgmrError(f"{p} is not valid JSON: {e}") from None
+    data = _json(p, what)
     if isinstance(data, list):
-        return read_lines(p, what)
+        return _string_list(data, p, what)
     if not isinstance(data, dict) or not data or not all(
             isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in data.values()):
         raise DgmrError(f"{p} must hold a JSON list of strings or an object of non-empty string lists")
