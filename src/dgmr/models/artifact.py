@@ -24,7 +24,7 @@ from .. import __version__
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import DgmrError, first_line
 from .. import schema
-from ..paths import WRITE_ERRORS, atomic_path, output_lock, remove_stale_temps, storage_error
+from ..paths import WRITE_ERRORS, Inputs, atomic_path, output_lock, refuse_overlap, remove_stale_temps, storage_error
 from .families import Family, apply_widths, family_of, get_family
 from .sources import Source, build_model, is_dgmr_dir
 
@@ -46,6 +46,18 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DgmrError(f"output directory {out} is not empty (pass --overwrite to replace it)")
     return out
+
+
+@contextlib.contextmanager
+def claimed_output_dir(out: str | os.PathLike, inputs: Inputs, overwrite: bool) -> Iterator[None]:
+    """What a command writing a model directory does before any work: refuse an ``out`` that
+    overlaps one of ``inputs`` ((label, path) pairs), take ``out``'s lock, check it is empty
+    (or ``overwrite``). Held for the block, so the work before :func:`atomic_dir` (opening and
+    pruning a model) runs with ``out`` already claimed."""
+    refuse_overlap(out, inputs, "output directory")
+    with output_lock(out):
+        check_output_dir(out, overwrite)
+        yield
 
 
 @contextlib.contextmanager

@@ -42,11 +42,11 @@ from ..prune.stream.checkpoint import Checkpoint, TensorInfo, match_names, open_
 from ..prune.stream.run import write_streamed_config
 from ..prune.stream.writers import FileWriter, ShardWriter
 from ..prune.to_dir import prune_summary
-from .artifact import WEIGHTS, atomic_dir, check_output_dir
+from .artifact import WEIGHTS, atomic_dir, claimed_output_dir
 from .families import Family, apply_widths, family_of
 from .open import architecture_source
 from .sources import Source, build_model
-from ..paths import checkpoint_paths, model_path, output_lock, refuse_overlap
+from ..paths import checkpoint_paths, model_path
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 NESTED_KEYS = ("model", "state_dict", "module", "model_ema")
@@ -381,10 +381,8 @@ def import_checkpoint(spec: str | Source, checkpoint: str | os.PathLike, out: st
     ``kept_indices.safetensors`` (unknown). Returns a summary (the ``dgmr import`` output).
     """
     t0 = time.perf_counter()
-    refuse_overlap(out, [("model", model_path(spec)), *[("checkpoint", c) for c in checkpoint_paths(checkpoint)]],
-                   "output directory")
-    with output_lock(out):  # one writer from the emptiness check to the rename into place
-        check_output_dir(out, overwrite)
+    inputs = [("model", model_path(spec)), *[("checkpoint", c) for c in checkpoint_paths(checkpoint)]]
+    with claimed_output_dir(out, inputs, overwrite):  # one writer from the emptiness check to the rename into place
         job = plan_import(spec, checkpoint, model_kwargs=model_kwargs, dtype=dtype, native=native)
         with PeakRss() as rss, atomic_dir(out, overwrite) as tmp:
             config, out_bytes = write_import(job, tmp, native)

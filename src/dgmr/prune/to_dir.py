@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import parse_dtype
-from ..models.artifact import check_output_dir, save
+from ..models.artifact import claimed_output_dir, save
 from ..models.families import Family, family_of
 from ..models.open import open_model
-from ..paths import data_paths, model_path, output_lock, refuse_overlap
+from ..paths import data_paths, model_path
 from . import prune
 from .criteria import get_criterion
 
@@ -59,10 +59,8 @@ def prune_to_dir(
     (docs/calibration.md); ``calibration_settings`` are CalibrationSettings fields."""
     get_criterion(criterion)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
-    refuse_overlap(out, [("model", model_path(model)), *(("calibration data", p) for p in data_paths(calibration))],
-                   "output directory")
-    with output_lock(out):  # one writer from the emptiness check to the rename into place
-        check_output_dir(out, overwrite)
+    inputs = [("model", model_path(model)), *(("calibration data", p) for p in data_paths(calibration))]
+    with claimed_output_dir(out, inputs, overwrite):  # one writer from the emptiness check to the rename into place
         t0 = time.perf_counter()
         net, src = open_model(model, random_init=random_init, model_kwargs=model_kwargs)
         family = family_of(net)

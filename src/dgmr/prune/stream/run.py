@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from ...dtypes import dtype_name, parse_dtype
 from ...errors import DgmrError, first_line
 from ...memory import PeakRss, release_freed
-from ...models.artifact import (CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, check_output_dir, write_json,
+from ...models.artifact import (CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, claimed_output_dir, write_json,
                                 write_kept_indices)
 from ...models.families import Family, apply_widths, family_of
 from ...models.open import architecture_source
 from ...models.sources import Source, build_model
-from ...paths import checkpoint_paths, model_path, output_lock, refuse_overlap
+from ...paths import checkpoint_paths, model_path
 from .. import PruneRecord, resolve_widths
 from ..criteria import get_criterion, select_neurons
 from ..mlp import MlpSite, shrink_mlp
@@ -295,10 +295,8 @@ def stream_prune(
     t0 = time.perf_counter()
     request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction),
                                  ("widths", widths)) if v is not None}
-    refuse_overlap(out, [("model", model_path(model)), *[("weights", w) for w in checkpoint_paths(weights)]],
-                   "output directory")
-    with output_lock(out):  # one writer from the emptiness check to the rename into place
-        check_output_dir(out, overwrite)
+    inputs = [("model", model_path(model)), *[("weights", w) for w in checkpoint_paths(weights)]]
+    with claimed_output_dir(out, inputs, overwrite):  # one writer from the emptiness check to the rename into place
         job = plan_stream(model, weights, widths=request, criterion=criterion, seed=seed, model_kwargs=model_kwargs,
                           dtype=dtype, max_memory=max_memory, workers=workers, shard_size=shard_size,
                           select_device=select_device, select_dtype=select_dtype, native=native)
