@@ -128,30 +128,31 @@ def clip_image_encoder(model: nn.Module) -> Callable[[torch.Tensor], torch.Tenso
 def clip_towers(model: nn.Module, src: Source | None = None, *, model_dir: str | Path | None = None) -> ClipTowers:
     """Wrap an open_clip model or a Hugging Face CLIP/SigLIP model; anything else is an error."""
     family = family_of(model)
-    if family.name == "open_clip" and hasattr(model, "encode_text"):
+    encode_image = clip_image_encoder(model)  # None: no text tower
+    if encode_image is None:
+        raise DgmrError(f"zero-shot and retrieval need a CLIP-style model with a text tower (open_clip, or Hugging "
+                        f"Face CLIP/SigLIP); this is a {type(model).__name__} ({family.name} family) without one "
+                        "(give --text-model ORIGINAL_CLIP to pair a pruned image tower with its text tower)")
+    if family.name == "open_clip":
         tokenizer = _open_clip_tokenizer(model, src)
 
         def enc_text_oc(texts: Sequence[str]) -> torch.Tensor:
             dev = next(model.parameters()).device
             return model.encode_text(tokenizer(list(texts)).to(dev))
 
-        return ClipTowers("open_clip", model, clip_image_encoder(model), enc_text_oc)
-    if family.name == "hf" and hasattr(model, "get_text_features") and hasattr(model, "get_image_features"):
-        candidates: list[str | Path] = []
-        if model_dir is not None:
-            candidates += [Path(model_dir), Path(model_dir) / "hf"]
-        if src is not None:
-            candidates.append(src.name)
-        tokenize = _hf_tokenizer(model, candidates)
+        return ClipTowers("open_clip", model, encode_image, enc_text_oc)
+    candidates: list[str | Path] = []
+    if model_dir is not None:
+        candidates += [Path(model_dir), Path(model_dir) / "hf"]
+    if src is not None:
+        candidates.append(src.name)
+    tokenize = _hf_tokenizer(model, candidates)
 
-        def enc_text_hf(texts: Sequence[str]) -> torch.Tensor:
-            dev = next(model.parameters()).device
-            return _hf_output(model.get_text_features(**{k: v.to(dev) for k, v in tokenize(texts).items()}))
+    def enc_text_hf(texts: Sequence[str]) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        return _hf_output(model.get_text_features(**{k: v.to(dev) for k, v in tokenize(texts).items()}))
 
-        return ClipTowers("hf", model, clip_image_encoder(model), enc_text_hf)
-    raise DgmrError(f"zero-shot and retrieval need a CLIP-style model with a text tower (open_clip, or Hugging Face "
-                    f"CLIP/SigLIP); this is a {type(model).__name__} ({family.name} family) without one "
-                    "(give --text-model ORIGINAL_CLIP to pair a pruned image tower with its text tower)")
+    return ClipTowers("hf", model, encode_image, enc_text_hf)
 
 
 @torch.no_grad()
