@@ -31,9 +31,9 @@ from dgmr.models.families import family_of
 
 METHODS = {
     "plain": dict(criterion="diversity"),
-    "comp": dict(criterion="diversity", calibrate=dict(compensate=True)),
-    "act": dict(criterion="diversity-act", calibrate=dict(compensate=True)),
-    "global": dict(criterion="diversity", calibrate=dict(compensate=True, allocate="global")),
+    "comp": dict(criterion="diversity", calibrate=dict(compensation=True)),
+    "act": dict(criterion="diversity-act", calibrate=dict(compensation=True)),
+    "global": dict(criterion="diversity", calibrate=dict(compensation=True, allocate="global")),
 }
 
 
@@ -94,7 +94,7 @@ def run(name: str, loader, ratios: list[float], quick: bool) -> list[dict[str, A
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                kwargs = dict(calibration=cal, images=len(cal), **spec["calibrate"]) if "calibrate" in spec else {}
+                kwargs = dict(calibration=cal, calibration_images=len(cal), **spec["calibrate"]) if "calibrate" in spec else {}
                 student, rec = dgmr.prune(student, mlp_ratio=r, criterion=spec["criterion"], progress=False,
                                           source=src, **kwargs)
             seconds = time.perf_counter() - t

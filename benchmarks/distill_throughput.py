@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dgmr
 from dgmr.distill import distill, feature_loss
-from dgmr.distill.recipe import FeatureNet, attention_backend
+from dgmr.distill.parallel import FeatureNet, attention_backend
 from dgmr.models.families import family_of
 from dgmr.models.sources import build_model, parse_spec
 

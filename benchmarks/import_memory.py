@@ -76,7 +76,7 @@ def main() -> None:
         # RssAnon (sampled): the process's own memory, without the clean file pages a memory-mapped
         # pickle leaves in RSS (page cache the kernel takes back under pressure)
         imp = run_child("import json, re, threading; from pathlib import Path; "
-                        "from dgmr.models.importer import import_checkpoint; peak = [0]; stop = threading.Event()\n"
+                        "from dgmr.prune.importer import import_checkpoint; peak = [0]; stop = threading.Event()\n"
                         "def watch():\n"
                         "    while not stop.wait(0.02):\n"
                         "        kb = int(re.search(r'RssAnon:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))\n"

@@ -49,7 +49,7 @@ import dgmr
 from dgmr.prune.pivot import pivot_order
 from dgmr.models.families import GenericFamily, apply_widths, family_of
 from dgmr.models.sources import build_model, parse_spec
-from dgmr.models.artifact import SHARD_INDEX as INDEX
+from dgmr.io.checkpoints import SHARD_INDEX as INDEX
 from dgmr.prune.stream import open_checkpoint, parse_size
 
 from bench_utils import gemm_rate, naive_greedy as naive

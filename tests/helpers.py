@@ -3,7 +3,8 @@
 * :func:`image_folder` writes every generated image folder the tests use (ImageFolder layout,
   solid colours or noise, fixed or varying sizes, one seed for all the pixels);
 * :func:`run_cli` runs ``dgmr`` in-process and returns ``(exit code, stdout, stderr)``;
-* ``TINY_VIT_*``: the tiny random-init timm ViT most command-line tests prune.
+* ``TINY_VIT_*``: the tiny random-init timm ViT most command-line tests prune;
+* :class:`MeanColor`: a model whose feature is known (evaluation tests).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torch import nn
 
 from dgmr.cli import main
 
@@ -121,3 +124,16 @@ def tiny_run_inputs(root: Path, per_class: int = 4) -> dict[str, Path]:
     tiny_teacher_student(root)
     image_folder(root / "images", ["a", "b"], per_class, style="noise", size=(36, 36))
     return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+
+
+class MeanColor(nn.Module):
+    """A model whose feature is known: the mean colour of the (normalised) image (an identity
+    linear layer on top, so it has weights to hash and count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 3, bias=False)
+        nn.init.eye_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.mean((2, 3)))

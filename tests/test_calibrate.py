@@ -10,9 +10,10 @@ from torch import nn
 
 import dgmr
 from dgmr.models.families import family_of
-from dgmr.prune.allocate import compensated_curve, dropped_curve, spend
-from dgmr.prune.calibrate import CalibrationWarning, Moments
-from dgmr.prune.mlp import matrix
+from dgmr.prune.calibration.allocate import compensated_curve, dropped_curve, spend
+from dgmr.prune.calibration.moments import Moments
+from dgmr.prune.calibration.settings import CalibrationWarning
+from dgmr.models.sites.mlp import matrix
 
 from helpers import TINY_VIT_ARGV, image_folder
 from tiny_models import CASES, GenericNet, build, output
@@ -219,7 +220,7 @@ def test_python_api_refusals():
     with pytest.raises(TypeError, match="calibraton"):
         dgmr.prune(model, hidden=8, calibraton=_images(16), progress=False)
     with pytest.raises(dgmr.DgmrError, match="calibration changes nothing here"):
-        dgmr.prune(model, hidden=8, calibration=_images(16), compensate=False, progress=False)
+        dgmr.prune(model, hidden=8, calibration=_images(16), compensation=False, progress=False)
     with torch.no_grad():
         model.blocks[1]["norm"].weight[0] = float("nan")
     with pytest.raises(dgmr.DgmrError, match="blocks.1.mlp: non-finite activations.*nothing was cut"):
@@ -339,7 +340,7 @@ def test_pil_images_are_decoded_with_the_models_eval_transform():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT_KWARGS).eval()
     g = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(30 + i, 50, 3, generator=g) * 255).byte().numpy()) for i in range(6)]
-    _, rec = dgmr.prune(model, mlp_ratio=1.0, calibration=images, images=4, progress=False)
+    _, rec = dgmr.prune(model, mlp_ratio=1.0, calibration=images, calibration_images=4, progress=False)
     cal = rec.calibration
     assert cal["images"] == 4 and cal["preprocess"]["library"] == "timm"
     assert cal["preprocess"]["input_size"] == [3, 32, 32]

@@ -85,7 +85,7 @@ def test_gated_scoring_uses_gate_and_up_rows_together():
 
 
 def test_gated_neurons_kept_as_pairs_in_packed_layout():
-    from dgmr.prune.mlp import find_mlps, shrink_mlp
+    from dgmr.models.sites.mlp import find_mlps, shrink_mlp
     from timm.layers import SwiGLUPacked
 
     torch.manual_seed(0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dgmr.distill.data import (ImageDataset, RunSampler, ShardImages, TrainTransform, collate, resolve_data,
+from dgmr.data.unlabeled import (ImageDataset, RunSampler, ShardImages, TrainTransform, collate, resolve_data,
                        sample_generator)
-from dgmr.errors import DgmrError
+from dgmr.core.errors import DgmrError
 
 from helpers import image_folder
 
@@ -76,7 +76,7 @@ def test_run_sampler_crosses_epochs_like_one_sampler_per_epoch():
 
     from torch.utils.data import DistributedSampler
 
-    from dgmr.dist import DistInfo
+    from dgmr.core.dist import DistInfo
 
     ds = list(range(23))
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import dgmr
 from dgmr.cli import main
-from dgmr.distill.data import TrainTransform, sample_generator
+from dgmr.data.unlabeled import TrainTransform, sample_generator
 from dgmr.distill import DistillSettings, distill, feature_loss, load_checkpoint, lr_at, wd_at
 from dgmr.models.sources import build_model, parse_spec
 
@@ -369,12 +369,12 @@ def test_compile_setting_is_checked_and_mutable_on_resume():
 
 
 def test_background_checkpoint_writer_is_atomic_and_reports_errors(tmp_path):
-    from dgmr.distill.recipe import _BackgroundWriter, _to_cpu
+    from dgmr.distill.state import BackgroundWriter, to_cpu
 
     live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"step": 4}]}
-    snap = _to_cpu(live)
+    snap = to_cpu(live)
     live["w"].add_(1)  # training goes on: the snapshot must not change
-    writer = _BackgroundWriter()
+    writer = BackgroundWriter()
     writer.write(snap, tmp_path / "checkpoint.pt")
     writer.wait()
     got = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -427,7 +427,7 @@ def test_only_unreadable_images_fail_before_any_export(tmp_path, cli):
 _ANY_RANK_SCRIPT = """
 import json, os, sys
 import torch.distributed as dist
-from dgmr import dist as D
+from dgmr.core import dist as D
 
 info = D.init("cpu")
 real_backend = dist.get_backend

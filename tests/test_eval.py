@@ -10,35 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import dgmr
 from dgmr.cli import main
-from dgmr.errors import DgmrError
+from dgmr.core.errors import DgmrError
 from dgmr.evaluate import (eval_knn, eval_linear, eval_retrieval, eval_zeroshot, imagenet_classnames,
                            imagenet_templates, knn_classify, linear_probe, read_captions, retrieval_recall,
                            text_classifier, zeroshot_classify)
 from dgmr.models.sources import Source, build_model
 
-from helpers import TINY_VIT_ARGV as TINY_TIMM, image_folder
+from helpers import TINY_VIT_ARGV as TINY_TIMM, MeanColor, image_folder
 
 COLORS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30), "yellow": (230, 220, 30)}
 TINY_CLIP_CFG = {"embed_dim": 32,
                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-class MeanColor(nn.Module):
-    """A model whose feature is known: the mean colour of the (normalised) image (an identity
-    linear layer on top, so it has weights to hash and count)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(3, 3, bias=False)
-        nn.init.eye_(self.proj.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -270,8 +256,6 @@ def test_zeroshot_user_mistakes(data, cli, tmp_path):
     assert code == 2 and "CLIP-style" in err and err.count("\n") == 1
     with pytest.raises(DgmrError, match="CLIP-style"):
         eval_zeroshot(MeanColor(), data / "val", classnames=sorted(COLORS), cache_dir=False)
-
-
 
 
 # -- speed -----------------------------------------------------------------------------

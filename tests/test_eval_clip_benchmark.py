@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dgmr.errors import DgmrError
+from dgmr.core.errors import DgmrError
 from dgmr.evaluate import (classification_metrics, clip_benchmark_probe, eval_knn, eval_zeroshot, linear_probe,
-                           render_report, retrieval_recall, save_result, zeroshot_classify)
-from dgmr.evaluate.datasets import eval_transform as crop_transform
+                           retrieval_recall, save_result, zeroshot_classify)
+from dgmr.report import render_report
+from dgmr.models.transforms import crop_transform
 from dgmr.evaluate.linear_cb import GRID
 from dgmr.models.preprocess import eval_transform, resolve_eval_preprocess
 from dgmr.models.sources import Source, build_model
@@ -368,7 +369,7 @@ def test_per_dataset_json_files_and_c_templates(data, tiny_clip, tmp_path, cli):
 def test_name_and_template_files_fail_in_one_clear_error(tmp_path, name, content, needle):
     """Every bad class-name/template file is one DgmrError (a non-UTF-8 text file was a
     UnicodeDecodeError; a FIFO must not block)."""
-    from dgmr.evaluate.datasets import read_named_lists
+    from dgmr.data.labeled import read_named_lists
 
     p = tmp_path / name
     if content == "fifo":

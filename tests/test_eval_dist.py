@@ -51,7 +51,7 @@ def test_torchrun_two_processes_match_single(tmp_path):
     assert dist_res["per_k"] == single["per_k"]
     # rank 0 cached the gathered features; they equal the single-process features row by row
     from safetensors.torch import load_file
-    from dgmr.evaluate.datasets import ImageFolderSplit
+    from dgmr.data.labeled import ImageFolderSplit
     from dgmr.evaluate.features import extract_features, pooled_features
     from dgmr.models.families import family_of
     from dgmr.models.preprocess import eval_transform

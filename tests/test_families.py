@@ -9,7 +9,7 @@ import torch
 import dgmr
 from dgmr.models import artifact
 from dgmr.models.families import family_of
-from dgmr.prune.mlp import in_dim, out_dim
+from dgmr.models.sites.mlp import in_dim, out_dim
 
 from tiny_models import CASES, GenericNet, build, output
 
@@ -192,7 +192,7 @@ def test_conv_mlp_cut_equals_dropping_hidden_channels(norm):
     """With a per-channel norm in eval mode (BatchNorm; GroupNorm with one channel per group),
     the cut MLP computes exactly what the original computes with the dropped channels zeroed
     before fc2: the kept rows, norm entries and fc2 columns are the original values."""
-    from dgmr.prune.mlp import find_mlps, shrink_mlp
+    from dgmr.models.sites.mlp import find_mlps, shrink_mlp
 
     h = 32
     make = torch.nn.BatchNorm2d if norm == "batchnorm" else (lambda c, **kw: torch.nn.GroupNorm(c, c, **kw))
@@ -217,7 +217,7 @@ def test_conv_mlp_cut_equals_dropping_hidden_channels(norm):
 
 
 def test_group_norm_refuses_a_width_its_groups_do_not_divide():
-    from dgmr.prune.mlp import find_mlps, shrink_mlp
+    from dgmr.models.sites.mlp import find_mlps, shrink_mlp
 
     m = _conv_mlp(lambda c, **kw: torch.nn.GroupNorm(4, c, **kw), h=32)
     (site,) = find_mlps(m)
@@ -249,7 +249,7 @@ def test_squeeze_excitation_is_not_an_mlp():
 
 
 def test_conv_mlp_norm_over_more_than_the_channels_is_refused():
-    from dgmr.prune.mlp import find_mlps
+    from dgmr.models.sites.mlp import find_mlps
 
     m = _conv_mlp(None)
     m.norm = torch.nn.LayerNorm((32, 4, 4))  # not a per-channel norm: slicing it means nothing
@@ -261,7 +261,7 @@ def test_conv_mlp_shrinks_on_meta():
     """dgmr.load and dgmr stats rebuild shapes on meta: conv weights and BatchNorm buffers included."""
     from timm.layers import ConvMlp
 
-    from dgmr.prune.mlp import find_mlps, shrink_mlp
+    from dgmr.models.sites.mlp import find_mlps, shrink_mlp
 
     with torch.device("meta"):
         m = ConvMlp(8, 32, norm_layer=torch.nn.BatchNorm2d)

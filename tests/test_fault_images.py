@@ -1,4 +1,4 @@
-"""Image decoding (dgmr.images) and the distill readers built on it: odd modes, bombs,
+"""Image decoding (dgmr.io.images) and the distill readers built on it: odd modes, bombs,
 FIFOs and devices, names that are not UTF-8, shards of nothing but corrupt images."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dgmr.distill.data import ImageDataset, ShardImages, TrainTransform, collate, hash_str, resolve_data
-from dgmr.errors import DgmrError
-from dgmr.images import MAX_PIXELS, UnreadableImage, open_image, printable
+from dgmr.data.unlabeled import ImageDataset, ShardImages, TrainTransform, collate, hash_str, resolve_data
+from dgmr.core.errors import DgmrError
+from dgmr.io.images import MAX_PIXELS, UnreadableImage, open_image, printable
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 RAMP = np.linspace(0, 1, 64 * 64).reshape(64, 64)  # mean 0.5
@@ -62,7 +62,7 @@ def test_fifo_and_devices_are_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "list.txt").write_text("pipe.png\n/dev/zero\n")
     code = textwrap.dedent(f"""
-        from dgmr.distill.data import ImageDataset, TrainTransform, collate, resolve_data
+        from dgmr.data.unlabeled import ImageDataset, TrainTransform, collate, resolve_data
         src = resolve_data({str(tmp_path / 'list.txt')!r})
         ds = ImageDataset(src.items, TrainTransform(8, (0.5,) * 3, (0.5,) * 3))
         x, bad = collate([ds[i] for i in range(len(ds))])
@@ -182,7 +182,7 @@ def test_eval_readers_refuse_bombs_and_fifos_in_one_line_and_read_odd_names(tmp_
 
 
 def test_a_huge_file_named_like_an_image_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    import dgmr.images as images
+    import dgmr.io.images as images
 
     monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 1000)
     p = tmp_path / "big.png"

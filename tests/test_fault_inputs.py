@@ -1,4 +1,4 @@
-"""Bad files at the boundary (dgmr.schema): a dgmr config.json, run_config.json, the distill
+"""Bad files at the boundary (dgmr.io.schema): a dgmr config.json, run_config.json, the distill
 checkpoint, metrics.jsonl, config files, width flags, non-finite tensors. Each is one
 ``dgmr: error:`` line naming the file and the field; nothing is written."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dgmr
-from dgmr.errors import DgmrError
+from dgmr.core.errors import DgmrError
 from dgmr.models.sources import build_model, parse_spec
 
 from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_teacher_student

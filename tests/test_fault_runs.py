@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from dgmr.distill import distill
-from dgmr.errors import DgmrError
+from dgmr.core.errors import DgmrError
 
 from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_run_inputs
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from dgmr.cli import main
 from dgmr.distill import distill, load_checkpoint
-from dgmr.errors import EXIT_PREEMPTED, EXIT_TERMINATED, Preempted
-from dgmr.paths import remove_stale_temps
+from dgmr.core.errors import EXIT_PREEMPTED, EXIT_TERMINATED, Preempted
+from dgmr.io.output import remove_stale_temps
 
 from helpers import TINY_VIT_ARGV, tiny_run_inputs
 
@@ -155,12 +155,12 @@ def test_open_clip_config_registration_leaves_no_temp_dir(tmp_path, monkeypatch)
 
     import open_clip
 
-    from dgmr.models.sources import _register_open_clip_cfg
+    from dgmr.models.sources import register_open_clip_config
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where TemporaryDirectory/mkdtemp write
     cfg = dict(open_clip.get_model_config("ViT-B-32"))
-    _register_open_clip_cfg("dgmr-test-leak-a", cfg)
-    _register_open_clip_cfg("dgmr-test-leak-b", cfg)  # a second registration rescans the known paths
+    register_open_clip_config("dgmr-test-leak-a", cfg)
+    register_open_clip_config("dgmr-test-leak-b", cfg)  # a second registration rescans the known paths
     assert list(tmp_path.iterdir()) == []  # each call used to leave a dgmr-open_clip-* directory
     assert open_clip.get_model_config("dgmr-test-leak-a") == cfg == open_clip.get_model_config("dgmr-test-leak-b")
 

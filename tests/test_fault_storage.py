@@ -14,7 +14,7 @@ import torch
 
 import dgmr.models.artifact as artifact
 from dgmr.distill import load_checkpoint
-from dgmr.models.artifact import write_json
+from dgmr.io.output import write_json
 
 from helpers import TINY_VIT_ARGV, image_folder, tiny_teacher_student
 
@@ -144,7 +144,7 @@ def test_streaming_prune_on_a_full_disk_leaves_nothing(tmp_path, cli, monkeypatc
     """The tensor-by-tensor writer of ``prune --weights``: the disk fills after a few tensors."""
     from safetensors.torch import save_file
 
-    from dgmr.prune.stream.writers import FileWriter
+    from dgmr.io.writers import FileWriter
 
     from dgmr.models.sources import build_model, parse_spec
 
@@ -205,8 +205,8 @@ def test_lock_file_on_a_full_disk_and_file_systems_without_flock(tmp_path, monke
     import fcntl
     import os
 
-    from dgmr.errors import DgmrError
-    from dgmr.paths import output_lock
+    from dgmr.core.errors import DgmrError
+    from dgmr.io.output import output_lock
 
     def full(fd, *a):
         raise _enospc("lock")

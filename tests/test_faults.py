@@ -12,9 +12,10 @@ import pytest
 
 import dgmr
 from dgmr.distill import distill
-from dgmr.errors import DgmrError
-from dgmr.evaluate import render_report, save_result
-from dgmr.paths import lock_path, output_lock, refuse_overlap
+from dgmr.core.errors import DgmrError
+from dgmr.evaluate import save_result
+from dgmr.report import render_report
+from dgmr.io.output import lock_path, output_lock, refuse_overlap
 
 from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, tiny_run_inputs
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import dgmr
 from dgmr.models.families import family_of
-from dgmr.models.importer import import_checkpoint
+from dgmr.prune.importer import import_checkpoint
 from dgmr.models.sources import Source, build_model, parse_spec
 
 from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder

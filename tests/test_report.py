@@ -11,8 +11,9 @@ from PIL import Image
 
 import dgmr
 from dgmr.cli import main
-from dgmr.errors import DgmrError
-from dgmr.evaluate import eval_knn, eval_speed, render_report, save_result
+from dgmr.core.errors import DgmrError
+from dgmr.evaluate import eval_knn, eval_speed, save_result
+from dgmr.report import render_report
 from dgmr.models.sources import build_model, parse_spec
 
 from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder
@@ -114,7 +115,7 @@ def test_report_cli_and_mistakes(setup, tmp_path, capsys):
 
 
 def test_other_probe_protocols_and_tie_rules_get_their_own_columns():
-    from dgmr.evaluate.report import metric_columns
+    from dgmr.report.compare import metric_columns
 
     lbfgs = {"metric": "linear", "dataset": "ds", "top1": 0.3, "protocol": "lbfgs"}
     cb = {**lbfgs, "top1": 0.37, "protocol": "clip_benchmark"}
@@ -129,7 +130,7 @@ def test_other_probe_protocols_and_tie_rules_get_their_own_columns():
 @pytest.mark.parametrize("line, field", [(b'{"step": 3, "loss": "abc"}', "loss"), (b'\xff\xfe not utf-8', "JSON line"),
                                          (b'[1, 2]', "line")])
 def test_report_refuses_a_bad_metrics_line_in_one_error(tmp_path, line, field):
-    from dgmr.evaluate.report import read_metrics
+    from dgmr.report.compare import read_metrics
 
     p = tmp_path / "metrics.jsonl"
     p.write_bytes(b'{"step": 1, "loss": 2.0}\n' + line + b'\n{"step": 5, "loss": 1.0}\n')

@@ -1,4 +1,4 @@
-"""Streaming prune (dgmr.stream): same result as the in-memory prune, bounded memory, clean failures."""
+"""Streaming prune (dgmr.prune.stream): same result as the in-memory prune, bounded memory, clean failures."""
 from __future__ import annotations
 
 import copy
@@ -312,10 +312,10 @@ def test_bad_flags(tmp_path, capsys):
 def test_release_freed_hands_heap_memory_back():
     """The pattern a streaming prune makes: after one large free glibc keeps same-sized
     tensors on the heap, and a live tensor above them stops the heap from shrinking; the
-    freed ~150 MB stay resident until :func:`dgmr.memory.release_freed`."""
+    freed ~150 MB stay resident until :func:`dgmr.core.memory.release_freed`."""
     script = (
         "import psutil, torch\n"
-        "from dgmr.memory import release_freed\n"
+        "from dgmr.core.memory import release_freed\n"
         "p = psutil.Process()\n"
         "big = torch.ones(16 * 2**20 // 4); del big\n"  # a freed mmapped block raises the mmap threshold
         "ts = [torch.ones(8 * 2**20 // 4) for _ in range(20)]\n"

@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import DgmrError
+from .core.errors import DgmrError
 from .models.artifact import load, save, write_json
 from .models.families import family_of
 from .models.sources import Source, build_model
 from .prune import prune
+from .report.demo import render_markdown
+from .report.plots import plot_demo_accuracy_vs_flops, plot_student_recovery
 
 KNN_K = 20  # fixed k for the kNN score (not picked on the test set)
 IMAGE_SIZE = 16
@@ -243,8 +245,8 @@ def prune_student(teacher: nn.Module, job: Job, data: dict[str, torch.Tensor], s
         return prune(student, mlp_ratio=job.ratio, criterion=job.criterion, seed=job.seed, progress=False, source=src)[0]
     cal = job.calibration
     return prune(student, mlp_ratio=job.ratio, criterion=cal["criterion"], seed=job.seed, progress=False, source=src,
-                 calibration=_normalizer(teacher)(data["x_train"]), images=cal["images"],
-                 compensate=cal["compensate"], allocate=cal["allocate"])[0]
+                 calibration=_normalizer(teacher)(data["x_train"]), calibration_images=cal["images"],
+                 compensation=cal["compensate"], allocate=cal["allocate"])[0]
 
 
 def first_close_step(curve: list[dict[str, Any]], teacher_knn: float) -> int | None:
@@ -253,7 +255,7 @@ def first_close_step(curve: list[dict[str, Any]], teacher_knn: float) -> int | N
 
 
 def _cost(model: nn.Module) -> dict[str, int]:
-    from .prune.stats import count_flops, mlp_params
+    from .models.cost import count_flops, mlp_params
 
     fam = family_of(model)
     return {"params": fam.vision_params(model), "flops": count_flops(model, fam, IMAGE_SIZE),
@@ -289,7 +291,7 @@ def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: So
                        s: DemoSettings, outp: Path, teacher_knn: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distill one pruned ``student`` (in place), scoring it along the way: its results row and curve."""
     from .distill import distill
-    from .distill.checkpoint import METRICS, read_metrics
+    from .distill.rundir import METRICS, read_metrics
 
     eval_every = max(1, s.distill_steps // s.curve_points)
     before = score(student, data)
@@ -355,8 +357,8 @@ def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
     results["summary"] = summarize(results)
     write_json(outp / "results.json", results)
     write_json(outp / "curves.json", curves)
-    plot_curves(curves, outp / "recovery.png", teacher_scores["knn_top1"])
-    plot_accuracy_vs_flops(results, outp / "accuracy_vs_flops.png")
+    plot_student_recovery(curves, outp / "recovery.png", teacher_scores["knn_top1"], KNN_CLOSE, KNN_K)
+    plot_demo_accuracy_vs_flops(results, outp / "accuracy_vs_flops.png")
     (outp / "report.md").write_text(render_markdown(results))
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(outp / "results.json", results)
@@ -386,118 +388,3 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         agg["mlp_param_reduction"] = 1 - agg["mlp_params"] / t["mlp_params"]
         out.append(agg)
     return out
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
-
-
-def _spread(row: dict[str, Any], key: str) -> str:
-    if row["seeds"] == 1:
-        return _pct(row[key])
-    return f"{_pct(row[key])} ± {100 * row[key + '_std']:.1f}"
-
-
-def table_rows(results: dict[str, Any]) -> list[list[str]]:
-    t = results["teacher"]
-    rows = [["teacher", f"{t['params'] / 1e6:.3f}M", f"{t['flops'] / 1e6:.1f}M", f"{t['images_per_s']:.0f}",
-             "-", "-", _pct(t["knn_top1"]), _pct(t["head_top1"]), "-", "-"]]
-    for a in results["summary"]:
-        close = ", ".join("-" if v is None else str(v) for v in a.get("knn_close_steps", []))
-        rows.append([f"{a.get('method', a['criterion'])} r={a['mlp_ratio']:g} (n={a['seeds']})",
-                     f"{a['params'] / 1e6:.3f}M", f"{a['flops'] / 1e6:.1f}M", f"{a['images_per_s']:.0f}",
-                     _spread(a, "knn_top1_before"), _spread(a, "head_top1_before"),
-                     _spread(a, "knn_top1_after"), _spread(a, "head_top1_after"),
-                     f"{100 * a['knn_delta_vs_teacher']:+.1f}", close or "-"])
-    return rows
-
-
-HEADER = ["model", "params", "FLOPs", "img/s", "kNN before", "head before", "kNN after", "head after",
-          "ΔkNN vs teacher", "kNN ≈ teacher at step"]
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    t = results["teacher"]
-    lines = [
-        "# dgmr demo: DGMR on handwritten digits", "",
-        f"Data: {results['data']['name']}, {results['data']['train']} train / {results['data']['test']} test images, "
-        f"{IMAGE_SIZE}x{IMAGE_SIZE}. Teacher: timm VisionTransformer (width 96, depth 6, mlp ratio 4) trained from "
-        f"scratch for {t['train']['epochs']} epochs. Students: pruned with each criterion, then distilled for "
-        f"{results['settings']['distill_steps']} steps on the unlabeled train images. Accuracies are test top-1 in %: "
-        f"kNN (k={results['knn_k']}, cosine, pooled features) and the classifier head; 'before' = pruned, not distilled. "
-        "Mean ± standard deviation over seeds where n > 1. CPU throughput measured in one run, one thread.", "",
-        "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
-        *["| " + " | ".join(r) + " |" for r in table_rows(results)], "",
-        "MLP parameter reduction: " + ", ".join(sorted({f"r={a['mlp_ratio']:g}: {100 * a['mlp_param_reduction']:.0f}%"
-                                                         for a in results["summary"]})) + ".", "",
-        "![recovery](recovery.png)", "", "![accuracy vs FLOPs](accuracy_vs_flops.png)", "",
-        f"Wall time: {results['wall_seconds']:.0f} s.", "",
-    ]
-    return "\n".join(lines)
-
-
-def print_table(results: dict[str, Any]) -> None:
-    rows = [HEADER, *table_rows(results)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    for j, r in enumerate(rows):
-        print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path, teacher_knn: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"diversity": "tab:blue", "l2": "tab:orange", "random": "tab:green", "diversity+comp": "tab:purple",
-              "diversity+comp+global": "tab:red"}
-    for name, pts in curves.items():
-        crit, ratio = name.split("-")[0], name.split("-")[1]
-        style = "-" if ratio == "r1" else "--"
-        loss = [(p["step"], p["loss"]) for p in pts if "loss" in p]
-        acc = [(p["step"], 100 * p["knn_top1"]) for p in pts if "knn_top1" in p]
-        label = f"{crit} {ratio}"
-        ax1.plot(*zip(*loss), style, color=colors.get(crit, "gray"), alpha=0.6, label=label)
-        ax2.plot(*zip(*acc), style, marker="o", ms=3, color=colors.get(crit, "gray"), alpha=0.6, label=label)
-    ax1.set(xlabel="distillation step", ylabel="distillation loss (MSE)", yscale="log", title="distillation loss")
-    if teacher_knn is not None:
-        ax2.axhspan(100 * (teacher_knn - KNN_CLOSE), 100 * teacher_knn, color="gray", alpha=0.2,
-                    label="teacher kNN (-0.5 pt)")
-    ax2.set(xlabel="distillation step (0: pruned, before distillation)", ylabel=f"test kNN top-1 (%), k={KNN_K}",
-            title="recovery")
-    for ax in (ax1, ax2):
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_accuracy_vs_flops(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = results["teacher"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.scatter([t["flops"] / 1e6], [100 * t["knn_top1"]], marker="*", s=200, color="black", label="teacher", zorder=3)
-    markers = {"diversity": "o", "l2": "s", "random": "^", "diversity+comp": "D", "diversity+comp+global": "P"}
-    for a in results["summary"]:
-        m = markers.get(a.get("method", a["criterion"]), "x")
-        ax.errorbar([a["flops"] / 1e6], [100 * a["knn_top1_after"]], yerr=[[100 * (a["knn_top1_after"] - a["knn_top1_after_min"])],
-                    [100 * (a["knn_top1_after_max"] - a["knn_top1_after"])]], fmt=m, capsize=3,
-                    label=f"{a.get('method', a['criterion'])} r={a['mlp_ratio']:g} distilled")
-        ax.scatter([a["flops"] / 1e6], [100 * a["knn_top1_before"]], marker=m, facecolors="none", edgecolors="gray")
-    ax.set(xlabel="MFLOPs per image", ylabel=f"kNN top-1 (%), k={results['knn_k']}",
-           title="accuracy vs FLOPs (hollow: pruned, before distillation)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

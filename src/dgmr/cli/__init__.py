@@ -7,18 +7,26 @@ turns :class:`DgmrError` into one ``dgmr: error: ...`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import importlib
 import json
-import contextlib
 import logging
 import signal
 import sys
-import threading
 from typing import Any, Sequence
 
-from .. import __version__
-from ..errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_TERMINATED, DgmrError, Preempted,
-                      Terminated)
+from ..core.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_TERMINATED,
+    DgmrError,
+    Preempted,
+    Terminated,
+)
+from ..core.signals import STOP_SIGNALS, handling
+from ..core.version import __version__
 
 # modules that add sub-commands (each has register(subparsers))
 COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.imports", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.demo")
@@ -35,7 +43,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _remember_parsers(p)
     return p
+
+
+def _remember_parsers(p: argparse.ArgumentParser) -> None:
+    """Every sub-command's parser records itself as ``args.parser`` (see :func:`parse`), and every
+    required option says so in its help."""
+    for action in p._actions:
+        if action.required and action.option_strings and action.help and "(required)" not in action.help:
+            action.help += " (required)"
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                sp.set_defaults(parser=sp)
+                _remember_parsers(sp)
+
+
+def format_number(v: float) -> str:
+    """A float for the printed summary: four decimals, or three significant digits where four
+    decimals would hide it (a peak lr of 6.25e-06 is not 0.0000)."""
+    if v != 0 and abs(v) < 0.01:
+        return f"{v:.3g}"
+    return f"{v:.4f}"
 
 
 def print_result(result: dict[str, Any], as_json: bool) -> None:
@@ -44,7 +73,7 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
         return
     for k, v in result.items():
         if isinstance(v, float):
-            v = f"{v:.4f}"
+            v = format_number(v)
         elif isinstance(v, int) and abs(v) >= 10_000:
             v = f"{v:,}"
         elif isinstance(v, (dict, list)):
@@ -56,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = parser.parse_args(argv)  # inside: an argument type may raise DgmrError (cli.args.finite_number)
+        args = parse(parser, argv)  # inside: an argument type may raise DgmrError (cli.args.finite_number)
         with _sigterm_raises():
             result = args.func(args)
     except Preempted as e:
@@ -76,10 +105,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is reported by the sub-command that was given it (its usage,
+    and the closest flag it has), not by the top-level parser."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub: argparse.ArgumentParser = getattr(args, "parser", parser)
+        flags = [o for a in sub._actions for o in a.option_strings]
+        unknown = next((x for x in extra if x.startswith("-")), extra[0])
+        close = difflib.get_close_matches(unknown.split("=", 1)[0], flags, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def _printable(e: BaseException) -> str:
     """The message with bytes that are not UTF-8 (from file names) escaped: printing lone
     surrogates would raise UnicodeEncodeError and turn the error line into a traceback."""
-    from ..images import printable
+    from ..io.images import printable
 
     return printable(str(e))
 
@@ -90,17 +133,9 @@ def _sigterm_raises():
     main thread for the command (their default ends the process at once, leaving temporary
     output and the lock file behind); distill's training loop installs its own handler,
     which checkpoints first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum: int, frame: object) -> None:
         raise Terminated(signum)
 
-    signals = [signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
-    before = {s: signal.signal(s, handler) for s in signals}
-    try:
+    with handling(STOP_SIGNALS, handler):
         yield
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)

@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any, Callable
 
-from ..errors import DgmrError
+from ..core.errors import DgmrError
 
 
 def model_kwargs_arg(text: str) -> dict[str, Any]:
@@ -37,15 +37,14 @@ def finite_number(flag: str) -> Callable[[str], float]:
     return parse
 
 
-def add_width_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--mlp-ratio", type=finite_number("--mlp-ratio"), help="keep round(R * embed_dim) hidden neurons per MLP (the paper's r)")
-    g.add_argument("--hidden", type=int, help="keep N hidden neurons per MLP")
-    g.add_argument("--keep-fraction", type=finite_number("--keep-fraction"), help="keep this fraction of each MLP's hidden neurons")
+MODEL_HELP = "timm:NAME, open_clip:ARCH[:TAG], hf:REPO_OR_DIR, or a dgmr directory"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="timm:NAME, open_clip:ARCH[:TAG], hf:REPO_OR_DIR, or a dgmr directory")
+def add_model_args(p: argparse.ArgumentParser, kwargs: bool = True) -> None:
+    """MODEL, and ``--model-kwargs`` unless a settings dataclass declares it (``kwargs=False``)."""
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    if not kwargs:
+        return
     p.add_argument("--model-kwargs", type=model_kwargs_arg, default=None, metavar="JSON",
                    help="extra architecture arguments (timm create_model kwargs, open_clip create_model kwargs, "
                         "HF config overrides), e.g. '{\"img_size\": 64}'")

@@ -6,7 +6,8 @@ from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> dict[str, Any] | None:
-    from ..demo import print_table, run_demo
+    from ..demo import run_demo
+    from ..report.demo import print_table
 
     results = run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.json)
     if args.json:

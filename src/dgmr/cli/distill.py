@@ -17,8 +17,8 @@ from .settings import add_settings
 
 
 def _distill(args: argparse.Namespace) -> dict[str, Any]:
+    from ..core.errors import DgmrError
     from ..distill import DistillSettings, distill
-    from ..errors import DgmrError
 
     if not args.resume and (args.teacher is None or args.student is None or args.data is None):
         raise DgmrError("give --teacher, --student and --data (or --resume an existing run)")

@@ -1,4 +1,4 @@
-"""The ``import`` sub-command (see :func:`dgmr.models.importer.import_checkpoint`)."""
+"""The ``import`` sub-command (see :func:`dgmr.prune.importer.import_checkpoint`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +8,14 @@ from .args import model_kwargs_arg
 
 
 def _import(args: argparse.Namespace) -> dict[str, Any]:
-    from ..models.importer import import_checkpoint
+    from ..prune.importer import import_checkpoint
 
     return import_checkpoint(args.spec, args.checkpoint, args.out, model_kwargs=args.model_kwargs, dtype=args.dtype,
                              overwrite=args.overwrite, native=not args.no_native)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..dtypes import DTYPES
+    from ..core.dtypes import DTYPES
 
     p = sub.add_parser(
         "import", help="make a dgmr directory from a checkpoint whose MLPs were pruned elsewhere",

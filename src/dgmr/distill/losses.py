@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], kind: str = "mse",
                  pooled_weight: float = 1.0, tokens_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, pooled, tokens) losses between two ``family.features`` dicts, in float32.

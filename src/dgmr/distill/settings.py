@@ -1,9 +1,8 @@
 """Distillation settings: one typed dataclass whose fields are the CLI flags, the config
 file keys and the ``distill(**settings)`` keywords; defaults live here only.
 
-Each field's ``metadata`` documents it for the CLI (``dgmr distill`` builds its flags from
-these fields): ``help`` (what the setting does; the CLI appends the default), ``group`` (the
-``--help`` section) and, where a flag needs them, ``choices`` and ``metavar``.
+Each field is a :func:`dgmr.core.settings.setting`: its metadata documents it for the CLI
+(``dgmr distill`` builds its flags from these fields, :mod:`dgmr.cli.settings`).
 """
 from __future__ import annotations
 
@@ -15,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DgmrError, first_line
+from ..core.dtypes import PRECISIONS
+from ..core.errors import DgmrError, first_line
+from ..core.settings import coerce, setting
+from ..io.files import read_text_file
 
 LOSSES = ("mse", "cosine")
-PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "on", "off", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 # settings that may change when resuming (they do not change what is trained)
@@ -29,92 +30,53 @@ DEFAULT_EPOCHS = 10  # the paper's run length, when neither epochs nor steps is 
 SCHEDULE, LOSS_AND_DATA, HARDWARE = "schedule", "loss and data", "hardware and output"
 
 
-def _setting(default: Any, group: str, help: str, **cli: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "group": group, **cli})
-
-
-def _typed(name: str, hint: Any, value: Any) -> Any:
-    """``value`` as the setting's type: a YAML/JSON config may hold ``1e-4`` as text (PyYAML
-    reads it so) or ``2.0`` for an int; anything else is one error naming the setting."""
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-        return None
-    kind = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not tuple else hint
-    origin = typing.get_origin(kind)
-    try:
-        if origin is tuple:
-            if isinstance(value, (str, bytes)) or len(value) != len(typing.get_args(kind)):
-                raise ValueError
-            return tuple(_typed(name, a, v) for a, v in zip(typing.get_args(kind), value))
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if kind is float and not isinstance(value, bool):
-            return float(value)
-        if kind is int and not isinstance(value, bool):
-            f = float(value)
-            if f.is_integer():
-                return int(f)
-            raise ValueError
-        if kind is str and isinstance(value, str):
-            return value
-        if origin is dict and isinstance(value, dict):
-            return value
-    except (TypeError, ValueError, OverflowError):
-        pass
-    what = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(kind) or (
-        f"{len(typing.get_args(kind))} numbers" if origin is tuple else str(kind))
-    raise DgmrError(f"setting {name} must be {what}, got {value!r}")
-
-
 @dataclass
 class DistillSettings:
     """Every training setting; defaults follow the paper's recipe (docs/method.md, "Distillation recipe")."""
 
-    epochs: float | None = _setting(None, SCHEDULE, f"passes over the data ({DEFAULT_EPOCHS} when neither epochs "
-                                                    "nor steps is set)")
-    steps: int | None = _setting(None, SCHEDULE, "optimizer steps (overrides epochs)")
-    batch_size: int = _setting(64, SCHEDULE, "images per process per micro-batch")
-    accum: int = _setting(1, SCHEDULE, "gradient accumulation: micro-batches per optimizer step")
-    base_lr: float = _setting(1e-4, SCHEDULE, "peak lr = base_lr x global_batch / 256")
-    lr: float | None = _setting(None, SCHEDULE, "absolute peak lr (overrides base_lr)")
-    min_lr: float = _setting(1e-6, SCHEDULE, "final lr of the cosine")
-    warmup_steps: int | None = _setting(None, SCHEDULE, "linear warmup steps (unset: warmup_fraction of the run)")
-    warmup_fraction: float = _setting(0.1, SCHEDULE, "warmup as a fraction of the run, if warmup_steps is unset")
-    weight_decay: float = _setting(0.04, SCHEDULE, "start of the weight-decay cosine")
-    weight_decay_end: float = _setting(0.2, SCHEDULE, "end of the weight-decay cosine")
-    betas: tuple[float, float] = _setting((0.9, 0.95), SCHEDULE, "AdamW betas, as b1,b2")
-    clip_grad: float | None = _setting(None, SCHEDULE, "clip the global grad norm to this")
-    ema: float | None = _setting(None, SCHEDULE, "keep an EMA of the student with this decay (e.g. 0.997) "
-                                                 "and export it")
-    loss: str = _setting("mse", LOSS_AND_DATA, "feature loss", choices=LOSSES)
-    pooled_weight: float = _setting(1.0, LOSS_AND_DATA, "weight of the pooled/CLS loss")
-    tokens_weight: float = _setting(1.0, LOSS_AND_DATA, "weight of the patch-token loss")
-    crop_scale: tuple[float, float] = _setting((0.2, 1.0), LOSS_AND_DATA, "RandomResizedCrop scale, as lo,hi")
-    image_size: int | None = _setting(None, LOSS_AND_DATA, "training resolution (unset: the teacher's)")
-    seed: int = _setting(0, LOSS_AND_DATA, "seed for data order, crops and init (and the weights of --random-init "
-                                           "models)")
-    unreadable_warn: float = _setting(0.1, LOSS_AND_DATA, "warn (on stderr and in the summary) when more than "
-                                      "this fraction of the image reads failed (corrupt or unreadable files)")
-    workers: int | None = _setting(None, LOSS_AND_DATA, "DataLoader workers per process (unset: from the CPU "
-                                                        "count; 0 for in-memory data)")
-    precision: str = _setting("auto", HARDWARE, "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
-    device: str | None = _setting(None, HARDWARE, "cpu or cuda (unset: cuda when available)")
-    compile: str = _setting("auto", HARDWARE, "torch.compile the teacher forward and the student forward/backward "
-                                              "(auto: on CUDA without FSDP; max-autotune: also tune the GEMMs, "
-                                              "minutes of compiling; a failed compile falls back to eager)",
-                            choices=COMPILE_MODES)
-    attention: str = _setting("auto", HARDWARE, "scaled-dot-product attention backend tried first (auto: PyTorch's "
-                              "choice)", choices=ATTENTION_BACKENDS)
-    fsdp: bool = _setting(False, HARDWARE, "shard the student with FSDP2 per block instead of DDP (under torchrun)")
-    save_every: int = _setting(1000, HARDWARE, "checkpoint every N steps; 0: only at the end")
-    log_every: int = _setting(10, HARDWARE, "metrics line every N steps")
-    tensorboard: bool = _setting(True, HARDWARE, "also log to TensorBoard when the package is installed")
-    random_init: bool = _setting(False, HARDWARE, "build teacher/student given as specs with random weights "
-                                                  "(no download; for tests)")
-    model_kwargs: dict[str, Any] | None = _setting(None, HARDWARE, "architecture arguments for teacher/student "
-                                                                   "specs, e.g. '{\"img_size\": 64}'", metavar="JSON")
+    epochs: float | None = setting(None, f"passes over the data ({DEFAULT_EPOCHS} when neither epochs nor steps is "
+                                         "set)", group=SCHEDULE)
+    steps: int | None = setting(None, "optimizer steps (overrides epochs)", group=SCHEDULE)
+    batch_size: int = setting(64, "images per process per micro-batch", group=SCHEDULE)
+    accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step", group=SCHEDULE)
+    base_lr: float = setting(1e-4, "peak lr = base_lr x global_batch / 256", group=SCHEDULE)
+    lr: float | None = setting(None, "absolute peak lr (overrides base_lr)", group=SCHEDULE)
+    min_lr: float = setting(1e-6, "final lr of the cosine", group=SCHEDULE)
+    warmup_steps: int | None = setting(None, "linear warmup steps (unset: warmup_fraction of the run)", group=SCHEDULE)
+    warmup_fraction: float = setting(0.1, "warmup as a fraction of the run, if warmup_steps is unset", group=SCHEDULE)
+    weight_decay: float = setting(0.04, "start of the weight-decay cosine", group=SCHEDULE)
+    weight_decay_end: float = setting(0.2, "end of the weight-decay cosine", group=SCHEDULE)
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas, as b1,b2", group=SCHEDULE)
+    clip_grad: float | None = setting(None, "clip the global grad norm to this", group=SCHEDULE)
+    ema: float | None = setting(None, "keep an EMA of the student with this decay (e.g. 0.997) and export it",
+                                group=SCHEDULE)
+    loss: str = setting("mse", "feature loss", choices=LOSSES, group=LOSS_AND_DATA)
+    pooled_weight: float = setting(1.0, "weight of the pooled/CLS loss", group=LOSS_AND_DATA)
+    tokens_weight: float = setting(1.0, "weight of the patch-token loss", group=LOSS_AND_DATA)
+    crop_scale: tuple[float, float] = setting((0.2, 1.0), "RandomResizedCrop scale, as lo,hi", group=LOSS_AND_DATA)
+    image_size: int | None = setting(None, "training resolution (unset: the teacher's)", group=LOSS_AND_DATA)
+    seed: int = setting(0, "seed for data order, crops and init (and the weights of --random-init models)",
+                        group=LOSS_AND_DATA)
+    unreadable_warn: float = setting(0.1, "warn (on stderr and in the summary) when more than this fraction of the "
+                                          "image reads failed (corrupt or unreadable files)", group=LOSS_AND_DATA)
+    workers: int | None = setting(None, "DataLoader workers per process (unset: from the CPU count; 0 for in-memory "
+                                        "data)", group=LOSS_AND_DATA)
+    precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS, group=HARDWARE)
+    device: str | None = setting(None, "cpu or cuda (unset: cuda when available)", group=HARDWARE)
+    compile: str = setting("auto", "torch.compile the teacher forward and the student forward/backward (auto: on CUDA "
+                                   "without FSDP; max-autotune: also tune the GEMMs, minutes of compiling; a failed "
+                                   "compile falls back to eager)", choices=COMPILE_MODES, group=HARDWARE)
+    attention: str = setting("auto", "scaled-dot-product attention backend tried first (auto: PyTorch's choice)",
+                             choices=ATTENTION_BACKENDS, group=HARDWARE)
+    fsdp: bool = setting(False, "shard the student with FSDP2 per block instead of DDP (under torchrun)", group=HARDWARE)
+    save_every: int = setting(1000, "checkpoint every N steps; 0: only at the end", group=HARDWARE)
+    log_every: int = setting(10, "metrics line every N steps", group=HARDWARE)
+    tensorboard: bool = setting(True, "also log to TensorBoard when the package is installed", group=HARDWARE,
+                                off="do not write TensorBoard logs (metrics.jsonl is written either way)")
+    random_init: bool = setting(False, "build teacher/student given as specs with random weights (no download; for "
+                                       "tests)", group=HARDWARE)
+    model_kwargs: dict[str, Any] | None = setting(None, "architecture arguments for teacher/student specs, e.g. "
+                                                        "'{\"img_size\": 64}'", metavar="JSON", group=HARDWARE)
 
     @classmethod
     def resolve(cls, config: str | os.PathLike | dict[str, Any] | None = None, **overrides: Any) -> "DistillSettings":
@@ -128,7 +90,7 @@ class DistillSettings:
         if unknown:
             raise DgmrError(f"unknown distill setting {unknown[0]!r}; known: {', '.join(sorted(names))}")
         hints = typing.get_type_hints(cls)
-        values = {k: _typed(k, hints[k], v) for k, v in values.items()}
+        values = {k: coerce(k, hints[k], v) for k, v in values.items()}
         s = cls(**values)
         s.validate()
         return s
@@ -171,8 +133,6 @@ class DistillSettings:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    from ..schema import read_text_file
-
     path = Path(path)
     text = read_text_file(path, "config file")  # a regular file of bounded size: not /dev/zero
     try:

@@ -26,8 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .. import dist as D
-from ..errors import DgmrError
+from ..core import dist as D
+from ..core.errors import DgmrError
+from ..io.output import atomic_path
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -166,8 +167,6 @@ class FeatureCache:
         p = self.path(key)
         if p is None or D.rank_world()[0] != 0:
             return
-        from ..paths import atomic_path
-
         try:  # the cache only saves time: a full or read-only disk must not cost the evaluation
             try:
                 p.parent.mkdir(parents=True, exist_ok=True)

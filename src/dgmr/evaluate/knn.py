@@ -12,13 +12,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import DgmrError
+from ..core.errors import DgmrError
 from .metrics import TOP5_MIN_CLASSES
 
 DEFAULT_KS = (10, 20, 100, 200)
 
 
-def _check(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+def check_features(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
            test_labels: torch.Tensor) -> None:
     if train_feats.ndim != 2 or test_feats.ndim != 2:
         raise DgmrError("features must be 2-D (samples x dims)")
@@ -60,7 +60,7 @@ def knn_classify(
     Returns ``{"per_k": {"10": {"top1", "top5"}, ...}, "best_k", "top1", "top5", ...}`` where
     ``top1``/``top5`` are those of the k with the best top-1 (fractions in [0, 1]). A k larger
     than the training set is clamped to its size (reported in ``per_k`` under the asked k)."""
-    _check(train_feats, train_labels, test_feats, test_labels)
+    check_features(train_feats, train_labels, test_feats, test_labels)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise DgmrError(f"k must be >= 1, got {ks}")

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import DgmrError
-from .knn import _check
+from ..core.errors import DgmrError
+from .knn import check_features
 from .metrics import classification_metrics, top_indices
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -96,7 +96,7 @@ def linear_probe(
 
     Returns ``{"top1", "top5", "mean_per_class_recall", "weight_decay" (the chosen one),
     "val_top1": {wd: acc}, ...}`` (accuracies are fractions in [0, 1]; top5 None below 5 classes)."""
-    _check(train_feats, train_labels, test_feats, test_labels)
+    check_features(train_feats, train_labels, test_feats, test_labels)
     if not weight_decays or any(not wd >= 0 for wd in weight_decays):
         raise DgmrError(f"weight decays must be >= 0, got {list(weight_decays)}")
     device = torch.device(device) if device is not None else train_feats.device

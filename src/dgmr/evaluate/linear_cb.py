@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DgmrError
-from .knn import _check
+from ..core.errors import DgmrError
+from .knn import check_features
 from .metrics import classification_metrics, top_indices
 
 GRID = np.logspace(-6, 2, 97).tolist()  # numpy's, as clip_benchmark: torch's differs in the last bits
@@ -88,7 +88,7 @@ def clip_benchmark_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, 
                          device: str | torch.device | None = None) -> dict[str, Any]:
     """clip_benchmark's linear probe (see the module docstring); the result has dgmr's
     fields (top1, top5, mean_per_class_recall, ...) and ``protocol: "clip_benchmark"``."""
-    _check(train_feats, train_labels, test_feats, test_labels)
+    check_features(train_feats, train_labels, test_feats, test_labels)
     if not 0 <= val_fraction < 1:
         raise DgmrError(f"held-out fraction must be in [0, 1), got {val_fraction}")
     if lr <= 0 or epochs < 1 or batch_size < 1:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DgmrError
+from ..core.errors import DgmrError
 
 TOP5_MIN_CLASSES = 5
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import DgmrError
+from ..core.errors import DgmrError
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear": "linear_probe",
          "knn": "knn", "speed": "speed"}

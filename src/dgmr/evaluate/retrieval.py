@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import DgmrError
+from ..core.errors import DgmrError
 
 TIE_MODES = ("expected", "optimistic", "pessimistic")
 

@@ -16,10 +16,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import DgmrError, first_line
+from ..core.errors import DgmrError, first_line
+from ..core.memory import PeakRss
+from ..models.cost import count_flops
 from ..models.families import Family, family_of
-from ..memory import PeakRss
-from ..prune.stats import count_flops
 
 
 def _sync(device: torch.device) -> None:

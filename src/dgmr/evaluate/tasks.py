@@ -3,6 +3,10 @@
 :mod:`.zeroshot` and :mod:`.retrieval`. Every function returns a JSON-able dict with the
 model's label, role (original / pruned / distilled), params, FLOPs and the metric.
 
+Each takes its settings as dataclasses of :mod:`.settings` (``features=FeatureSettings(...)``
+and the protocol's own, e.g. ``knn=KnnSettings(...)``) or as keywords named like their
+fields (the CLI's flags), which override the objects' values.
+
 Under ``torchrun`` the process group is started from the environment (NCCL on GPUs, gloo
 on CPU), every rank extracts its share, and only rank 0 returns a result (others: None).
 """
@@ -18,25 +22,45 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import dist as D
-from ..dtypes import parse_dtype
-from ..errors import DgmrError
+from ..core import dist as D
+from ..core.dtypes import parse_dtype
+from ..core.errors import DgmrError
+from ..data.labeled import ImageFolderSplit, ImageListDataset, read_captions, read_named_lists
+from ..io.output import output_lock, refuse_overlap, write_json
 from ..models.artifact import read_config
+from ..models.cost import count_flops
 from ..models.families import Family, family_of
 from ..models.open import open_model
-from ..models.sources import Source, is_dgmr_dir
-from ..prune.stats import count_flops
 from ..models.preprocess import EvalPreprocess, resolve_eval_preprocess
-from .datasets import ImageFolderSplit, ImageListDataset, read_captions, read_named_lists
+from ..models.sources import Source, is_dgmr_dir
 from .features import FeatureCache, default_cache_dir, extract_features, pooled_features, weights_hash
-from .knn import DEFAULT_KS, knn_classify
-from .linear import DEFAULT_WEIGHT_DECAYS, PROTOCOLS as LINEAR_PROTOCOLS, linear_probe
+from .knn import knn_classify
+from .linear import linear_probe
 from .linear_cb import clip_benchmark_probe
 from .results import dataset_name, with_clip_benchmark_fields
-from .retrieval import check_options, retrieval_recall
+from .retrieval import retrieval_recall
+from .settings import (
+    FeatureSettings,
+    KnnSettings,
+    LinearSettings,
+    ModelSettings,
+    RetrievalSettings,
+    SpeedSettings,
+    ZeroshotSettings,
+    resolve,
+)
 from .speed import check_image_size, measure_speed
-from .zeroshot import (ClipTowers, clip_image_encoder, clip_towers, encode_texts, imagenet_classnames,
-                       imagenet_templates, text_classifier, zeroshot_classify)
+from .zeroshot import (
+    ClipTowers,
+    clip_image_encoder,
+    clip_towers,
+    encode_texts,
+    imagenet_classnames,
+    imagenet_templates,
+    text_classifier,
+    zeroshot_classify,
+)
+
 
 def model_role(model: str | os.PathLike | nn.Module) -> str:
     """original (a spec, or a dgmr dir without a prune record), pruned, or distilled
@@ -51,15 +75,16 @@ def model_role(model: str | os.PathLike | nn.Module) -> str:
     return "pruned" if cfg.get("prune") or shrunk else "original"
 
 
-def open_eval_model(model: str | os.PathLike | nn.Module, *, random_init: bool = False,
-                    model_kwargs: dict[str, Any] | None = None, label: str | None = None
-                    ) -> tuple[nn.Module, Source | None, dict[str, Any]]:
-    """(model in eval mode, its source, {"model": label, "role", "family"})."""
+def open_eval_model(model: str | os.PathLike | nn.Module, settings: ModelSettings | None = None, *,
+                    label: str | None = None) -> tuple[nn.Module, Source | None, dict[str, Any]]:
+    """(model in eval mode, its source, {"model": label, "role", "family"}); ``settings``:
+    its ``random_init`` and ``model_kwargs`` open a spec."""
     if isinstance(model, nn.Module):
         net, src = model.eval(), None
         name = label or type(model).__name__
     else:
-        net, src = open_model(model, random_init=random_init, model_kwargs=model_kwargs)
+        s = settings or ModelSettings()
+        net, src = open_model(model, random_init=s.random_init, model_kwargs=s.model_kwargs)
         name = label or str(model)
     return net, src, {"model": name, "role": model_role(model), "family": family_of(net).name}
 
@@ -81,36 +106,38 @@ def _model_numbers(net: nn.Module, family: Family, image_size: int) -> dict[str,
     return {"params": family.vision_params(net), "flops": count_flops(net, family, image_size), "image_size": image_size}
 
 
-def _cache(cache_dir: str | os.PathLike | None | bool) -> FeatureCache:
-    if cache_dir is False:
+def _cache(s: FeatureSettings) -> FeatureCache:
+    root = s.cache_root
+    if root is False:
         return FeatureCache(None)
-    return FeatureCache(default_cache_dir() if cache_dir in (None, True) else cache_dir)
+    return FeatureCache(default_cache_dir() if root is None else root)
 
 
-def _prepare(model: Any, *, image_size: int | None, device: torch.device, dtype: torch.dtype, random_init: bool,
-             model_kwargs: dict[str, Any] | None, label: str | None, crop_pct: float | None
+def _prepare(model: Any, s: FeatureSettings, device: torch.device
              ) -> tuple[nn.Module, Source | None, Family, dict[str, Any], EvalPreprocess]:
     """Open the model and resolve its eval preprocessing (the model's own, or the classic
-    resize + center crop when ``crop_pct`` is given)."""
-    net, src, info = open_eval_model(model, random_init=random_init, model_kwargs=model_kwargs, label=label)
+    resize + center crop when ``s.crop_pct`` is given)."""
+    net, src, info = open_eval_model(model, s, label=s.label)
     family = family_of(net)
     native = family.data_config(net)["image_size"]
-    size = int(image_size or native)
+    size = int(s.image_size or native)
     net.to(device)
-    if random_init:
+    if s.random_init:
         _same_weights_on_all_ranks(net)
     if size != native:
         check_image_size(net, family, size, label=info["model"])
-    pre = resolve_eval_preprocess(net, family, source=src, crop=crop_pct, image_size=image_size)
+    pre = resolve_eval_preprocess(net, family, source=src, crop=s.crop_pct, image_size=s.image_size)
     info.update(_model_numbers(net, family, size))
     info["preprocess"] = pre.settings
-    info["pretrained"] = (src.tag if src is not None and src.tag else "") or ("random-init" if random_init else "")
+    info["pretrained"] = (src.tag if src is not None and src.tag else "") or ("random-init" if s.random_init else "")
     return net, src, family, info, pre
 
 
-def _split_features(fn, ds, key: dict[str, str], cache: FeatureCache, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_features(fn, ds, key: dict[str, str], cache: FeatureCache, s: FeatureSettings, device: torch.device,
+                    dtype: torch.dtype, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     key = {**key, "data": ds.listing_digest(), "n": str(len(ds))}
-    return cache.features(key, lambda: extract_features(fn, ds, **kw))
+    return cache.features(key, lambda: extract_features(fn, ds, batch_size=s.batch_size, num_workers=s.workers,
+                                                        device=device, dtype=dtype, progress=s.progress, desc=desc))
 
 
 def _feature_key(net: nn.Module, family: Family, pre: EvalPreprocess, kind: str, dtype: torch.dtype) -> dict[str, str]:
@@ -118,27 +145,23 @@ def _feature_key(net: nn.Module, family: Family, pre: EvalPreprocess, kind: str,
             "transform": pre.describe(), "stored": "float32"}
 
 
-def _classification_features(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, image_size, batch_size,
-                             num_workers, device, dtype, cache_dir, random_init, model_kwargs, label, progress,
-                             crop_pct, features: str = "pooled") -> tuple[dict[str, Any], Any, int] | None:
+def _classification_features(model: Any, train: str | os.PathLike, val: str | os.PathLike, s: FeatureSettings,
+                             kind: str = "pooled") -> tuple[dict[str, Any], Any, int] | None:
     """Features of both splits (through the cache): the pooled/CLS feature, or with
-    ``features="clip_image"`` a CLIP model's image embedding (pooled for other models)."""
-    with D.session(device) as dinfo:
-        dev, dt, rank, world = dinfo.device, parse_dtype(dtype), dinfo.rank, dinfo.world
-        net, _, family, info, pre = _prepare(model, image_size=image_size, device=dev, dtype=dt,
-                                             random_init=random_init, model_kwargs=model_kwargs, label=label,
-                                             crop_pct=crop_pct)
+    ``kind="clip_image"`` a CLIP model's image embedding (pooled for other models)."""
+    with D.session(s.device) as dinfo:
+        dev, dt, rank, world = dinfo.device, parse_dtype(s.dtype), dinfo.rank, dinfo.world
+        net, _, family, info, pre = _prepare(model, s, dev)
         tr = ImageFolderSplit(train, pre.transform)
         va = ImageFolderSplit(val, pre.transform, classes=tr.classes)
-        cache = _cache(cache_dir)
-        fn = clip_image_encoder(net) if features == "clip_image" else None
+        cache = _cache(s)
+        fn = clip_image_encoder(net) if kind == "clip_image" else None
         kind = "clip_image" if fn is not None else "pooled"
         fn = fn or pooled_features(net, family)
         key = _feature_key(net, family, pre, kind, dt)
-        kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, dtype=dt, progress=progress)
         t0 = time.perf_counter()
-        ftr, ytr = _split_features(fn, tr, key, cache, desc="train features", **kw)
-        fva, yva = _split_features(fn, va, key, cache, desc="val features", **kw)
+        ftr, ytr = _split_features(fn, tr, key, cache, s, dev, dt, "train features")
+        fva, yva = _split_features(fn, va, key, cache, s, dev, dt, "val features")
         if rank != 0:
             return None
         info.update({"train": str(train), "val": str(val), "world_size": world, "device": str(dev),
@@ -148,66 +171,53 @@ def _classification_features(model: Any, train: str | os.PathLike, val: str | os
         return info, (ftr, ytr, fva, yva, dev), len(tr.classes)
 
 
-def eval_knn(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, ks: Sequence[int] = DEFAULT_KS,
-             temperature: float = 0.07, image_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
-             device: str | None = None, dtype: str | torch.dtype = "float32", cache_dir: Any = None,
-             random_init: bool = False, model_kwargs: dict[str, Any] | None = None, label: str | None = None,
-             progress: bool = False, crop_pct: float | None = None, dataset: str | None = None
-             ) -> dict[str, Any] | None:
+def eval_knn(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, knn: KnnSettings | None = None,
+             features: FeatureSettings | None = None, **settings: Any) -> dict[str, Any] | None:
     """``dgmr eval knn``: weighted kNN (cosine, exp(sim/T)) of ``val`` against ``train``
-    (ImageFolder layouts), on the model's pooled/CLS features. ``crop_pct``: resize
-    size/crop_pct + center crop instead of the model's own eval transform."""
-    got = _classification_features(model, train, val, image_size=image_size, batch_size=batch_size,
-                                    num_workers=num_workers, device=device, dtype=dtype, cache_dir=cache_dir,
-                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
-                                    progress=progress, crop_pct=crop_pct)
+    (ImageFolder layouts), on the model's pooled/CLS features. ``settings``: any field of
+    :class:`~.settings.KnnSettings` (``k``, alias ``ks``; ``temperature``) or
+    :class:`~.settings.FeatureSettings` (e.g. ``crop_pct``: resize size/crop_pct + center crop
+    instead of the model's own eval transform), overriding ``knn``'s and ``features``' values."""
+    knn, features = resolve("eval_knn", settings, (KnnSettings, knn), (FeatureSettings, features))
+    got = _classification_features(model, train, val, features)
     if got is None:
         return None
     info, (ftr, ytr, fva, yva, dev), c = got
-    res = knn_classify(ftr, ytr, fva, yva, ks=ks, temperature=temperature, num_classes=c, device=dev)
-    return with_clip_benchmark_fields({**info, **res}, dataset=dataset)
+    res = knn_classify(ftr, ytr, fva, yva, ks=knn.k, temperature=knn.temperature, num_classes=c, device=dev)
+    return with_clip_benchmark_fields({**info, **res}, dataset=features.dataset)
 
 
-def eval_linear(model: Any, train: str | os.PathLike, val: str | os.PathLike, *,
-                weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, val_fraction: float = 0.2, seed: int = 0,
-                max_iter: int = 200, image_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
-                device: str | None = None, dtype: str | torch.dtype = "float32", cache_dir: Any = None,
-                random_init: bool = False, model_kwargs: dict[str, Any] | None = None, label: str | None = None,
-                progress: bool = False, crop_pct: float | None = None, protocol: str = "lbfgs", lr: float = 0.1,
-                epochs: int = 10, probe_batch_size: int = 64, dataset: str | None = None) -> dict[str, Any] | None:
+def eval_linear(model: Any, train: str | os.PathLike, val: str | os.PathLike, *, linear: LinearSettings | None = None,
+                features: FeatureSettings | None = None, **settings: Any) -> dict[str, Any] | None:
     """``dgmr eval linear``: a linear classifier on frozen pooled features, scored on ``val``.
     ``protocol="lbfgs"``: logistic regression, the L2 penalty picked among ``weight_decays``
-    on a held-out ``val_fraction`` of ``train``; ``"clip_benchmark"``: clip_benchmark's recipe
-    (AdamW ``lr``, ``epochs``, batches of ``probe_batch_size``, its weight-decay search) on a
-    CLIP model's image embeddings (``encode_image``, as clip_benchmark), other models' pooled features."""
-    if protocol not in LINEAR_PROTOCOLS:
-        raise DgmrError(f"unknown linear-probe protocol {protocol!r}: use one of {', '.join(LINEAR_PROTOCOLS)}")
-    got = _classification_features(model, train, val, image_size=image_size, batch_size=batch_size,
-                                    num_workers=num_workers, device=device, dtype=dtype, cache_dir=cache_dir,
-                                    random_init=random_init, model_kwargs=model_kwargs, label=label,
-                                    progress=progress, crop_pct=crop_pct,
-                                    features="clip_image" if protocol == "clip_benchmark" else "pooled")
+    on a ``held_out`` fraction (alias ``val_fraction``) of ``train``; ``"clip_benchmark"``:
+    clip_benchmark's recipe (AdamW ``lr``, ``epochs``, batches of ``probe_batch_size``, its
+    weight-decay search) on a CLIP model's image embeddings (``encode_image``, as
+    clip_benchmark), other models' pooled features. ``settings``: any field of
+    :class:`~.settings.LinearSettings` or :class:`~.settings.FeatureSettings`."""
+    lin, features = resolve("eval_linear", settings, (LinearSettings, linear), (FeatureSettings, features))
+    got = _classification_features(model, train, val, features,
+                                   kind="clip_image" if lin.protocol == "clip_benchmark" else "pooled")
     if got is None:
         return None
     info, (ftr, ytr, fva, yva, dev), c = got
-    if protocol == "clip_benchmark":
-        res = clip_benchmark_probe(ftr, ytr, fva, yva, val_fraction=val_fraction, seed=seed, lr=lr, epochs=epochs,
-                                   batch_size=probe_batch_size, num_classes=c, device=dev)
+    if lin.protocol == "clip_benchmark":
+        res = clip_benchmark_probe(ftr, ytr, fva, yva, val_fraction=lin.held_out, seed=lin.seed, lr=lin.lr,
+                                   epochs=lin.epochs, batch_size=lin.probe_batch_size, num_classes=c, device=dev)
     else:
-        res = linear_probe(ftr, ytr, fva, yva, weight_decays=weight_decays, val_fraction=val_fraction, seed=seed,
-                           max_iter=max_iter, num_classes=c, device=dev)
-    return with_clip_benchmark_fields({**info, **res}, dataset=dataset)
+        res = linear_probe(ftr, ytr, fva, yva, weight_decays=lin.weight_decays, val_fraction=lin.held_out,
+                           seed=lin.seed, max_iter=lin.max_iter, num_classes=c, device=dev)
+    return with_clip_benchmark_fields({**info, **res}, dataset=features.dataset)
 
 
-def _clip_setup(model: Any, text_model: Any, *, image_size, device, dtype, random_init, model_kwargs, label, crop_pct):
-    dev, dt = device, dtype
-    net, src, family, info, pre = _prepare(model, image_size=image_size, device=dev, dtype=dt, random_init=random_init,
-                                           model_kwargs=model_kwargs, label=label, crop_pct=crop_pct)
+def _clip_setup(model: Any, text_model: Any, s: FeatureSettings, dev: torch.device):
+    net, src, family, info, pre = _prepare(model, s, dev)
     model_dir = model if not isinstance(model, nn.Module) and is_dgmr_dir(model) else None
     if text_model is None:
         towers = clip_towers(net, src, model_dir=model_dir)
     else:
-        tnet, tsrc, tinfo = open_eval_model(text_model, random_init=random_init, model_kwargs=model_kwargs)
+        tnet, tsrc, tinfo = open_eval_model(text_model, s)
         tnet.to(dev)
         tdir = text_model if not isinstance(text_model, nn.Module) and is_dgmr_dir(text_model) else None
         image_towers = clip_towers(net, src, model_dir=model_dir)
@@ -266,112 +276,100 @@ class _ClipImages:
         return with_clip_benchmark_fields({**self.info, **res}, dataset=dataset)
 
 
-def _clip_images(model: Any, text_model: Any, dataset: Callable[[Any], Dataset], dinfo: D.DistInfo, dt: torch.dtype, *,
-                 image_size, batch_size, num_workers, cache_dir, random_init, model_kwargs, label, progress,
-                 crop_pct) -> _ClipImages:
+def _clip_images(model: Any, text_model: Any, dataset: Callable[[Any], Dataset], dinfo: D.DistInfo,
+                 s: FeatureSettings) -> _ClipImages:
     """Open the CLIP model (text tower from ``text_model`` if given) and embed every image of
     ``dataset(eval transform)`` (through the feature cache): zero-shot's and retrieval's first half."""
-    net, family, info, pre, towers = _clip_setup(model, text_model, image_size=image_size, device=dinfo.device,
-                                                 dtype=dt, random_init=random_init, model_kwargs=model_kwargs,
-                                                 label=label, crop_pct=crop_pct)
+    dt = parse_dtype(s.dtype)
+    net, family, info, pre, towers = _clip_setup(model, text_model, s, dinfo.device)
     ds = dataset(pre.transform)
-    cache = _cache(cache_dir)
+    cache = _cache(s)
     t0 = time.perf_counter()
     feats, labels = _split_features(towers.encode_image, ds, _feature_key(net, family, pre, "clip_image", dt), cache,
-                                    batch_size=batch_size, num_workers=num_workers, device=dinfo.device, dtype=dt,
-                                    progress=progress, desc="image embeddings")
+                                    s, dinfo.device, dt, "image embeddings")
     return _ClipImages(feats, labels, towers, info, cache, dinfo, dt, t0)
 
 
-def eval_zeroshot(model: Any, data: str | os.PathLike, *, classnames: Any = None, templates: Any = None,
-                  text_model: Any = None, image_size: int | None = None, batch_size: int = 64,
-                  text_batch_size: int = 256, num_workers: int = 0, device: str | None = None,
-                  dtype: str | torch.dtype = "float32", cache_dir: Any = None, random_init: bool = False,
-                  model_kwargs: dict[str, Any] | None = None, label: str | None = None, progress: bool = False,
-                  crop_pct: float | None = None, dataset: str | None = None) -> dict[str, Any] | None:
+def eval_zeroshot(model: Any, data: str | os.PathLike, *, zeroshot: ZeroshotSettings | None = None,
+                  features: FeatureSettings | None = None, **settings: Any) -> dict[str, Any] | None:
     """``dgmr eval zeroshot``: CLIP zero-shot classification of an ImageFolder ``data``
     split with class embeddings averaged over prompt ``templates`` (default: the 80 OpenAI
     ImageNet templates; ``{c}`` or ``{}`` marks the class name). ``classnames``: a file, a
     list, or None for the bundled ImageNet names (1000 folders); a JSON file may map dataset
     names to lists (clip_benchmark's layout): ``dataset`` (default: the folder's name) picks
-    the entry. ``text_model``: take the text tower from this model instead."""
-    name = dataset or dataset_name(str(data))
-    tpl = _templates(templates, name)
-    if isinstance(classnames, (str, os.PathLike)) and classnames != "imagenet":
-        read_named_lists(classnames, "class names", name)  # fail before opening the model
+    the entry. ``text_model``: take the text tower from this model instead. ``settings``: any
+    field of :class:`~.settings.ZeroshotSettings` or :class:`~.settings.FeatureSettings`."""
+    zs, features = resolve("eval_zeroshot", settings, (ZeroshotSettings, zeroshot), (FeatureSettings, features))
+    name = features.dataset or dataset_name(str(data))
+    tpl = _templates(zs.templates, name)
+    if isinstance(zs.classnames, (str, os.PathLike)) and zs.classnames != "imagenet":
+        read_named_lists(zs.classnames, "class names", name)  # fail before opening the model
     names: list[str] = []
 
     def make_dataset(transform: Any) -> Dataset:
         ds = ImageFolderSplit(data, transform)
-        names.extend(_classnames(classnames, ds.classes, data, name))  # before the images are embedded
+        names.extend(_classnames(zs.classnames, ds.classes, data, name))  # before the images are embedded
         return ds
 
-    with D.session(device) as dinfo:
-        emb = _clip_images(model, text_model, make_dataset, dinfo, parse_dtype(dtype), image_size=image_size,
-                           batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                           random_init=random_init, model_kwargs=model_kwargs, label=label, progress=progress,
-                           crop_pct=crop_pct)
+    with D.session(features.device) as dinfo:
+        emb = _clip_images(model, zs.text_model, make_dataset, dinfo, features)
         if dinfo.rank != 0:
             return None
         with emb.autocast():
-            clf = text_classifier(emb.towers.encode_text, names, tpl, text_batch_size)
+            clf = text_classifier(emb.towers.encode_text, names, tpl, zs.text_batch_size)
         n_tpl = len(tpl) if not isinstance(tpl, dict) else sum(len(v) for v in tpl.values())  # per-class: all prompts
         return emb.result(zeroshot_classify(emb.feats, emb.labels, clf), dataset=name, data=str(data),
                           templates=n_tpl)
 
 
-def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.PathLike, *, text_model: Any = None,
-                   ks: Sequence[int] = (1, 5, 10), image_size: int | None = None, batch_size: int = 64,
-                   text_batch_size: int = 256, num_workers: int = 0, device: str | None = None,
-                   dtype: str | torch.dtype = "float32", cache_dir: Any = None, random_init: bool = False,
-                   model_kwargs: dict[str, Any] | None = None, label: str | None = None, progress: bool = False,
-                   crop_pct: float | None = None, ties: str = "expected", dataset: str | None = None
-                   ) -> dict[str, Any] | None:
+def eval_retrieval(model: Any, captions: str | os.PathLike, images: str | os.PathLike, *,
+                   retrieval: RetrievalSettings | None = None, features: FeatureSettings | None = None,
+                   **settings: Any) -> dict[str, Any] | None:
     """``dgmr eval retrieval``: image->text and text->image recall@K over a captions file
-    (see :func:`~dgmr.evaluate.datasets.read_captions`) and its images; ``ties``: see
-    :mod:`~dgmr.evaluate.retrieval`."""
-    check_options(ks, ties)  # before the model is opened
+    (see :func:`~dgmr.data.labeled.read_captions`) and its images; ``ties``: see
+    :mod:`~dgmr.evaluate.retrieval`. ``settings``: any field of
+    :class:`~.settings.RetrievalSettings` (``k``, alias ``ks``; ``ties``; ``text_model``) or
+    :class:`~.settings.FeatureSettings`; K and the tie rule are checked before the model is opened."""
+    rt, features = resolve("eval_retrieval", settings, (RetrievalSettings, retrieval), (FeatureSettings, features))
     caps = read_captions(captions, images)
-    with D.session(device) as dinfo:
-        emb = _clip_images(model, text_model, lambda transform: ImageListDataset(caps.images, transform), dinfo,
-                           parse_dtype(dtype), image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                           cache_dir=cache_dir, random_init=random_init, model_kwargs=model_kwargs, label=label,
-                           progress=progress, crop_pct=crop_pct)
+    with D.session(features.device) as dinfo:
+        emb = _clip_images(model, rt.text_model, lambda transform: ImageListDataset(caps.images, transform), dinfo,
+                           features)
         if dinfo.rank != 0:
             return None
         with emb.autocast():
-            txt = encode_texts(emb.towers.encode_text, caps.captions, text_batch_size)
+            txt = encode_texts(emb.towers.encode_text, caps.captions, rt.text_batch_size)
         img = torch.nn.functional.normalize(emb.feats.float(), dim=-1)
         if img.shape[1] != txt.shape[1]:
             raise DgmrError(f"image embeddings have {img.shape[1]} dims, text embeddings {txt.shape[1]}")
-        return emb.result(retrieval_recall(img @ txt.T, caps.caption_image, ks, ties=ties), dataset=dataset,
-                          captions=str(captions), images=str(images))
+        return emb.result(retrieval_recall(img @ txt.T, caps.caption_image, rt.k, ties=rt.ties),
+                          dataset=features.dataset, captions=str(captions), images=str(images))
 
 
-def eval_speed(models: Sequence[Any], *, labels: Sequence[str] | None = None, batch_size: int = 32,
-               image_size: int | None = None, device: str | None = None, dtype: str | torch.dtype = "float32",
-               warmup: int = 3, repeats: int = 10, random_init: bool = False,
-               model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def eval_speed(models: Sequence[Any], *, speed: SpeedSettings | None = None, **settings: Any) -> dict[str, Any]:
     """``dgmr eval speed``: params, FLOPs, throughput and peak memory of one or more models in
-    one run; with two or more, ``speedup`` and ``flops_ratio`` compare the last with the first."""
+    one run; with two or more, ``speedup`` and ``flops_ratio`` compare the last with the first.
+    ``settings``: any field of :class:`~.settings.SpeedSettings` (``label``, alias ``labels``:
+    the models' names, as a list or comma-separated text), overriding ``speed``'s values."""
+    (s,) = resolve("eval_speed", settings, (SpeedSettings, speed))
     if not models:
         raise DgmrError("give at least one model")
+    labels = s.label
     if labels is not None and len(labels) != len(models):
         raise DgmrError(f"{len(labels)} labels for {len(models)} models")
     nets, infos = {}, {}
     for i, m in enumerate(models):
-        net, _, info = open_eval_model(m, random_init=random_init, model_kwargs=model_kwargs,
-                                       label=labels[i] if labels else None)
+        net, _, info = open_eval_model(m, s, label=labels[i] if labels else None)
         name = info["model"]
         if name in nets:
             name = f"{name} #{i}"
             info["model"] = name
         nets[name], infos[name] = net, info
-    res = measure_speed(nets, batch_size=batch_size, image_size=image_size, device=D.pick_device(device),
-                        dtype=parse_dtype(dtype), warmup=warmup, repeats=repeats)
+    res = measure_speed(nets, batch_size=s.batch_size, image_size=s.image_size, device=D.pick_device(s.device),
+                        dtype=parse_dtype(s.dtype), warmup=s.warmup, repeats=s.repeats)
     for name, row in res["models"].items():
         row.update({k: v for k, v in infos[name].items() if k != "model"})
-    return with_clip_benchmark_fields(res, pretrained="random-init" if random_init else "")
+    return with_clip_benchmark_fields(res, pretrained="random-init" if s.random_init else "")
 
 
 def save_result(result: dict[str, Any], path: str | os.PathLike,
@@ -379,9 +377,6 @@ def save_result(result: dict[str, Any], path: str | os.PathLike,
     """Write a result dict as JSON (with clip_benchmark's fields, see :mod:`.results`),
     atomically (temp file + rename), under ``path``'s lock;
     refused when ``path`` overlaps one of ``inputs`` ((label, path) pairs: the data read)."""
-    from ..models.artifact import write_json
-    from ..paths import output_lock, refuse_overlap
-
     p = Path(path)
     if p.is_dir():
         raise DgmrError(f"{p} is a directory; --save takes a file name")

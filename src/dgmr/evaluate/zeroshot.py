@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DgmrError, first_line
+from ..core.errors import DgmrError, first_line
 from ..models.families import family_of
-from ..models.sources import Source
+from ..models.sources import Source, register_open_clip_config
 from .metrics import classification_metrics, top_indices
 
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
@@ -67,9 +67,7 @@ def _open_clip_tokenizer(model: nn.Module, src: Source | None) -> Callable[[Sequ
     name = src.name if src is not None else ""
     if src is not None and src.model_cfg is not None and open_clip.get_model_config(name) is None \
             and not name.startswith(("hf-hub:", "local-dir:")):
-        from ..models.sources import _register_open_clip_cfg
-
-        _register_open_clip_cfg(name, src.model_cfg)
+        register_open_clip_config(name, src.model_cfg)
     try:
         # an unknown architecture name falls back to open_clip's default SimpleTokenizer
         return open_clip.get_tokenizer(name, context_length=ctx)

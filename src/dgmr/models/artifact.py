@@ -7,98 +7,29 @@ is ever unpickled.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from .. import __version__
-from ..dtypes import dtype_name, parse_dtype
-from ..errors import DgmrError, first_line
-from .. import schema
-from ..paths import WRITE_ERRORS, Inputs, atomic_path, output_lock, refuse_overlap, remove_stale_temps, storage_error
+from ..core.dtypes import dtype_name, parse_dtype
+from ..core.errors import DgmrError, first_line
+from ..core.version import __version__
+from ..io import schema
+from ..io.checkpoints import SHARD_INDEX, WEIGHTS
+from ..io.output import atomic_dir, write_json
 from .families import Family, apply_widths, family_of, get_family
+from .record import PruneRecord
 from .sources import Source, build_model, is_dgmr_dir
 
-if TYPE_CHECKING:
-    from ..prune import PruneRecord
-
-WEIGHTS = "model.safetensors"
 INDICES = "kept_indices.safetensors"
 CONFIG = "config.json"
-SHARD_INDEX = "model.safetensors.index.json"  # sharded weights (dgmr.prune.stream writes them)
 NATIVE_OFF = {"skipped": "native export turned off"}
-
-
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` holds files and ``overwrite`` is off."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DgmrError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DgmrError(f"output directory {out} is not empty (pass --overwrite to replace it)")
-    return out
-
-
-@contextlib.contextmanager
-def claimed_output_dir(out: str | os.PathLike, inputs: Inputs, overwrite: bool) -> Iterator[None]:
-    """What a command writing a model directory does before any work: refuse an ``out`` that
-    overlaps one of ``inputs`` ((label, path) pairs), take ``out``'s lock, check it is empty
-    (or ``overwrite``). Held for the block, so the work before :func:`atomic_dir` (opening and
-    pruning a model) runs with ``out`` already claimed."""
-    refuse_overlap(out, inputs, "output directory")
-    with output_lock(out):
-        check_output_dir(out, overwrite)
-        yield
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block succeeds. Holds
-    ``out``'s lock (:func:`dgmr.paths.output_lock`; a no-op when the command already does)
-    from before the emptiness check until ``out`` is in place."""
-    with output_lock(out):
-        out = check_output_dir(out, overwrite)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise storage_error(out.parent, e) from None
-        remove_stale_temps(out.parent, out.name)  # what a killed writer of this output left
-        # .<name>.tmp-<pid>-<hex>: the pid tells remove_stale_temps whether its writer still runs
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
-            yield tmp
-        except WRITE_ERRORS as e:  # a full disk, an I/O error: the previous output stays as it was
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, DgmrError):
-                raise
-            raise storage_error(out, e) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically (temp + rename); a failed write is one DgmrError naming ``path`` and the free space."""
-    text = json.dumps(obj, indent=2, default=str) + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def vision_params(model: nn.Module, family: Family | None = None) -> int:
@@ -266,3 +197,29 @@ def _load_weights(model: nn.Module, weights: Path, assign: bool, prefix: str = "
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / INDICES))
+
+
+def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: Source, layout: str, scope: str | None,
+                          record: PruneRecord, native: bool, dtypes: set[torch.dtype], params_before: int,
+                          files: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """The native export and config.json of weights written tensor by tensor (a streaming prune,
+    ``dgmr import``), from the meta model cut to the output's widths; ``dtypes`` are the
+    output's floating dtypes."""
+    note = NATIVE_OFF
+    if native:  # written from the meta model's config: no weights needed
+        try:
+            note = family.export_streamed(meta, tmp, src, layout, scope)
+        except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
+            note = {"skipped": f"native export failed on the meta model: {first_line(e)}"}
+    names = sorted(dtype_name(d) for d in dtypes)
+    params_after = family.vision_params(meta)
+    extra = {"params_before": params_before, "params_after": params_after, "random_init": False,
+             "weights": files[-1], "files": files, **extra}
+    if scope is not None:
+        extra["weights_scope"] = scope
+    config = build_config(family=family, model_class=type(meta).__name__,
+                          dtype=names[0] if len(names) == 1 else "float32",
+                          widths={s.name: s.hidden for s in family.mlps(meta)}, vision_params=params_after,
+                          source=src, record=record, native_export=note, extra=extra)
+    write_json(tmp / CONFIG, config)
+    return config

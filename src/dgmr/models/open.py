@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import DgmrError
+from ..core.errors import DgmrError
 from .artifact import load, read_config
 from .sources import Source, build_model, is_dgmr_dir, parse_spec
 
@@ -55,3 +55,22 @@ def open_model(model: str | os.PathLike, *, random_init: bool = False,
     """A model and its source from a spec (``timm:...``) or a dgmr directory."""
     net, src, _ = open_model_with_config(model, random_init=random_init, model_kwargs=model_kwargs)
     return net, src
+
+
+def model_path(model: Any) -> str | None:
+    """The file-system path a model argument names: a dgmr directory, ``hf:DIR`` or
+    ``open_clip:local-dir:DIR`` when DIR exists, an open_clip TAG that is a file; ``None`` for
+    hub specs (``timm:NAME``), modules and :class:`~dgmr.models.sources.Source` objects."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    s = os.fspath(model)
+    try:
+        src = parse_spec(s)
+    except DgmrError:
+        return s  # a directory dgmr wrote (or a path that will not open: harmless to compare)
+    if src.library == "hf":
+        candidates = [src.name]
+    else:
+        candidates = [src.name.removeprefix("local-dir:")] if src.name.startswith("local-dir:") else []
+        candidates += [src.tag] if src.tag else []
+    return next((c for c in candidates if os.path.exists(c)), None)

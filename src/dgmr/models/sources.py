@@ -8,8 +8,8 @@ Hugging Face config.
 from __future__ import annotations
 
 import contextlib
-import logging
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DgmrError, first_line
-
-LIBRARIES = ("timm", "open_clip", "hf")
+from ..core.errors import DgmrError, first_line
+from ..io.files import read_json_file
+from ..io.schema import LIBRARIES
 
 
 @dataclass
@@ -50,8 +50,6 @@ def is_dgmr_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     if not (p / "config.json").is_file():
         return False
-    from ..schema import read_json_file
-
     try:
         cfg = read_json_file(p / "config.json", "config")
     except DgmrError:  # unreadable, too large, not JSON: not a dgmr directory
@@ -98,7 +96,7 @@ def _build_timm(src: Source, pretrained: bool, where: str) -> nn.Module:
     return timm.create_model(src.name, pretrained=pretrained, **src.kwargs)
 
 
-def _register_open_clip_cfg(name: str, cfg: dict[str, Any]) -> None:
+def register_open_clip_config(name: str, cfg: dict[str, Any]) -> None:
     import open_clip
 
     if open_clip.get_model_config(name) is not None:
@@ -127,7 +125,7 @@ def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:
     import open_clip
 
     if src.model_cfg is not None:
-        _register_open_clip_cfg(src.name, src.model_cfg)
+        register_open_clip_config(src.name, src.model_cfg)
     if not src.name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(src.name) is None:
         raise DgmrError(f"unknown open_clip architecture {src.name!r} (see open_clip.list_models())")
     if pretrained and not src.tag and not src.name.startswith(("hf-hub:", "local-dir:")):

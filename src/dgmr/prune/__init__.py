@@ -8,59 +8,21 @@ docs/method.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import DgmrError
-from .mlp import MlpSite, check_width, shrink_mlp  # first: the model families build on it
+from ..core.errors import DgmrError
 from ..models.families import Family, family_of
+from ..models.record import PruneRecord
+from ..models.sites.mlp import MlpSite, check_width, shrink_mlp
 from ..models.sources import Source
-from .criteria import select_neurons
-
-
-@dataclass
-class PruneRecord:
-    """What was cut: per-layer widths and kept indices, plus how they were chosen."""
-
-    criterion: str
-    seed: int
-    request: dict[str, Any]
-    layers: list[dict[str, Any]] = field(default_factory=list)
-    config_updates: dict[str, Any] = field(default_factory=dict)
-    calibration: dict[str, Any] | None = None  # what calibrated the cut (docs/calibration.md), if anything
-
-    @property
-    def widths(self) -> dict[str, int]:
-        return {layer["name"]: layer["hidden_after"] for layer in self.layers}
-
-    @property
-    def kept(self) -> dict[str, torch.Tensor]:
-        return {layer["name"]: layer["kept"] for layer in self.layers}
-
-    @classmethod
-    def start(cls, criterion: str, seed: int, *, mlp_ratio: float | None = None, hidden: int | None = None,
-              keep_fraction: float | None = None) -> "PruneRecord":
-        """An empty record of a uniform width request (the request keeps only what was given)."""
-        request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction))
-                   if v is not None}
-        return cls(criterion, seed, request)
-
-    def add(self, site: MlpSite, hidden_before: int, keep: torch.Tensor | None, **extra: Any) -> None:
-        """Record that ``site`` (already cut) kept ``keep`` of its ``hidden_before`` neurons
-        (``None``: which ones is unknown, as for an imported checkpoint)."""
-        self.layers.append({"name": site.name, "kind": site.kind, "in_features": site.in_features,
-                            "hidden_before": hidden_before, "hidden_after": site.hidden, **extra, "kept": keep})
-
-    def to_json(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "seed": self.seed, **self.request,
-                **({"calibration": self.calibration} if self.calibration is not None else {}),
-                "layers": [{k: v for k, v in layer.items() if k != "kept"} for layer in self.layers]}
+from .calibration.cut import calibrated_prune
+from .calibration.settings import CalibrationSettings
+from .criteria import criterion_scores, select_neurons
 
 
 def resolve_widths(
@@ -133,26 +95,19 @@ def prune(
     PIL images, a Dataset, or preprocessed (N, 3, H, W) batches / a DataLoader). With it the
     cut MLPs' down projections are refitted to the original outputs, and activation criteria
     (``diversity-act``) can score; ``calibration_settings`` are the fields of
-    :class:`~dgmr.prune.calibrate.CalibrationSettings` (``compensate``, ``allocate``,
-    ``images``, ``ridge``, ...). docs/calibration.md. Calibration runs every image once
+    :class:`~dgmr.prune.calibration.settings.CalibrationSettings`, named as ``dgmr prune``'s
+    flags (``calibration_images``, ``compensation``, ``allocate``, ``ridge``, ...; the older
+    names ``images``, ``compensate``... still work). docs/calibration.md. Calibration runs every image once
     before the first cut and refuses, leaving the model whole, what it cannot calibrate;
     an error after that (out of memory, say) leaves the model partly pruned.
     """
-    from .calibrate import CalibrationSettings
-    from .criteria import criterion_scores
-
-    unknown = sorted(set(calibration_settings) - {f.name for f in dataclasses.fields(CalibrationSettings)})
-    if unknown:
-        raise TypeError(f"prune() got an unexpected keyword argument {unknown[0]!r}")
+    settings = CalibrationSettings.from_keywords("prune", **calibration_settings)
     family = family or family_of(model)
     sites = family.mlps(model)
     ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
     record = PruneRecord.start(criterion, seed, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction)
     if calibration is not None:
-        from .calibrated import calibrated_prune
-
-        settings = CalibrationSettings(**calibration_settings)
-        if not settings.compensate and settings.allocate == "uniform" and criterion_scores(criterion) == "weights":
+        if not settings.compensation and settings.allocate == "uniform" and criterion_scores(criterion) == "weights":
             raise DgmrError(f"calibration changes nothing here: no compensation, uniform widths and {criterion!r} "
                             "scores weights; drop the calibration images, or compensate, allocate globally or "
                             "use an activation criterion")

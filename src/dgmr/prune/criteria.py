@@ -13,8 +13,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..errors import DgmrError
-from ..registry import Registry
+from ..core.errors import DgmrError
+from ..core.registry import Registry
 from .pivot import greedy_order, selection_workspace_bytes
 
 

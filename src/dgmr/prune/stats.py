@@ -9,30 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from ..errors import DgmrError
-from ..models.families import Family, apply_widths, family_of, get_family
+from ..core.errors import DgmrError
+from ..models.cost import count_flops, mlp_params
+from ..models.families import apply_widths, family_of, get_family
 from ..models.open import model_source
 from ..models.sources import build_model
 from . import resolve_widths
-
-
-def count_flops(model: nn.Module, family: Family, image_size: int, batch: int = 1) -> int:
-    """FLOPs of one forward of the vision tower on ``batch`` images (meta or real weights)."""
-    p = next(model.parameters())
-    x = torch.zeros(batch, 3, image_size, image_size, device=p.device, dtype=p.dtype)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        family.image_forward(model, x)
-    return int(counter.get_total_flops())
-
-
-def mlp_params(family: Family, model: nn.Module) -> int:
-    """Parameters of the vision tower's MLPs (weights, biases, hidden-dim norms)."""
-    return sum(p.numel() for s in family.mlps(model) for m in s.parts for p in m.parameters())
 
 
 def stats(

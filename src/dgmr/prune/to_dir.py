@@ -7,13 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import parse_dtype
-from ..models.artifact import claimed_output_dir, save
+import torch
+
+from ..core.dtypes import parse_dtype
+from ..data.unlabeled import data_paths
+from ..io.output import claimed_output_dir
+from ..models.artifact import save
 from ..models.families import Family, family_of
-from ..models.open import open_model
-from ..paths import data_paths, model_path
+from ..models.open import model_path, open_model
 from . import prune
 from .criteria import get_criterion
+from .settings import PruneSettings
 
 
 def prune_summary(out: str | os.PathLike, model: str, family: Family, criterion: str, widths: dict[str, int],
@@ -39,43 +43,41 @@ def prune_summary(out: str | os.PathLike, model: str, family: Family, criterion:
 def prune_to_dir(
     model: str | os.PathLike,
     out: str | os.PathLike,
+    settings: PruneSettings | None = None,
     *,
-    mlp_ratio: float | None = None,
-    hidden: int | None = None,
-    keep_fraction: float | None = None,
-    criterion: str = "diversity",
-    seed: int = 0,
-    random_init: bool = False,
-    dtype: str | None = None,
-    overwrite: bool = False,
     model_kwargs: dict[str, Any] | None = None,
-    native: bool = True,
     progress: bool = True,
     calibration: Any = None,
     calibration_settings: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """``dgmr prune``: open ``model``, prune every vision MLP, save a dgmr directory at ``out``.
-    With ``calibration`` (images, see :func:`dgmr.prune`) the cut is calibrated
-    (docs/calibration.md); ``calibration_settings`` are CalibrationSettings fields."""
-    get_criterion(criterion)
-    out_dtype = parse_dtype(dtype) if dtype is not None else None
+
+    ``settings`` (a :class:`~dgmr.prune.settings.PruneSettings`) or its fields as keywords
+    (``mlp_ratio=1.0, criterion="l2"``...) say what to do. With ``calibration`` (images, see
+    :func:`dgmr.prune`) the cut is calibrated (docs/calibration.md); ``calibration_settings``
+    are :class:`~dgmr.prune.calibration.settings.CalibrationSettings` fields."""
+    s = PruneSettings.from_keywords(settings, "prune_to_dir", **kwargs)
+    get_criterion(s.criterion)
+    out_dtype = parse_dtype(s.dtype) if s.dtype is not None else None
     inputs = [("model", model_path(model)), *(("calibration data", p) for p in data_paths(calibration))]
-    with claimed_output_dir(out, inputs, overwrite):  # one writer from the emptiness check to the rename into place
+    with claimed_output_dir(out, inputs, s.overwrite):  # one writer from the emptiness check to the rename into place
         t0 = time.perf_counter()
-        net, src = open_model(model, random_init=random_init, model_kwargs=model_kwargs)
+        with torch.random.fork_rng(devices=[]):  # --random-init weights come from --seed: the same command, the same model
+            torch.manual_seed(s.seed)
+            net, src = open_model(model, random_init=s.random_init, model_kwargs=model_kwargs)
         family = family_of(net)
         params_before = family.vision_params(net)
-        net, record = prune(net, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, criterion=criterion,
-                            seed=seed, progress=progress, source=src, family=family, calibration=calibration,
-                            **(calibration_settings or {}))
+        net, record = prune(net, **s.widths(), criterion=s.criterion, seed=s.seed, progress=progress, source=src,
+                            family=family, calibration=calibration, **(calibration_settings or {}))
         if out_dtype is not None:
             net = net.to(out_dtype)
         params_after = family.vision_params(net)
-        cfg = save(net, out, source=src, record=record, overwrite=overwrite, native=native,
+        cfg = save(net, out, source=src, record=record, overwrite=s.overwrite, native=s.native,
                    extra={"params_before": params_before, "params_after": params_after,
-                          "random_init": bool(random_init)})
+                          "random_init": bool(s.random_init), **({"random_init_seed": s.seed} if s.random_init else {})})
         extra = {"calibration": _calibration_summary(record.calibration, record.layers)} if record.calibration else {}
-        return prune_summary(out, src.spec if src else str(model), family, criterion, cfg["widths"], params_before,
+        return prune_summary(out, src.spec if src else str(model), family, s.criterion, cfg["widths"], params_before,
                              params_after, cfg["native_export"], t0, **extra)
 
 

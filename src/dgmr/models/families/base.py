@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ...errors import DgmrError
-from ...prune.mlp import MlpSite, find_mlps, shrink_mlp
-from ...registry import Registry
+from ...core.errors import DgmrError
+from ...core.registry import Registry
+from ..sites.mlp import MlpSite, find_mlps, shrink_mlp
 from ..sources import Source
+from ..transforms import crop_preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,8 +140,6 @@ class Family:
         :class:`~dgmr.models.preprocess.EvalPreprocess`; call it through
         :func:`dgmr.models.preprocess.resolve_eval_preprocess`. Families without library
         preprocessing: resize to size/0.875, center crop, :meth:`data_config`'s mean/std."""
-        from ..preprocess import crop_preprocess
-
         dc = self.data_config(model)
         return crop_preprocess(int(image_size or dc["image_size"]), dc["mean"], dc["std"])
 
@@ -185,7 +184,7 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _uniform_ratio(model: nn.Module, build: Callable[[float], nn.Module], family: "Family") -> float | None:
+def uniform_ratio(model: nn.Module, build: Callable[[float], nn.Module], family: "Family") -> float | None:
     """An mlp_ratio whose architecture (built on meta) has exactly ``model``'s tensor shapes.
 
     All shapes are compared, not only the pruned MLPs' widths: a library may size another

@@ -10,8 +10,18 @@ from typing import Any
 
 import torch
 
-from .base import (IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Family, _uniform_ratio,
-                   loaded_module, register_family, site_widths)
+from ..transforms import EvalPreprocess
+from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    Family,
+    loaded_module,
+    register_family,
+    site_widths,
+    uniform_ratio,
+)
 
 
 @register_family(builtin=True)
@@ -55,8 +65,6 @@ class HFFamily(Family):
         return {"image_size": self.image_size(model), "mean": mean, "std": std}
 
     def eval_preprocess(self, model, src=None, image_size=None):
-        from ..preprocess import EvalPreprocess
-
         proc = _image_processor(model, src)
         size = int(image_size or self.image_size(model))
         if proc is None:  # a model type without an image processor: the generic transform
@@ -99,7 +107,7 @@ class HFFamily(Family):
                 with torch.device("meta"):
                     return cls._from_config(cfg) if hasattr(cls, "_from_config") else transformers.AutoModel.from_config(cfg)
 
-            r = _uniform_ratio(model, build, self)
+            r = uniform_ratio(model, build, self)
             if r is None:
                 return None, (f"no {name}.mlp_ratio (of type {type(vc.mlp_ratio).__name__}) builds hidden width "
                               f"{widths[0]} for embed dim {sites[0].in_features}; pick another width")

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from ..sources import Source, build_model
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Family, _uniform_ratio, loaded_module, register_family
-from .timm import TimmFamily, _final_block_tokens, _is_eva
+from ..transforms import EvalPreprocess
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Family, loaded_module, register_family, uniform_ratio
+from .timm import TimmFamily, final_block_tokens, is_eva
 
 
 @register_family(builtin=True)
@@ -62,8 +62,6 @@ class OpenClipFamily(Family):
     def eval_preprocess(self, model, src=None, image_size=None):
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
-        from ..preprocess import EvalPreprocess
-
         pp = self.preprocess_cfg(model, src)
         if image_size:
             pp["size"] = (int(image_size), int(image_size))
@@ -75,8 +73,8 @@ class OpenClipFamily(Family):
         if self._is_timm_tower(model):
             trunk = visual.trunk
             prefix = getattr(trunk, "num_prefix_tokens", 1)
-            if _is_eva(trunk):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
-                tokens = _final_block_tokens(trunk, x)
+            if is_eva(trunk):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
+                tokens = final_block_tokens(trunk, x)
                 return {"pooled": tokens[:, 0], "tokens": tokens[:, prefix:]}
             tokens = trunk.forward_features(x)  # one trunk pass: pooled = head(pool(tokens)), as visual(x)
             return {"pooled": visual.head(trunk.forward_head(tokens)), "tokens": tokens[:, prefix:]}
@@ -128,7 +126,7 @@ class OpenClipFamily(Family):
             digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
             return build_model(Source("open_clip", f"dgmr-verify-{digest}", model_cfg=cfg), meta=True)
 
-        r = _uniform_ratio(model, build, self)
+        r = uniform_ratio(model, build, self)
         if r is None:
             return {"skipped": "no single open_clip mlp_ratio rebuilds these shapes (per-layer MLP widths differ); "
                                "use dgmr.load"}

@@ -14,16 +14,17 @@ import torch
 from torch import nn
 
 from ..sources import Source
-from .base import Family, _uniform_ratio, loaded_module, register_family
+from ..transforms import EvalPreprocess
+from .base import Family, loaded_module, register_family, uniform_ratio
 
 
-def _is_eva(model: nn.Module) -> bool:
+def is_eva(model: nn.Module) -> bool:
     """timm's EVA / EVA02 towers (also the trunks of open_clip's EVA-CLIP models)."""
     tm = loaded_module("timm")
     return tm is not None and isinstance(model, tm.models.Eva)
 
 
-def _final_block_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def final_block_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of the last transformer block (before the final norm) of a timm ViT-like model."""
     seen: list[torch.Tensor] = []
     handle = model.blocks[-1].register_forward_hook(lambda mod, args, out: seen.append(out))
@@ -83,8 +84,6 @@ class TimmFamily(Family):
     def eval_preprocess(self, model, src=None, image_size=None):
         import timm.data
 
-        from ..preprocess import EvalPreprocess
-
         img = getattr(getattr(model, "patch_embed", None), "img_size", None)
         # the architecture's input size wins over its pretrained_cfg's (a model built with img_size=...)
         size = (int(image_size),) * 2 if image_size else tuple(int(v) for v in img) if img else None
@@ -93,8 +92,8 @@ class TimmFamily(Family):
         return EvalPreprocess(tf, {"library": "timm", **cfg})
 
     def features(self, model, x):
-        if _is_eva(model):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
-            tokens = _final_block_tokens(model, x)
+        if is_eva(model):  # EVA-CLIP recipe: final-block tokens, final norm and head removed
+            tokens = final_block_tokens(model, x)
             return {"pooled": tokens[:, 0], "tokens": tokens[:, getattr(model, "num_prefix_tokens", 1):]}
         tokens = model.forward_features(x)
         if tokens.ndim == 4 and not _channels_last(model, tokens):  # ConvNeXt, MetaFormer: (B, C, H, W)
@@ -118,7 +117,7 @@ class TimmFamily(Family):
             with torch.device("meta"):
                 return timm.create_model(src.name, pretrained=False, **{**src.kwargs, "mlp_ratio": r})
 
-        r = _uniform_ratio(model, build, self)
+        r = uniform_ratio(model, build, self)
         if r is None and not _takes_mlp_ratio(build):
             return {"skipped": f"timm {src.name} takes no mlp_ratio argument (timm's ConvNeXt and MetaFormer fix "
                                "their MLP widths), so no timm config rebuilds the pruned widths; use dgmr.load"}

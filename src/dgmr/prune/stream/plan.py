@@ -9,11 +9,11 @@ from typing import Any, Mapping, Sequence
 import psutil
 import torch
 
-from ...dist import usable_cpus
-from ...errors import DgmrError
+from ...core.dist import usable_cpus
+from ...core.errors import DgmrError
+from ...io.checkpoints import TensorInfo
+from ...models.sites.mlp import MlpSite
 from ..criteria import workspace_bytes
-from ..mlp import MlpSite
-from .checkpoint import TensorInfo
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -13,22 +13,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...dtypes import dtype_name, parse_dtype
-from ...errors import DgmrError, first_line
-from ...memory import PeakRss, release_freed
-from ...models.artifact import (CONFIG, NATIVE_OFF, WEIGHTS, atomic_dir, build_config, claimed_output_dir, write_json,
-                                write_kept_indices)
+from ...core.dtypes import dtype_name, parse_dtype
+from ...core.errors import DgmrError
+from ...core.memory import PeakRss, release_freed
+from ...io.checkpoints import WEIGHTS, Checkpoint, checkpoint_paths, match_names, open_checkpoint
+from ...io.output import atomic_dir, claimed_output_dir
+from ...io.writers import FileWriter, ShardWriter
+from ...models.artifact import write_kept_indices, write_streamed_config
 from ...models.families import Family, apply_widths, family_of
-from ...models.open import architecture_source
+from ...models.open import architecture_source, model_path
+from ...models.sites.mlp import MlpSite, shrink_mlp
 from ...models.sources import Source, build_model
-from ...paths import checkpoint_paths, model_path
 from .. import PruneRecord, resolve_widths
 from ..criteria import get_criterion, select_neurons
-from ..mlp import MlpSite, shrink_mlp
+from ..settings import PruneSettings
 from ..to_dir import prune_summary
-from .checkpoint import Checkpoint, match_names, open_checkpoint
 from .plan import Plan, make_plan, mlp_bytes, parse_size
-from .writers import FileWriter, ShardWriter
+
 
 def _site_tensors(site: MlpSite, modules: dict[int, str]) -> list[tuple[nn.Module, str, str]]:
     """(module, attribute, state-dict name) of every parameter :func:`shrink_mlp` touches."""
@@ -231,53 +232,21 @@ def write_stream_config(job: StreamJob, tmp: Path, files: list[str], native: boo
                "stream": {**job.plan.to_json(), "select_dtype": dtype_name(job.select_dtype), "layout": job.layout}})
 
 
-def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: Source, layout: str, scope: str | None,
-                          record: PruneRecord, native: bool, dtypes: set[torch.dtype], params_before: int,
-                          files: list[str], extra: dict[str, Any]) -> dict[str, Any]:
-    """The native export and config.json of weights written tensor by tensor (a streaming prune,
-    ``dgmr import``), from the meta model cut to the output's widths; ``dtypes`` are the
-    output's floating dtypes."""
-    note = NATIVE_OFF
-    if native:  # written from the meta model's config: no weights needed
-        try:
-            note = family.export_streamed(meta, tmp, src, layout, scope)
-        except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
-            note = {"skipped": f"native export failed on the meta model: {first_line(e)}"}
-    names = sorted(dtype_name(d) for d in dtypes)
-    params_after = family.vision_params(meta)
-    extra = {"params_before": params_before, "params_after": params_after, "random_init": False,
-             "weights": files[-1], "files": files, **extra}
-    if scope is not None:
-        extra["weights_scope"] = scope
-    config = build_config(family=family, model_class=type(meta).__name__,
-                          dtype=names[0] if len(names) == 1 else "float32",
-                          widths={s.name: s.hidden for s in family.mlps(meta)}, vision_params=params_after,
-                          source=src, record=record, native_export=note, extra=extra)
-    write_json(tmp / CONFIG, config)
-    return config
-
-
 def stream_prune(
     model: str | Source,
     weights: str | os.PathLike,
     out: str | os.PathLike,
+    settings: PruneSettings | None = None,
     *,
-    mlp_ratio: float | None = None,
-    hidden: int | None = None,
-    keep_fraction: float | None = None,
     widths: Mapping[str, int] | Sequence[int] | None = None,
-    criterion: str = "diversity",
-    seed: int = 0,
     model_kwargs: dict[str, Any] | None = None,
-    dtype: str | None = None,
     max_memory: int | str | None = None,
     workers: int | None = None,
     shard_size: int | str | None = None,
     select_device: str | torch.device | None = None,
     select_dtype: str = "float64",
-    overwrite: bool = False,
-    native: bool = True,
     progress: bool = True,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Prune the safetensors checkpoint ``weights`` of architecture ``model`` into ``out``.
 
@@ -290,20 +259,24 @@ def stream_prune(
     stays on the CPU; ``select_dtype`` is its compute dtype (``float64`` by default, as in
     :func:`dgmr.prune`, which makes the two bit-for-bit equal; ``float32`` is faster but can
     depart from the exact greedy order where two residual norms tie to ~1e-6). Returns a
-    summary dict (also the ``dgmr prune --weights`` output).
+    summary dict (also the ``dgmr prune --weights`` output). ``settings`` (or its fields as
+    keywords) are ``dgmr prune``'s; ``widths`` gives per-layer widths instead.
     """
     t0 = time.perf_counter()
-    request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction),
-                                 ("widths", widths)) if v is not None}
+    s = PruneSettings.from_keywords(settings, "stream_prune", **kwargs)
+    if s.random_init:
+        raise DgmrError("--random-init and --weights exclude each other (the weights come from --weights)")
+    request = {k: v for k, v in {**s.widths(), "widths": widths}.items() if v is not None}
     inputs = [("model", model_path(model)), *[("weights", w) for w in checkpoint_paths(weights)]]
-    with claimed_output_dir(out, inputs, overwrite):  # one writer from the emptiness check to the rename into place
-        job = plan_stream(model, weights, widths=request, criterion=criterion, seed=seed, model_kwargs=model_kwargs,
-                          dtype=dtype, max_memory=max_memory, workers=workers, shard_size=shard_size,
-                          select_device=select_device, select_dtype=select_dtype, native=native)
-        with PeakRss() as rss, atomic_dir(out, overwrite) as tmp:
+    with claimed_output_dir(out, inputs, s.overwrite):  # one writer from the emptiness check to the rename into place
+        job = plan_stream(model, weights, widths=request, criterion=s.criterion, seed=s.seed,
+                          model_kwargs=model_kwargs, dtype=s.dtype, max_memory=max_memory, workers=workers,
+                          shard_size=shard_size, select_device=select_device, select_dtype=select_dtype,
+                          native=s.native)
+        with PeakRss() as rss, atomic_dir(out, s.overwrite) as tmp:
             files, out_bytes = run_stream(job, tmp, progress)
-            config = write_stream_config(job, tmp, files, native)
-    return prune_summary(out, job.src.spec, job.family, criterion, config["widths"], job.params_before,
+            config = write_stream_config(job, tmp, files, s.native)
+    return prune_summary(out, job.src.spec, job.family, s.criterion, config["widths"], job.params_before,
                          config["params_after"], config["native_export"], t0, weights=str(Path(weights)),
                          checkpoint_bytes=job.ckpt.nbytes, output_bytes=out_bytes, files=len(files),
                          weights_scope=job.scope, workers=job.plan.workers, peak_rss_bytes=rss.peak)

@@ -1,6 +1,6 @@
 """The calibrated pruning pass (``dgmr.prune(..., calibration=...)``): MLP by MLP in forward
 order, score (on weights or activations), cut, refit the down projection; optionally with
-widths allocated across layers first. The pieces live in :mod:`.calibrate` and :mod:`.allocate`."""
+widths allocated across layers first (:mod:`.allocate`)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,14 +10,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import dist as D
-
+from ...core import dist as D
+from ...models.preprocess import resolve_eval_preprocess
+from ...models.sites.mlp import MlpSite, check_width, matrix, shrink_mlp
+from ..criteria import criterion_scores, get_criterion, scoring_matrix, select_neurons
 from .allocate import compensated_curve, dropped_curve, neuron_cost, spend, width_step
-from .calibrate import (CalibrationSettings, Runner, _down_coefficients, activation_rows, calibration_data,
-                        hidden_moments, keep_original, pruned_moments, refit_down)
-from .criteria import criterion_scores, get_criterion, scoring_matrix, select_neurons
-from .mlp import MlpSite, check_width, matrix, shrink_mlp
-
+from .images import calibration_data
+from .moments import activation_rows, hidden_moments, pruned_moments
+from .refit import down_coefficients, keep_original, refit_down
+from .runner import Runner
+from .settings import CalibrationSettings
 
 STATS_BUDGET = 2 << 30  # bytes of float64 statistics one allocation pass may hold (layers grouped to fit)
 
@@ -48,9 +50,9 @@ def _error_curve(site: MlpSite, mom: Any, criterion: str, seed: int, settings: C
     else:
         rows = scoring_matrix(*site.scoring_weights())
     rank = get_criterion(criterion)(rows, site.hidden, seed=seed).long()  # the full order: prefixes are picks
-    if settings.compensate:
+    if settings.compensation:
         return compensated_curve(mom, rank, settings.ridge)
-    return dropped_curve(mom, rank, _down_coefficients(site.down)[: site.hidden].T)
+    return dropped_curve(mom, rank, down_coefficients(site.down)[: site.hidden].T)
 
 
 def allocate_widths(runner: Runner, sites: list[MlpSite], order: list[int], ks: list[int], criterion: str,
@@ -66,7 +68,7 @@ def allocate_widths(runner: Runner, sites: list[MlpSite], order: list[int], ks: 
             bar.update()
     bar.close()
     widths = spend(curves, [neuron_cost(s) for s in sites], ks, [s.hidden for s in sites],
-                   [width_step(s) for s in sites], settings.floor, settings.ceiling)
+                   [width_step(s) for s in sites], settings.allocate_floor, settings.allocate_ceiling)
     return widths, [float(c[k]) for c, k in zip(curves, widths)]
 
 
@@ -80,16 +82,16 @@ def _cut_one(runner: Runner, site: MlpSite, k: int, criterion: str, seed: int,
     check_width(site, k)
     if k == site.hidden:  # nothing cut: the original MLP is its own best fit (and a bf16 fit would only add noise)
         return torch.arange(k), ({"rel_err_before": 0.0, "rel_err_after": 0.0, "refit": False}
-                                 if settings.compensate else {})
+                                 if settings.compensation else {})
     by_activations = criterion_scores(criterion) == "activations"
     sliceable = not site.norms
     mom = None
-    if by_activations or (settings.compensate and sliceable):
+    if by_activations or (settings.compensation and sliceable):
         mom = hidden_moments(runner, [site])[site.name]
     acts = activation_rows(mom, site.down, settings.ridge) if by_activations else None
     w1, w_gate = site.scoring_weights()
     keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed, activations=acts)
-    if not settings.compensate:
+    if not settings.compensation:
         shrink_mlp(site, keep)
         return keep, {}
     if sliceable:
@@ -122,13 +124,11 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
                      settings: CalibrationSettings, *, criterion: str, seed: int, progress: bool,
                      source: Any = None) -> None:
     """Prune ``sites`` of ``model`` in place with calibration ``data``; fills ``record``."""
-    from ..models.preprocess import resolve_eval_preprocess
-
-    device = D.pick_device(settings.device)
+    device = D.pick_device(settings.calibration_device)
     pre = resolve_eval_preprocess(model, family, source=source)
     cal = calibration_data(data, pre.transform, settings, seed=seed)
     with _calibration_state(model, device):
-        runner = Runner(model, family, cal, device, settings.precision)
+        runner = Runner(model, family, cal, device, settings.calibration_precision)
         order = runner.forward_order(sites)
         estimates = None
         if settings.allocate == "global":
@@ -144,9 +144,9 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
         h, keep, info = done[i]
         record.add(site, h, keep, **info)
     record.calibration = {"images": cal.images, "unreadable": cal.unreadable, "data": cal.description,
-                          "compensate": settings.compensate,
+                          "compensate": settings.compensation,
                           "allocate": settings.allocate, "criterion": criterion, "ridge": settings.ridge,
                           "preprocess": pre.settings if cal.decoded else None, "device": device.type,
                           "precision": "bf16" if runner.bf16 else "fp32",
-                          **({"floor": settings.floor, "ceiling": settings.ceiling}
+                          **({"floor": settings.allocate_floor, "ceiling": settings.allocate_ceiling}
                              if settings.allocate == "global" else {})}

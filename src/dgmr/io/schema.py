@@ -1,8 +1,6 @@
 """Checks of the files dgmr reads back, at the boundary: one clear error naming the file and
 the field, instead of a KeyError or TypeError deep inside.
 
-* :func:`read_small_file` / :func:`read_json_file`: config-like files are regular files of
-  at most :data:`MAX_CONFIG_BYTES` (``--config /dev/zero`` would otherwise read forever);
 * :func:`model_config`: a dgmr directory's ``config.json``;
 * :func:`run_config`: a distill run's ``run_config.json``;
 * :func:`checkpoint`: the distill checkpoint dict (after ``torch.load(weights_only=True)``);
@@ -13,48 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import DgmrError
+from ..core.dtypes import parse_dtype
+from ..core.errors import DgmrError
+from .files import read_json_file, read_small_file, read_text_file  # noqa: F401 - re-exported: schema.read_json_file
 
-MAX_CONFIG_BYTES = 16 * 2**20  # far above any real config (a CLIP's HF config is a few kB)
-
-
-def read_small_file(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
-    """The bytes of ``path``: a regular file of at most ``limit`` bytes (a FIFO or device is
-    refused before it is read, and no more than ``limit + 1`` bytes are ever read)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise DgmrError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DgmrError(f"{what} {path} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)  # the size from stat may lie (/proc files): count what is read
-    except OSError as e:
-        raise DgmrError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise DgmrError(f"{what} {path} is larger than {limit // 2**20} MiB: not a config file")
-    return data
-
-
-def read_text_file(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
-    try:
-        return read_small_file(path, what, limit).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DgmrError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
-
-
-def read_json_file(path: str | os.PathLike, what: str) -> Any:
-    try:
-        return json.loads(read_text_file(path, what))
-    except ValueError as e:
-        raise DgmrError(f"{what} {path} is not valid JSON: {e}") from None
+LIBRARIES = ("timm", "open_clip", "hf")  # the model libraries a dgmr source names
 
 
 def _fail(where: str, field: str, problem: str) -> DgmrError:
@@ -86,8 +50,6 @@ def _str(value: Any, where: str, field: str, optional: bool = False) -> str | No
 def model_config(cfg: Any, where: str) -> dict[str, Any]:
     """A dgmr ``config.json``: family, widths (name -> positive int), dtype (a float dtype
     torch has), source (null, or an object with a known library and a name)."""
-    from .dtypes import parse_dtype
-
     cfg = _object(cfg, where)
     if cfg.get("format") != "dgmr":
         raise _fail(where, "format", f"must be 'dgmr', not {cfg.get('format')!r}")
@@ -106,8 +68,6 @@ def model_config(cfg: Any, where: str) -> dict[str, Any]:
         raise _fail(where, "dtype", f"{cfg.get('dtype')!r} is not a float dtype torch has ({e})") from None
     src = cfg.get("source")
     if src is not None:
-        from .models.sources import LIBRARIES
-
         _object(src, where, "source")
         if src.get("library") not in LIBRARIES:
             raise _fail(where, "source.library", f"must be one of {', '.join(LIBRARIES)}, not {src.get('library')!r}")

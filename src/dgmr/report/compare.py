@@ -9,16 +9,18 @@ loss and any logged accuracy vs step) and ``accuracy_vs_flops.png``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..models.artifact import atomic_dir, read_config, write_json
-from ..paths import output_lock, refuse_overlap
-from ..errors import DgmrError
+from ..core.errors import DgmrError
+from ..evaluate.results import dataset_name, from_clip_benchmark, is_clip_benchmark
+from ..evaluate.tasks import model_role
+from ..io.output import atomic_dir, output_lock, refuse_overlap, write_json
+from ..models.artifact import read_config
 from ..models.sources import is_dgmr_dir
-from .results import dataset_name, from_clip_benchmark, is_clip_benchmark
+from .plots import plot_accuracy_vs_flops, plot_run_recovery, pyplot
+from .tables import fmt_count, markdown_table
 
 ROLE_ORDER = {"original": 0, "pruned": 1, "distilled": 2}
 
@@ -105,8 +107,6 @@ class _Rows:
         self.sources.setdefault(row["model"], []).append(origin)
 
     def add_model_dir(self, path: Path, role: str | None = None) -> dict[str, Any]:
-        from .tasks import model_role
-
         cfg = read_config(path)
         row = self.row(str(path))
         row["role"] = role or row["role"] or model_role(path)
@@ -117,8 +117,8 @@ class _Rows:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a ``metrics.jsonl``, checked as ``--resume`` checks them (a torn last line
-    of a live run is skipped): :func:`dgmr.distill.checkpoint.read_metrics`."""
-    from ..distill.checkpoint import read_metrics as read_lines
+    of a live run is skipped): :func:`dgmr.distill.rundir.read_metrics`."""
+    from ..distill.rundir import read_metrics as read_lines
 
     return [row for _, row in read_lines(path)]
 
@@ -184,15 +184,6 @@ def collect(inputs: Sequence[str | os.PathLike | dict[str, Any]]) -> tuple[_Rows
     return rows, runs
 
 
-def _fmt_int(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "–"
-    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suf}{unit}"
-    return f"{n:.0f}{unit}"
-
-
 def _rel(v: float | None, base: float | None) -> str:
     if v is None or base is None or not base:
         return ""
@@ -225,9 +216,9 @@ def _cost_cell(key: str, v: float, b: float | None, is_base: bool, jr: dict[str,
         jr["speedup"] = None if not b else v / b
         return f"{v:.1f}" + ("" if is_base or not b else f" (×{v / b:.2f})")
     if key == "peak_memory_bytes":
-        return _fmt_int(v, "B") + ("" if is_base else _rel(v, b))
+        return fmt_count(v, "B") + ("" if is_base else _rel(v, b))
     jr[f"{key}_ratio"] = None if not b or not v else b / v
-    return _fmt_int(v) + ("" if is_base else _rel(v, b))
+    return fmt_count(v) + ("" if is_base else _rel(v, b))
 
 
 def _table_row(r: dict[str, Any], base: dict[str, Any] | None, costs: list[str],
@@ -255,7 +246,7 @@ def _table(rows: list[dict[str, Any]], base: dict[str, Any] | None, metrics: lis
     """(header, Markdown table lines, report.json rows); cost columns only where some row has them."""
     costs = [key for key, _ in COST_COLUMNS if any(r.get(key) is not None for r in rows)]
     header = ["model", "role"] + [col for key, col in COST_COLUMNS if key in costs] + metrics
-    table = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+    table = markdown_table(header, [], numeric_from=2)
     json_rows = []
     for r in rows:
         line, jr = _table_row(r, base, costs, metrics)
@@ -271,7 +262,7 @@ def _plot_sections(plt: Any, tmp: Path, runs: list[dict[str, Any]], rows: list[d
     lines: list[str] = []
     for run in runs:
         name = f"recovery_{_slug(run['name'])}.png"
-        if not _plot_recovery(plt, run, tmp / name):
+        if not plot_run_recovery(plt, run, tmp / name):
             continue
         plots.append(name)
         lines += ["", f"## Recovery: {run['name']}", "", f"![recovery curve]({name})"]
@@ -282,7 +273,7 @@ def _plot_sections(plt: Any, tmp: Path, runs: list[dict[str, Any]], rows: list[d
     pts = [r for r in rows if r.get("flops") and any(r.get(m) is not None for m in metrics)]
     if pts and metrics:
         name = "accuracy_vs_flops.png"
-        _plot_acc_flops(plt, pts, metrics, tmp / name)
+        plot_accuracy_vs_flops(plt, pts, metrics, tmp / name)
         plots.append(name)
         lines += ["", "## Accuracy vs FLOPs", "", f"![accuracy vs FLOPs]({name})"]
     return plots, lines
@@ -299,11 +290,7 @@ def render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir
 
 def _render_report(results: Sequence[str | os.PathLike | dict[str, Any]], out_dir: str | os.PathLike,
                    baseline: str | None, overwrite: bool, title: str) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows_obj, runs = collect(results)
     rows, base = _ordered_rows(rows_obj, baseline)
     metrics = rows_obj.metrics
@@ -343,67 +330,3 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in s) or "run"
 
 
-def _plot_recovery(plt: Any, run: dict[str, Any], path: Path) -> bool:
-    ms = [m for m in run["metrics"] if isinstance(m.get("step"), (int, float))]
-    loss_keys = [k for k in ("loss", "loss_pooled", "loss_tokens") if any(isinstance(m.get(k), (int, float)) for m in ms)]
-    acc_keys = sorted({k for m in ms for k, v in m.items() if isinstance(v, (int, float))
-                       and ("top1" in k or "top5" in k or k.endswith("acc") or "accuracy" in k)})
-    if not loss_keys and not acc_keys:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for k in loss_keys:
-        pts = [(m["step"], m[k]) for m in ms if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.6 if k == "loss" else 1.0)
-    if loss_keys and all(m.get(k, 1) > 0 for m in ms for k in loss_keys if isinstance(m.get(k), (int, float))):
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("distillation loss")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if acc_keys:
-        ax2 = ax.twinx()
-        for i, k in enumerate(acc_keys):
-            pts = [(m["step"], m[k]) for m in ms if isinstance(m.get(k), (int, float))]
-            scale = 100 if all(p[1] <= 1 for p in pts) else 1
-            ax2.plot([p[0] for p in pts], [scale * p[1] for p in pts], "o--", ms=4, color=f"C{len(loss_keys) + i}", label=k)
-        ax2.set_ylabel("accuracy (%)")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="best", fontsize=8)
-    ax.set_title(f"recovery: {run['name']}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def _plot_acc_flops(plt: Any, rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    markers = {"original": "o", "pruned": "s", "distilled": "^"}
-    top = -math.inf
-    for i, m in enumerate(metrics):
-        pts = sorted(((r["flops"], 100 * r[m], r) for r in rows if r.get(m) is not None), key=lambda t: t[:2])
-        if not pts:
-            continue
-        ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], "-", color=f"C{i}", alpha=0.4)
-        names: dict[tuple[float, float], list[str]] = {}
-        for f, a, r in pts:
-            ax.scatter([f / 1e9], [a], marker=markers.get(r["role"], "D"), color=f"C{i}", s=40, zorder=3)
-            names.setdefault((f, a), []).append(r["display"])
-        for (f, a), who in names.items():  # one label per point, even where models coincide
-            ax.annotate(", ".join(who), (f / 1e9, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.plot([], [], "-", color=f"C{i}", label=m)
-        top = max(top, max(p[1] for p in pts))
-    if top >= 95:
-        ax.set_ylim(top=min(ax.get_ylim()[1], 101))
-    ax.set_xlabel("GFLOPs per image (vision tower)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title("accuracy vs FLOPs (○ original, □ pruned, △ distilled)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

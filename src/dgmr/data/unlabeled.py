@@ -1,4 +1,5 @@
-"""Unlabeled image data for distillation: folders, path lists, WebDataset shards, in-memory images.
+"""Unlabeled images, for distillation, calibration and evaluation: folders, path lists, WebDataset
+shards, in-memory images (:func:`resolve_data`), their datasets and the run sampler.
 
 Every source yields transformed image tensors and ignores labels. Augmentation is
 RandomResizedCrop(scale 0.2-1) + horizontal flip at the model's input size, normalised with
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -23,14 +24,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-if TYPE_CHECKING:
-    from .settings import DistillSettings
+from ..core import dist as D
+from ..core.errors import DgmrError
+from ..io.images import IMAGE_EXTENSIONS, UnreadableImage, open_image, printable, to_rgb
 
-from .. import dist as D
-from ..errors import DgmrError
-from ..images import UnreadableImage, open_image, printable, to_rgb
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
 
@@ -228,13 +225,13 @@ class DataSource:
     ignored_files: int = 0
 
 
-def _expand_shards(spec: str) -> list[str]:
+def expand_shards(spec: str) -> list[str]:
     from webdataset.shardlists import expand_urls
 
     return list(expand_urls(spec))
 
 
-def _is_shard_spec(spec: str) -> bool:
+def is_shard_spec(spec: str) -> bool:
     s = spec.lower()
     return s.endswith(SHARD_EXTENSIONS) or ("{" in s and ".tar" in s) or s.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
 
@@ -267,8 +264,8 @@ def resolve_data(data: Any) -> DataSource:
             return _shards(shards, f"{len(shards)} shards under {spec}")
         raise DgmrError(f"no images in {spec} ({len(files)} files, none with an image extension: "
                         f"{', '.join(IMAGE_EXTENSIONS)})")
-    if _is_shard_spec(spec):
-        return _shards(_expand_shards(spec), spec)
+    if is_shard_spec(spec):
+        return _shards(expand_shards(spec), spec)
     if path.is_file():
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return DataSource("files", [spec], spec, 1)
@@ -308,75 +305,6 @@ def _shards(urls: list[str], description: str) -> DataSource:
     return DataSource("shards", urls, f"{len(urls)} shards ({description})", n)
 
 
-@dataclass
-class Loader:
-    source: DataSource
-    transform: TrainTransform
-    info: D.DistInfo
-    settings: "DistillSettings"
-    workers: int
-    pin: bool
-    batches_per_epoch: int = field(init=False)  # per rank, micro-batches
-
-    def __post_init__(self) -> None:
-        s, world = self.settings, self.info.world
-        n = self.source.num_samples
-        if n is None:
-            self.batches_per_epoch = 0  # unknown: streaming shards with --steps
-            return
-        per_rank = n // world
-        self.batches_per_epoch = per_rank // s.batch_size
-        if self.batches_per_epoch < s.accum:
-            raise DgmrError(f"{self.source.description}: {n} images are fewer than one global batch "
-                            f"({s.batch_size} x {world} process(es) x {s.accum} accumulation): lower --batch-size")
-
-    def batches(self, start_micro: int, steps_per_epoch: int) -> Iterator[tuple[int, torch.Tensor | None, list[str]]]:
-        """Endless (epoch, images, unreadable names) micro-batches from micro-batch ``start_micro``."""
-        from torch.utils.data import DataLoader
-
-        s, info = self.settings, self.info
-        # a loader of its own RNG: starting it must not draw from the global one, which a resumed run
-        # restores from the checkpoint (else dropout/drop-path draws shift by one after a resume)
-        common = dict(batch_size=s.batch_size, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin,
-                      drop_last=True, generator=torch.Generator().manual_seed(s.seed),
-                      worker_init_fn=_ignore_stop_signals if self.workers > 0 else None)
-        if self.source.kind == "shards":
-            ds = ShardImages(self.source.items, self.transform, seed=s.seed, rank=info.rank, world=info.world,
-                             batch_size=s.batch_size, skip_batches=start_micro)
-            micro = start_micro
-            for x, bad in DataLoader(ds, **common):
-                yield (micro // (steps_per_epoch * s.accum) if steps_per_epoch else 0), x, bad
-                micro += 1
-            raise DgmrError(f"no readable images in {self.source.description}")
-        ds = ImageDataset(self.source.items, self.transform, seed=s.seed,
-                          name="images" if self.source.kind == "memory" else "files")
-        per_epoch = steps_per_epoch * s.accum  # micro-batches used per epoch
-        epoch, skip = divmod(start_micro, per_epoch)
-        # one loader for the whole run: its workers never restart, so epoch boundaries do not stall
-        sampler = RunSampler(ds, info, seed=s.seed, per_epoch=per_epoch * s.batch_size, epoch=epoch,
-                             skip=skip * s.batch_size)
-        extra = {"prefetch_factor": 4} if self.workers > 0 else {}
-        readable = 0
-        for x, bad in DataLoader(ds, sampler=sampler, **common, **extra):
-            readable += 0 if x is None else x.shape[0]
-            yield epoch, x, bad
-            skip += 1
-            if skip == per_epoch:  # batches never straddle epochs: each epoch is a whole number of them
-                if readable == 0 and start_micro <= (epoch * per_epoch):
-                    raise DgmrError(f"no readable images in {self.source.description}")
-                epoch, skip, readable = epoch + 1, 0, 0
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGUSR1: SLURM signals every process of the job, and a
-    worker dying of it would fail the main process before it can write its checkpoint. A
-    worker still ends with the main process (the loader's shutdown, or its parent watchdog)."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class RunSampler(torch.utils.data.Sampler):
     """``(epoch, index)`` pairs for every epoch from ``epoch`` on, without end: each epoch is
     the :class:`DistributedSampler` order of this rank (reshuffled per epoch), cut to
@@ -402,9 +330,18 @@ class RunSampler(torch.utils.data.Sampler):
             epoch, skip = epoch + 1, 0
 
 
-def default_workers(source: DataSource, info: D.DistInfo) -> int:
-    if source.kind == "memory":
-        return 0
-    return max(0, min(8, D.usable_cpus() // info.world - 1))
-
-
+def data_paths(data: Any) -> list[str]:
+    """The paths ``--data`` reads: a folder, a list file, WebDataset shards, or the path
+    items of an in-memory list (images and tensors are not paths)."""
+    if isinstance(data, (list, tuple)):
+        return sorted({os.fspath(x) for x in data if isinstance(x, (str, os.PathLike))})
+    if not isinstance(data, (str, os.PathLike)):
+        return []
+    s = os.fspath(data)
+    paths = [s]
+    if not os.path.exists(s) and is_shard_spec(s):
+        try:
+            paths = expand_shards(s)
+        except Exception:  # noqa: BLE001 - resolve_data reports a bad pattern
+            pass
+    return [p for p in paths if "://" not in p and not p.startswith("pipe:")]  # URLs and pipes are not local paths

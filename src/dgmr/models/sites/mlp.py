@@ -17,9 +17,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..errors import DgmrError
-from ..registry import Registry
-
+from ...core.errors import DgmrError
+from ...core.registry import Registry
 
 # A projection of an MLP: a Linear, or a 1x1 Conv2d (see ``_conv1x1`` for what qualifies).
 Proj = nn.Linear | nn.Conv2d

@@ -1,10 +1,11 @@
-"""Guards every command that writes puts around its output: no overlap with an input, one writer.
+"""Output safety: every command that writes puts these around its output (no overlap with an
+input, one writer, atomic replacement, one line for a storage error, stale temporaries removed).
 
 * :func:`refuse_overlap` fails (a :class:`DgmrError`, before anything is deleted or written)
   when an output path is, contains, or lies inside one of the command's input paths: a
   ``--overwrite`` onto the image folder or the student directory would delete it.
 * :func:`output_lock` holds an advisory ``fcntl.flock`` on ``<parent>/.<name>.lock``, next to
-  the output (never inside it: a distill ``--overwrite`` and :func:`~dgmr.models.artifact.atomic_dir`
+  the output (never inside it: a distill ``--overwrite`` and :func:`atomic_dir`
   replace the directory itself). The file holds the holder's pid, for the error a second
   writer gets; it is removed on release. A lock file left by a killed process holds no lock
   (the kernel drops ``flock`` with the process) and is reused. Re-entrant within a process.
@@ -19,11 +20,12 @@ import json
 import os
 import re
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import DgmrError, first_line
+from ..core.errors import DgmrError, first_line
 
 try:
     import fcntl
@@ -54,57 +56,6 @@ def refuse_overlap(out: str | os.PathLike, inputs: Inputs, what: str = "output")
         if relation:
             raise DgmrError(f"refusing to write the {what} {out}: it {relation} the {label} {path} "
                             "(an output must not overlap an input)")
-
-
-def model_path(model: Any) -> str | None:
-    """The file-system path a model argument names: a dgmr directory, ``hf:DIR`` or
-    ``open_clip:local-dir:DIR`` when DIR exists, an open_clip TAG that is a file; ``None`` for
-    hub specs (``timm:NAME``), modules and :class:`~dgmr.models.sources.Source` objects."""
-    if not isinstance(model, (str, os.PathLike)):
-        return None
-    s = os.fspath(model)
-    library, sep, rest = s.partition(":")
-    library = library.lower().replace("-", "_")
-    if not sep or library not in ("timm", "open_clip", "openclip", "hf"):
-        return s  # a directory dgmr wrote (or a path that will not open: harmless to compare)
-    if library != "hf":
-        rest = rest[len("local-dir:"):] if rest.startswith("local-dir:") else rest.partition(":")[2]
-    return rest if rest and os.path.exists(rest) else None
-
-
-def checkpoint_paths(weights: str | os.PathLike) -> list[str]:
-    """A checkpoint file or directory, and the shards a ``*.index.json`` names (they may
-    live elsewhere than the index)."""
-    paths = [os.fspath(weights)]
-    index = Path(weights)
-    if index.is_dir():
-        index = index / "model.safetensors.index.json"
-    if index.name.endswith(".index.json") and index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-            paths += [str(index.parent / str(f)) for f in sorted(shards)]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # the reader reports a bad index; here only the paths matter
-    return paths
-
-
-def data_paths(data: Any) -> list[str]:
-    """The paths ``--data`` reads: a folder, a list file, WebDataset shards, or the path
-    items of an in-memory list (images and tensors are not paths)."""
-    from .distill.data import _expand_shards, _is_shard_spec
-
-    if isinstance(data, (list, tuple)):
-        return sorted({os.fspath(x) for x in data if isinstance(x, (str, os.PathLike))})
-    if not isinstance(data, (str, os.PathLike)):
-        return []
-    s = os.fspath(data)
-    paths = [s]
-    if not os.path.exists(s) and _is_shard_spec(s):
-        try:
-            paths = _expand_shards(s)
-        except Exception:  # noqa: BLE001 - resolve_data reports a bad pattern
-            pass
-    return [p for p in paths if "://" not in p and not p.startswith("pipe:")]  # URLs and pipes are not local paths
 
 
 def lock_path(out: str | os.PathLike) -> Path:
@@ -315,3 +266,66 @@ def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) ->
             _unlink(p)
             removed.append(p)
     return removed
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before any work) if ``out`` holds files and ``overwrite`` is off."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DgmrError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DgmrError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+    return out
+
+
+@contextlib.contextmanager
+def claimed_output_dir(out: str | os.PathLike, inputs: Inputs, overwrite: bool) -> Iterator[None]:
+    """What a command writing a model directory does before any work: refuse an ``out`` that
+    overlaps one of ``inputs`` ((label, path) pairs), take ``out``'s lock, check it is empty
+    (or ``overwrite``). Held for the block, so the work before :func:`atomic_dir` (opening and
+    pruning a model) runs with ``out`` already claimed."""
+    refuse_overlap(out, inputs, "output directory")
+    with output_lock(out):
+        check_output_dir(out, overwrite)
+        yield
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out`` only if the block succeeds. Holds
+    ``out``'s lock (:func:`output_lock`; a no-op when the command already does)
+    from before the emptiness check until ``out`` is in place."""
+    with output_lock(out):
+        out = check_output_dir(out, overwrite)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(out.parent, e) from None
+        remove_stale_temps(out.parent, out.name)  # what a killed writer of this output left
+        # .<name>.tmp-<pid>-<hex>: the pid tells remove_stale_temps whether its writer still runs
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            yield tmp
+        except WRITE_ERRORS as e:  # a full disk, an I/O error: the previous output stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, DgmrError):
+                raise
+            raise storage_error(out, e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically (temp + rename); a failed write is one DgmrError naming ``path`` and the free space."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

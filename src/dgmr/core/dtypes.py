@@ -5,6 +5,8 @@ import torch
 
 from .errors import DgmrError
 
+# the compute precisions a user picks (calibration, distillation): bf16 autocast on GPUs under auto
+PRECISIONS = ("auto", "bf16", "fp32")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import struct
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DgmrError
+from ..core.errors import DgmrError
+from .files import RefusedFile, read_regular_file
 
 # Pillow's own bomb threshold (its default Image.MAX_IMAGE_PIXELS, ~89.5 MP), read once so a
 # caller changing Pillow's global does not change what dgmr accepts
 MAX_PIXELS = 89_478_485
 MAX_IMAGE_BYTES = 1 << 30  # the largest image file read (a bigger one is no image we can decode in memory)
+# file names dgmr reads as images (folders, list files, shard members, labeled splits)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -62,25 +64,19 @@ def _escaped_only(name: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in name)
 
 
-def read_regular_file(path: str | os.PathLike, limit: int | None = None, what: str = "file") -> bytes:
+def read_image_file(path: str | os.PathLike, limit: int | None = None, what: str = "file") -> bytes:
     """The bytes of ``path`` if it is a regular file (at most ``limit`` bytes), else :class:`UnreadableImage`."""
     name = printable(os.fspath(path))
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
-    except OSError as e:
-        raise UnreadableImage(name, f"cannot open the {what}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnreadableImage(name, "not a regular file (a FIFO, device, socket or directory)")
-        if limit is not None and st.st_size > limit:
-            raise UnreadableImage(name, f"the {what} is {st.st_size:,} bytes, more than the {limit:,} allowed")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    except OSError as e:
-        raise UnreadableImage(name, f"cannot read the {what}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
+        return read_regular_file(path, limit)
+    except RefusedFile as e:
+        if e.kind == "size":
+            reason = f"the {what} is {e.detail:,} bytes, more than the {limit or 0:,} allowed"
+        elif e.kind == "irregular":
+            reason = "not a regular file (a FIFO, device, socket or directory)"
+        else:
+            reason = f"cannot {e.kind} the {what}: {e.detail}"
+        raise UnreadableImage(name, reason) from None
 
 
 def open_image(src: bytes | str | os.PathLike, name: str | None = None) -> Image.Image:
@@ -89,7 +85,7 @@ def open_image(src: bytes | str | os.PathLike, name: str | None = None) -> Image
     if isinstance(src, (bytes, bytearray, memoryview)):
         data, label = bytes(src), name or "image bytes"
     else:
-        data, label = read_regular_file(src, MAX_IMAGE_BYTES, "image file"), name or os.fspath(src)
+        data, label = read_image_file(src, MAX_IMAGE_BYTES, "image file"), name or os.fspath(src)
     label = printable(label)
     try:
         with warnings.catch_warnings():

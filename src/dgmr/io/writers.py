@@ -1,4 +1,4 @@
-"""Output writers of a streaming prune: HF-style shards that fill and flush, or one
+"""Streaming safetensors writers (streaming prune, ``dgmr import``): HF-style shards that fill and flush, or one
 ``model.safetensors`` written as the tensors come (its header laid out up front)."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import save_file
 
-from ... import __version__
-from ...models.artifact import SHARD_INDEX as INDEX, WEIGHTS, write_json
-from ...memory import release_freed
-from ...schema import check_finite
-from .checkpoint import ST_DTYPES
+from ..core.memory import release_freed
+from ..core.version import __version__
+from .checkpoints import INDEX, ST_DTYPES, WEIGHTS
+from .output import write_json
+from .schema import check_finite
 
 
 class ShardWriter:

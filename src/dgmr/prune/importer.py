@@ -33,20 +33,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..dtypes import parse_dtype
-from ..errors import DgmrError, first_line
-from ..memory import PeakRss
-from ..prune import PruneRecord
-from ..prune.mlp import MlpSite
-from ..prune.stream.checkpoint import Checkpoint, TensorInfo, match_names, open_checkpoint
-from ..prune.stream.run import write_streamed_config
-from ..prune.stream.writers import FileWriter, ShardWriter
-from ..prune.to_dir import prune_summary
-from .artifact import WEIGHTS, atomic_dir, claimed_output_dir
-from .families import Family, apply_widths, family_of
-from .open import architecture_source
-from .sources import Source, build_model
-from ..paths import checkpoint_paths, model_path
+from ..core.dtypes import parse_dtype
+from ..core.errors import DgmrError, first_line
+from ..core.memory import PeakRss
+from ..io.checkpoints import WEIGHTS, Checkpoint, TensorInfo, checkpoint_paths, match_names, open_checkpoint
+from ..io.output import atomic_dir, claimed_output_dir
+from ..io.writers import FileWriter, ShardWriter
+from ..models.families import Family, apply_widths, family_of
+from ..models.open import architecture_source, model_path
+from ..models.sites.mlp import MlpSite
+from ..models.sources import Source, build_model
+from . import PruneRecord
+from .stream.run import write_streamed_config
+from .to_dir import prune_summary
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 NESTED_KEYS = ("model", "state_dict", "module", "model_ema")

@@ -14,19 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DgmrError
-from ..models.preprocess import CROP_PCT, crop_preprocess
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                   crop_pct: float = CROP_PCT) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the short side to ``image_size / crop_pct`` (256 for 224), center-crop
-    ``image_size``, scale to [0, 1] and normalise with ``mean``/``std``. (The evaluations
-    use :func:`dgmr.models.preprocess.eval_transform`, the model's own transform, unless a
-    crop fraction is asked for; this is that fixed-crop transform.)"""
-    return crop_preprocess(image_size, mean, std, crop_pct).transform
+from ..core.errors import DgmrError
+from ..io.files import read_text_file
+from ..io.images import IMAGE_EXTENSIONS, UnreadableImage, open_image
 
 
 def _is_image(p: Path) -> bool:
@@ -34,8 +24,6 @@ def _is_image(p: Path) -> bool:
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    from ..images import UnreadableImage, open_image  # 16-bit/float images scaled right, bombs and FIFOs refused
-
     try:
         return open_image(path)
     except UnreadableImage as e:
@@ -218,8 +206,6 @@ def read_captions(path: str | os.PathLike, images_dir: str | os.PathLike) -> Cap
 
 def _text(path: Path, what: str) -> str:
     """A class-name or template file's text: a regular UTF-8 file of bounded size (one error line otherwise)."""
-    from ..schema import read_text_file
-
     if not path.exists():
         raise DgmrError(f"{what} file {path} does not exist")
     return read_text_file(path, f"{what} file")

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .calibrate import Moments
-from .mlp import MlpSite
+from ...models.sites.mlp import MlpSite
+from .moments import Moments
 
 
 def compensated_curve(mom: Moments, order: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The input checkpoint of a streaming prune: safetensors headers read up front, tensors
-read one at a time, and the names matched to the architecture's."""
+"""Reading safetensors checkpoints too big for memory (streaming prune, ``dgmr import``):
+headers read up front, tensors read one at a time, and the names matched to an
+architecture's. The file names are Hugging Face's (one file, or shards beside an index)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ from typing import Mapping, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ...errors import DgmrError
-from ...models.artifact import SHARD_INDEX as INDEX, WEIGHTS
+from ..core.errors import DgmrError
+
+WEIGHTS = "model.safetensors"  # one file
+SHARD_INDEX = INDEX = "model.safetensors.index.json"  # shards, named by this index
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -155,3 +158,17 @@ def match_names(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]], tower
     return {n: have[n] for n in want}, scope
 
 
+def checkpoint_paths(weights: str | os.PathLike) -> list[str]:
+    """A checkpoint file or directory, and the shards a ``*.index.json`` names (they may
+    live elsewhere than the index)."""
+    paths = [os.fspath(weights)]
+    index = Path(weights)
+    if index.is_dir():
+        index = index / "model.safetensors.index.json"
+    if index.name.endswith(".index.json") and index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+            paths += [str(index.parent / str(f)) for f in sorted(shards)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # the reader reports a bad index; here only the paths matter
+    return paths

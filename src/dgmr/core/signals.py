@@ -1,0 +1,26 @@
+"""Signal handlers for the length of a block: installed in the main thread only (Python's rule),
+the previous handlers put back however the block ends."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+# what SLURM and Kubernetes send before they stop a job (SIGUSR1: SLURM's --signal warning)
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+@contextlib.contextmanager
+def handling(signals: Iterable[int], handler: Callable[[int, Any], None]) -> Iterator[bool]:
+    """``handler`` for ``signals`` inside the block; yields whether it was installed (False off
+    the main thread, where Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    before = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield True
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
