@@ -87,6 +87,17 @@ class HFFamily(Family):
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
+    def sequential_blocks(self, model):
+        # the encoder layers (ViT, CLIP, SigLIP, DINOv2; transformers 5's ViT holds them at the
+        # root); SigLIP's pooling-head MLP runs after them and is calibrated with a full pass
+        prefix, root = self.vision_root(model)
+        at = f"{prefix}." if prefix else ""
+        for path in ("encoder.layers", "encoder.layer", "layers", "layer"):
+            layers = root.get_submodule(path) if _has_submodule(root, path) else None
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):
+                return [(f"{at}{path}.{i}", m) for i, m in enumerate(layers)]
+        return super().sequential_blocks(model)
+
     def width_fields(self, model, sites) -> tuple[dict[str, Any] | None, str]:
         """(config fields that rebuild these widths, or None with the reason why none do)."""
         import transformers
@@ -147,6 +158,14 @@ class HFFamily(Family):
         meta.config.save_pretrained(out / "hf")
         return {"format": "transformers from_pretrained", "files": ["hf/"],
                 "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}
+
+
+def _has_submodule(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class _ProcessorTransform:
