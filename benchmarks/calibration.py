@@ -144,52 +144,84 @@ SPEED_MODELS = {
 }
 
 
+class Clock:
+    """Wall-clock seconds and this process's CPU seconds (all its threads) since it started:
+    on a shared machine, the CPU seconds of a one-thread run move less with the load."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        _sync(device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        _sync(self.device)
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def speed_model(name: str, tiny: bool, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+def speed_model(name: str, tiny: bool, device: torch.device, images: int) -> tuple[nn.Module, torch.Tensor]:
+    """A random-init timm model (``tiny``: depth 2 at 56 px) and smooth random images at its size."""
     import timm
 
     arch, kwargs = SPEED_MODELS[name]
-    size = 56 if tiny else 224
-    kwargs = {**kwargs, **({"depth": 2, "img_size": size} if tiny else {})}
+    kwargs = {**kwargs, **({"depth": 2, "img_size": 56} if tiny else {})}
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs).eval().to(device)
     size = model.patch_embed.img_size[0]
     g = torch.Generator().manual_seed(0)
-    images = nn.functional.interpolate(torch.randn(64, 3, 8, 8, generator=g), size=size, mode="bilinear")
-    return model, images
+    return model, nn.functional.interpolate(torch.randn(images, 3, 8, 8, generator=g), size=size, mode="bilinear")
 
 
-def forward_seconds(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device) -> float:
-    """One forward pass of ``images`` in calibration's batches and precision (bf16 autocast on a GPU)."""
+def forward_seconds(model: nn.Module, images: torch.Tensor, device: torch.device, batch: int = 32) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward pass of ``images`` in calibration's batches and
+    precision (bf16 autocast on a GPU)."""
     fam = family_of(model)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        _sync(device)
-        t = time.perf_counter()
+        clock = Clock(device)
         for xb in images.split(batch):
             fam.image_forward(model, xb.to(device))
-        _sync(device)
-    return time.perf_counter() - t
+        return clock.read()
 
 
-def timed_prune(model: nn.Module, images: torch.Tensor, device: torch.device, **kw: Any) -> tuple[nn.Module, float, int]:
-    """(pruned copy, seconds, peak GPU bytes or 0) of a calibrated prune at mlp_ratio=1."""
+def timed_prune(model: nn.Module, images: torch.Tensor, device: torch.device,
+                **kw: Any) -> tuple[nn.Module, tuple[float, float], int]:
+    """(pruned copy, (wall, CPU) seconds, peak GPU bytes or 0) of a calibrated prune at mlp_ratio=1
+    (diversity + compensation, every image calibrating)."""
     student = copy.deepcopy(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t = time.perf_counter()
+    clock = Clock(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         student, _ = dgmr.prune(student, mlp_ratio=1.0, calibration=images, calibration_images=len(images),
                                 progress=False, calibration_device=device.type, **kw)
-    _sync(device)
-    seconds = time.perf_counter() - t
+    seconds = clock.read()
     return student, seconds, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+def measure(model: nn.Module, images: torch.Tensor, device: torch.device,
+            prunes: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    """The forward pass (before and after the prunes, averaged) and each prune of ``prunes``
+    (name -> prune keywords), in seconds and forward passes (wall and CPU)."""
+    forward_seconds(model, images[:2], device)  # warm-up
+    fwd = [forward_seconds(model, images, device)]
+    spent, pruned, row = {}, {}, {}
+    for v, kw in prunes.items():
+        pruned[v], spent[v], peak = timed_prune(model, images, device, **kw)
+        if peak:
+            row[f"{v}_peak_gib"] = round(peak / 2**30, 2)
+    fwd.append(forward_seconds(model, images, device))
+    wall, cpu = (sum(f[i] for f in fwd) / len(fwd) for i in (0, 1))
+    row.update(forward_s=round(wall, 3), forward_cpu_s=round(cpu, 3), forward_runs_s=[round(f[0], 3) for f in fwd])
+    for v in prunes:
+        row[f"{v}_s"], row[f"{v}_cpu_s"] = round(spent[v][0], 2), round(spent[v][1], 2)
+        row[f"{v}_passes"], row[f"{v}_cpu_passes"] = round(spent[v][0] / wall, 2), round(spent[v][1] / cpu, 2)
+    return row, pruned
 
 
 def _max_rel_diff(a: nn.Module, b: nn.Module) -> float:
@@ -198,70 +230,54 @@ def _max_rel_diff(a: nn.Module, b: nn.Module) -> float:
                for k, t in a.state_dict().items() if t.is_floating_point())
 
 
-def speed(name: str, tiny: bool, device: torch.device, variants: list[str]) -> dict[str, Any]:
-    """Forward pass and calibrated prunes of one model, measured side by side."""
-    model, images = speed_model(name, tiny, device)
-    forward_seconds(model, images[:2], 2, device)  # warm-up
-    fwd = [forward_seconds(model, images, 32, device)]
-    row: dict[str, Any] = {"model": name, "depth": len(model.blocks), "images": len(images),
-                           "size": images.shape[-1], "device": device.type}
-    pruned = {}
-    for v in variants:
-        pruned[v], secs, peak = timed_prune(model, images, device, calibration_sweep=v == "sweep")
-        row[f"{v}_s"] = round(secs, 2)
-        if peak:
-            row[f"{v}_peak_gib"] = round(peak / 2**30, 2)
-    fwd.append(forward_seconds(model, images, 32, device))
-    row["forward_s"] = round(sum(fwd) / len(fwd), 3)
-    row["forward_runs_s"] = [round(f, 3) for f in fwd]
-    for v in variants:
-        row[f"{v}_passes"] = round(row[f"{v}_s"] / row["forward_s"], 2)
-    if len(pruned) == 2:
-        row["max_rel_weight_diff"] = _max_rel_diff(pruned["sweep"], pruned["full"])
-    if device.type == "cuda":
-        row["gpu"] = torch.cuda.get_device_name()
-    return row
-
-
-def baseline(src: str, name: str, tiny: bool, device: str) -> dict[str, Any]:
-    """The same measurement of the dgmr at ``src`` (its full passes: it has no sweep), in a subprocess."""
+def baseline(src: str, a: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The same measurement of the dgmr source tree ``src`` (an older checkout: full passes,
+    it has no sweep), in a subprocess with the same threads."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": src}
-    cmd = [sys.executable, __file__, "--speed-worker", name, "--device", device] + (["--tiny"] if tiny else [])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def speed_worker(name: str, tiny: bool, device: torch.device) -> None:
-    """--speed-worker: forward + calibrated prune with whatever dgmr is importable (no sweep flag)."""
-    model, images = speed_model(name, tiny, device)
-    forward_seconds(model, images[:2], 2, device)
-    fwd = forward_seconds(model, images, 32, device)
-    _, secs, peak = timed_prune(model, images, device)
-    fwd = (fwd + forward_seconds(model, images, 32, device)) / 2
-    print(json.dumps({"forward_s": round(fwd, 3), "prune_s": round(secs, 2), "passes": round(secs / fwd, 2),
-                      "peak_gib": round(peak / 2**30, 2)}))
+    cmd = [sys.executable, __file__, "--speed-worker", name, "--device", a.device, "--images", str(a.images),
+           "--threads", str(torch.get_num_threads())] + (["--tiny"] if a.tiny else [])
+    out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_speed(a: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(a.device)
+    variants = a.variants.split(",")
     rows = []
     for name in a.models.split(","):
-        row = speed(name, a.tiny, device, a.variants.split(","))
+        model, images = speed_model(name, a.tiny, device, a.images)
+        row: dict[str, Any] = {"model": name, "depth": len(model.blocks), "images": len(images),
+                               "size": images.shape[-1], "device": device.type, "threads": torch.get_num_threads()}
+        if device.type == "cuda":
+            row["gpu"] = torch.cuda.get_device_name()
+        found, pruned = measure(model, images, device, {v: dict(calibration_sweep=v == "sweep") for v in variants})
+        row.update(found)
+        if len(pruned) == 2:
+            row["max_rel_weight_diff"] = _max_rel_diff(pruned["sweep"], pruned["full"])
+        del model, pruned
         if a.baseline_src:
-            b = baseline(a.baseline_src, name, a.tiny, a.device)
-            row.update({"baseline_s": b["prune_s"], "baseline_forward_s": b["forward_s"], "baseline_passes": b["passes"]})
+            row.update({f"baseline_{k}": v for k, v in baseline(a.baseline_src, a, name).items()})
         rows.append(row)
-        line = "  ".join(f"{v} {row[f'{v}_s']:7.2f} s = {row[f'{v}_passes']:5.2f} passes"
-                         + (f" (peak {row[f'{v}_peak_gib']} GiB)" if f"{v}_peak_gib" in row else "")
-                         for v in a.variants.split(","))
-        extra = f"  baseline {row['baseline_s']:.2f} s = {row['baseline_passes']:.2f} passes" if a.baseline_src else ""
-        diff = f"  max weight diff {row['max_rel_weight_diff']:.1e}" if "max_rel_weight_diff" in row else ""
-        print(f"{name:8s} depth {row['depth']:2d}  forward {row['forward_s']:7.3f} s  {line}{extra}{diff}", flush=True)
+        cols = [f"{v} {row[f'{v}_s']:.2f} s = {row[f'{v}_passes']:.2f} passes (CPU {row[f'{v}_cpu_passes']:.2f})"
+                + (f", peak {row[f'{v}_peak_gib']} GiB" if f"{v}_peak_gib" in row else "") for v in variants]
+        if a.baseline_src:
+            cols.append(f"baseline {row['baseline_prune_s']:.2f} s = {row['baseline_prune_passes']:.2f} passes "
+                        f"(CPU {row['baseline_prune_cpu_passes']:.2f})")
+        if "max_rel_weight_diff" in row:
+            cols.append(f"max weight diff {row['max_rel_weight_diff']:.1e}")
+        print(f"{name:8s} depth {row['depth']:2d}  forward {row['forward_s']:.3f} s  " + "  ".join(cols), flush=True)
     return rows
+
+
+def speed_worker(a: argparse.Namespace) -> None:
+    """--speed-worker: forward + calibrated prune with whatever dgmr is importable (no sweep flag)."""
+    device = torch.device(a.device)
+    model, images = speed_model(a.speed_worker, a.tiny, device, a.images)
+    row, _ = measure(model, images, device, {"prune": {}})
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -275,11 +291,15 @@ def main() -> None:
     p.add_argument("--variants", default="sweep,full", help="with --speed: sweep and/or full")
     p.add_argument("--device", default="cpu", help="with --speed: cpu or cuda")
     p.add_argument("--tiny", action="store_true", help="with --speed: depth 2, 56 px (to try the script on a CPU)")
+    p.add_argument("--images", type=int, default=64, help="with --speed: calibration images (and the forward's)")
+    p.add_argument("--threads", type=int, help="with --speed: torch CPU threads (default: torch's)")
     p.add_argument("--baseline-src", help="with --speed: also time the dgmr source tree at this path (its src/)")
     p.add_argument("--speed-worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.speed_worker:
-        return speed_worker(a.speed_worker, a.tiny, torch.device(a.device))
+        return speed_worker(a)
     if a.speed:
         a.models = a.models or "vit-s12,vit-s24,vit-b,vit-l"
         rows = run_speed(a)

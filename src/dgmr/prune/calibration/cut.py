@@ -32,17 +32,15 @@ STATS_BUDGET = 2 << 30  # bytes of float64 statistics one full allocation pass m
 
 @dataclass
 class Passes:
-    """How this prune runs its passes: the full-pass runner, and the sweep's chain when the
-    model's blocks run one by one (``fallback`` says why they do not, when they were asked to)."""
+    """How this prune runs its passes: the full-pass runner (``order``: the sites in forward
+    order), and the sweep's chain and walker when the model's blocks run one by one
+    (``fallback`` says why they do not, when they were asked to)."""
 
     runner: Runner
     order: list[int]
     chain: Chain | None = None
+    walker: Walker | None = None
     fallback: str | None = None
-
-    @property
-    def walker(self) -> Walker | None:
-        return Walker(self.chain, self.runner.autocast) if self.chain is not None else None
 
 
 def first_pass(runner: Runner, family: Any, model: nn.Module, sites: list[MlpSite], steps: list[Step],
@@ -61,7 +59,8 @@ def first_pass(runner: Runner, family: Any, model: nn.Module, sites: list[MlpSit
             why = str(e)
     order = runner.forward_order(sites, probe)
     if probe is not None and probe.broken is None:
-        return Passes(runner, order, probe.chain())
+        chain = probe.chain()
+        return Passes(runner, order, chain, Walker(chain, runner.autocast))
     why = why or (probe.broken if probe is not None else None)
     if why is not None:
         warnings.warn(f"calibration runs full forward passes up to every MLP (about {len(sites)}/2 passes instead "
@@ -111,14 +110,14 @@ def _allocation_moments(passes: Passes, sites: list[MlpSite]) -> Iterator[tuple[
     if chain is None or walker is None:
         groups = _groups(sites, passes.order)
     else:
-        for j in range(len(chain.blocks)):
+        for j in range(chain.last + 1):
             hooks, moms = moment_hooks([sites[i] for i in chain.members[j]])
             walker.advance(j, hooks)
             for i in chain.members[j]:
                 yield i, moms[sites[i].name].check()
         # the walk starts again from the first block: catch its inputs again (the embedding only)
         chain.states[:] = passes.runner.inputs_of(chain.blocks[0])
-        groups = [chain.tail] if chain.tail else []
+        groups = _groups(sites, chain.tail) if chain.tail else []
     for group in groups:
         moms = hidden_moments(passes.runner.run_to, [sites[i] for i in group])
         for i in group:

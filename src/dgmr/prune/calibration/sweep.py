@@ -42,6 +42,11 @@ class Chain:
     members: list[list[int]]  # [block]: the watched modules it runs, in forward order
     tail: list[int]  # watched modules that run after the last block, in forward order
 
+    @property
+    def last(self) -> int:
+        """The last block that runs a watched module (-1: none does); the walk stops there."""
+        return max((j for j, m in enumerate(self.members) if m), default=-1)
+
 
 @dataclass
 class _Batch:
@@ -321,13 +326,14 @@ def walk(steps: list[Step], chain: Chain | None, walker: Walker | None, full: Pa
         for i in tqdm(order, desc=desc, unit="layer", disable=not progress, leave=False):
             results[i] = steps[i].cut(full)
         return results
-    for j in tqdm(range(len(chain.blocks)), desc=desc, unit="block", disable=not progress, leave=False):
+    for j in tqdm(range(chain.last + 1), desc=desc, unit="block", disable=not progress, leave=False):
         run = functools.partial(walker.run, j)
         for i in chain.members[j]:
             results[i] = steps[i].cut(run)
-        if j + 1 < len(chain.blocks):  # the last block's outputs feed nothing (the tail runs full passes)
+        if j < chain.last:  # the last block's outputs feed no step (the tail's steps run full passes)
             walker.advance(j)
-    chain.states.clear()  # the hidden states are no longer needed: free them before the tail's passes
+    chain.states.clear()  # free the hidden states (and what the last block kept) before the tail's passes
+    walker.block, walker.kept = -1, {}
     for i in chain.tail:
         results[i] = steps[i].cut(full)
     return results
