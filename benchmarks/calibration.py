@@ -19,9 +19,10 @@ random-init timm models (ViT-S at depths 12 and 24, ViT-B, ViT-L; EVA02-L and EV
 GPU), 64 smooth random images at 224 px, `mlp_ratio=1` with calibration (diversity +
 compensation), it times one forward pass of those images, the calibrated prune that walks
 the blocks one by one (the sweep) and the one with full forward passes up to every MLP
-(`calibration_sweep=False`, the fallback: today's cost model), all in the same process, and
-reports each in forward-pass equivalents, their largest weight difference, and on a GPU the
-peak memory. `--baseline-src DIR` also times the dgmr source tree DIR (an older checkout)
+(`calibration_sweep=False`, the fallback: the cost model before the sweep), all in the same
+process, and reports each in forward-pass equivalents (wall-clock and this process's CPU
+seconds), their largest weight difference, and on a GPU the peak memory (the prune's copy of
+the model included: `model_gib` says how much that is). `--baseline-src DIR` also times the dgmr source tree DIR (an older checkout)
 in a subprocess with the same measurement. `--tiny` shrinks every model (depth 2, 56 px) to
 try the script on a CPU.
 
@@ -170,7 +171,8 @@ def speed_model(name: str, tiny: bool, device: torch.device, images: int) -> tup
     arch, kwargs = SPEED_MODELS[name]
     kwargs = {**kwargs, **({"depth": 2, "img_size": 56} if tiny else {})}
     torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs).eval().to(device)
+    with torch.device(device):  # random weights drawn where they live (EVA02-E's 4.4B on the host would take minutes)
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs).eval()
     size = model.patch_embed.img_size[0]
     g = torch.Generator().manual_seed(0)
     return model, nn.functional.interpolate(torch.randn(images, 3, 8, 8, generator=g), size=size, mode="bilinear")
@@ -250,7 +252,8 @@ def run_speed(a: argparse.Namespace) -> list[dict[str, Any]]:
     for name in a.models.split(","):
         model, images = speed_model(name, a.tiny, device, a.images)
         row: dict[str, Any] = {"model": name, "depth": len(model.blocks), "images": len(images),
-                               "size": images.shape[-1], "device": device.type, "threads": torch.get_num_threads()}
+                               "size": images.shape[-1], "device": device.type, "threads": torch.get_num_threads(),
+                               "model_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)}
         if device.type == "cuda":
             row["gpu"] = torch.cuda.get_device_name()
         found, pruned = measure(model, images, device, {v: dict(calibration_sweep=v == "sweep") for v in variants})
