@@ -16,14 +16,16 @@ before distillation.
 
 `--speed` measures what a calibrated prune costs instead (docs/calibration.md, "Cost"): for
 random-init timm models (ViT-S at depths 12 and 24, ViT-B, ViT-L; EVA02-L and EVA02-E for a
-GPU), 64 smooth random images at 224 px, `mlp_ratio=1` with calibration (diversity +
-compensation), it times one forward pass of those images, the calibrated prune that walks
-the blocks one by one (the sweep) and the one with full forward passes up to every MLP
-(`calibration_sweep=False`, the fallback: the cost model before the sweep), all in the same
-process, and reports each in forward-pass equivalents (wall-clock and this process's CPU
-seconds), their largest weight difference, and on a GPU the peak memory (the prune's copy of
-the model included: `model_gib` says how much that is). `--baseline-src DIR` also times the dgmr source tree DIR (an older checkout)
-in a subprocess with the same measurement. `--tiny` shrinks every model (depth 2, 56 px) to
+GPU) and 64 smooth random images at 224 px, it times one forward pass of those images and,
+at `mlp_ratio=1`, the calibrated prune (diversity + compensation) that walks the blocks one
+by one (`sweep`), the same with full forward passes up to every MLP (`full`:
+`calibration_sweep=False`, the fallback and the cost model before the sweep) and the
+weights-only prune (`plain`: the selection and the cut, which a calibrated prune does too),
+all in the same process. It reports each in forward-pass equivalents (wall-clock, and this
+process's CPU seconds), the largest weight difference between sweep and full passes, and
+on a GPU the peak memory (the benchmark's model and the prune's copy included: `model_gib`
+is one of them). `--baseline-src DIR` also times the dgmr source tree DIR (an older
+checkout) in a subprocess, the same way. `--tiny` shrinks every model (depth 2, 56 px) to
 try the script on a CPU.
 
     python benchmarks/calibration.py --speed --models vit-s12,vit-s24,vit-b,vit-l [--baseline-src DIR]
@@ -197,6 +199,10 @@ def timed_prune(model: nn.Module, images: torch.Tensor, device: torch.device,
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if kw.pop("plain", False):  # weights only: the selection and the cut, which a calibrated prune does too
+        clock = Clock(device)
+        student, _ = dgmr.prune(student, mlp_ratio=1.0, progress=False)
+        return student, clock.read(), 0
     clock = Clock(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -256,9 +262,10 @@ def run_speed(a: argparse.Namespace) -> list[dict[str, Any]]:
                                "model_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)}
         if device.type == "cuda":
             row["gpu"] = torch.cuda.get_device_name()
-        found, pruned = measure(model, images, device, {v: dict(calibration_sweep=v == "sweep") for v in variants})
+        kinds = {"sweep": dict(calibration_sweep=True), "full": dict(calibration_sweep=False), "plain": dict(plain=True)}
+        found, pruned = measure(model, images, device, {v: dict(kinds[v]) for v in variants})
         row.update(found)
-        if len(pruned) == 2:
+        if "sweep" in pruned and "full" in pruned:
             row["max_rel_weight_diff"] = _max_rel_diff(pruned["sweep"], pruned["full"])
         del model, pruned
         if a.baseline_src:
@@ -291,7 +298,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller ViT-B input (64 px) for a fast check")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--speed", action="store_true", help="time the calibrated prune in forward passes instead")
-    p.add_argument("--variants", default="sweep,full", help="with --speed: sweep and/or full")
+    p.add_argument("--variants", default="sweep,full,plain",
+                   help="with --speed: sweep (blocks one by one), full (full passes), plain (no calibration)")
     p.add_argument("--device", default="cpu", help="with --speed: cpu or cuda")
     p.add_argument("--tiny", action="store_true", help="with --speed: depth 2, 56 px (to try the script on a CPU)")
     p.add_argument("--images", type=int, default=64, help="with --speed: calibration images (and the forward's)")

@@ -146,6 +146,8 @@ class Probe:
         missing = [self.names[j] for j in range(len(self.modules)) if j not in b.extras]
         if missing:
             return f"{missing[0]} does not run in the model's forward"
+        if b.first is None or b.first._version != b.versions[b.entered[0]]:
+            return f"the forward changes the input of {self.names[b.entered[0]]} in place after that block ran"
         if self.order is None:
             self.order = list(b.entered)
         elif b.entered != self.order:
