@@ -303,12 +303,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="with --speed: cpu or cuda")
     p.add_argument("--tiny", action="store_true", help="with --speed: depth 2, 56 px (to try the script on a CPU)")
     p.add_argument("--images", type=int, default=64, help="with --speed: calibration images (and the forward's)")
-    p.add_argument("--threads", type=int, help="with --speed: torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="with --speed: CPU threads of torch and of scipy's BLAS (default: theirs)")
     p.add_argument("--baseline-src", help="with --speed: also time the dgmr source tree at this path (its src/)")
     p.add_argument("--speed-worker", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.threads:
+    if a.threads:  # torch's and the BLAS's under scipy (geqp3 selects there): idle BLAS threads spin on a busy machine
+        from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(a.threads)
+        threadpool_limits(a.threads)
     if a.speed_worker:
         return speed_worker(a)
     if a.speed:
