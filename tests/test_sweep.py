@@ -145,7 +145,8 @@ class _Chained(nn.Module):
         super().__init__()
         d, h = 16, 48
         self.embed = nn.Linear(3 * 8 * 8, d)
-        self.pre = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))}) if mlp_first else None
+        mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+        self.pre = nn.ModuleDict({"mlp": mlp}) if mlp_first else None
         self.blocks = nn.ModuleList(_Block(d, h, inplace, scaled_attention) for _ in range(depth))
         self.between = between
 

@@ -26,6 +26,6 @@ from .timm import TimmFamily
 
 __all__ = [
     "FAMILIES", "HEAD_EXCLUDE", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Family",
-    "GenericFamily", "HFFamily", "NoSequentialBlocks", "OpenClipFamily", "TimmFamily", "apply_widths", "family_of", "get_family",
-    "ratio_for", "register_family", "site_widths",
+    "GenericFamily", "HFFamily", "NoSequentialBlocks", "OpenClipFamily", "TimmFamily", "apply_widths", "family_of",
+    "get_family", "ratio_for", "register_family", "site_widths",
 ]
