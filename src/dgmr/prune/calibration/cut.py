@@ -43,8 +43,7 @@ class Passes:
     fallback: str | None = None
 
 
-def first_pass(runner: Runner, family: Any, model: nn.Module, sites: list[MlpSite], steps: list[Step],
-               sweep: bool) -> Passes:
+def first_pass(runner: Runner, family: Any, model: nn.Module, steps: list[Step], sweep: bool) -> Passes:
     """The pass over every image before any cut: refuses what calibration cannot handle and,
     with ``sweep``, catches the first block's inputs and finds each step's block (or says
     why the blocks cannot run one by one)."""
@@ -57,13 +56,13 @@ def first_pass(runner: Runner, family: Any, model: nn.Module, sites: list[MlpSit
             probe = Probe(blocks, [(s.name, s.module) for s in steps])
         except NoSequentialBlocks as e:
             why = str(e)
-    order = runner.forward_order(sites, probe)
+    order = runner.forward_order(steps, probe)
     if probe is not None and probe.broken is None:
         chain = probe.chain()
         return Passes(runner, order, chain, Walker(chain, runner.autocast))
     why = why or (probe.broken if probe is not None else None)
     if why is not None:
-        warnings.warn(f"calibration runs full forward passes up to every MLP (about {len(sites)}/2 passes instead "
+        warnings.warn(f"calibration runs full forward passes up to every MLP (about {len(steps)}/2 passes instead "
                       f"of a few): the blocks of {type(model).__name__} cannot run one by one: {why}",
                       CalibrationWarning, stacklevel=4)
     return Passes(runner, order, fallback=why)
@@ -229,7 +228,7 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
     with _calibration_state(model, device):
         runner = Runner(model, family, cal, device, settings.calibration_precision)
         steps = [MlpStep(s, k, criterion, seed + i, settings) for i, (s, k) in enumerate(zip(sites, ks))]
-        passes = first_pass(runner, family, model, sites, steps, settings.calibration_sweep)
+        passes = first_pass(runner, family, model, steps, settings.calibration_sweep)
         estimates = None
         if settings.allocate == "global":
             widths, estimates = allocate_widths(passes, sites, ks, criterion, seed, settings, progress)

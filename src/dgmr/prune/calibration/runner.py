@@ -4,13 +4,13 @@ the sweep, catches the first block's inputs: :mod:`.sweep`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from ...core.errors import DgmrError, first_line
-from ...models.sites.mlp import MlpSite, Proj
+from ...models.sites.mlp import Proj
 from .images import CalibrationData
 
 
@@ -26,6 +26,13 @@ def stop(*_: Any) -> None:
 
 
 Hook = tuple[nn.Module, str, Callable]  # (module, "pre" | "post", fn): a forward (pre-)hook to set for one pass
+
+
+class Site(Protocol):
+    """What the first pass watches: a named module that must run once per forward."""
+
+    name: str
+    module: nn.Module
 
 
 class Pass(Protocol):
@@ -111,11 +118,12 @@ class Runner:
             handle.remove()
         return seen
 
-    def forward_order(self, sites: list[MlpSite], probe: Any = None) -> list[int]:
-        """Indices of ``sites`` in the order the forward calls them. Runs every batch once, before
-        anything is cut, so that a model that cannot calibrate (non-finite activations, an MLP
-        that runs twice per forward or not at all) is refused while it is still whole. A
-        ``probe`` (:class:`~dgmr.prune.calibration.sweep.Probe`) watches the same pass."""
+    def forward_order(self, sites: Sequence[Site], probe: Any = None) -> list[int]:
+        """Indices of ``sites`` (MLP sites, or the steps that cut them) in the order the forward
+        calls them. Runs every batch once, before anything is cut, so that a model that cannot
+        calibrate (non-finite activations, an MLP that runs twice per forward or not at all) is
+        refused while it is still whole. A ``probe`` (:class:`~dgmr.prune.calibration.sweep.Probe`)
+        watches the same pass."""
         calls: list[int] = []
         bad: list[str] = []
 
@@ -143,7 +151,7 @@ class Runner:
         return list(dict.fromkeys(calls))
 
     @staticmethod
-    def _check_calls(sites: list[MlpSite], calls: list[int], bad: list[str]) -> None:
+    def _check_calls(sites: Sequence[Site], calls: list[int], bad: list[str]) -> None:
         if bad:
             raise DgmrError(f"{bad[0]}: non-finite activations on the calibration images (NaN or inf in the model's "
                             "forward); nothing was cut")
