@@ -459,3 +459,27 @@ def test_distill_and_eval_take_a_head_pruned_student(cli, tmp_path):
     assert code == 0, err
     res = json.loads(out)
     assert res["flops_ratio"] > 1 and res["params_ratio"] > 1
+
+
+def test_register_attention_kind_user_first(cfgdir):
+    """A kind a user registers is tried before the built-ins (here: timm's Attention under
+    another name, with its width attribute left out: the cut then sets only the head count)."""
+    from dgmr.models.sites.attention import ATTENTION_KINDS, register_attention_kind
+
+    @register_attention_kind("my-timm-attention")
+    def mine(path, module):
+        site = ATTENTION_KINDS["timm_attention"](path, module)
+        if site is not None:
+            site.kind, site.width_attrs = "my-timm-attention", ()
+        return site
+
+    try:
+        model, _ = build(CASES[0], cfgdir)
+        assert {s.kind for s in family_of(model).attention(model)} == {"my-timm-attention"}
+        with pytest.raises(dgmr.DgmrError, match="already registered"):
+            register_attention_kind("torch_mha")(mine)
+        _, rec = dgmr.prune(model, heads=2, progress=False)
+        assert model.blocks[0].attn.num_heads == 2 and model.blocks[0].attn.attn_dim == 192  # left as it was
+        assert rec.heads[0]["kind"] == "my-timm-attention"
+    finally:
+        ATTENTION_KINDS.remove("my-timm-attention")
