@@ -483,3 +483,17 @@ def test_register_attention_kind_user_first(cfgdir):
         assert rec.heads[0]["kind"] == "my-timm-attention"
     finally:
         ATTENTION_KINDS.remove("my-timm-attention")
+
+
+def test_pooling_head_attention_is_never_cut():
+    """timm's MAP pooling head (attn_pool, an attention of its own) is left whole, as its MLP is."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, global_pool="map").eval()
+    fam = family_of(model)
+    assert [s.name for s in fam.attention(model)] == ["blocks.0.attn", "blocks.1.attn"]
+    pool = copy.deepcopy(model.attn_pool.state_dict())
+    dgmr.prune(model, heads=1, progress=False)
+    assert all(torch.equal(t, pool[k]) for k, t in model.attn_pool.state_dict().items())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
