@@ -299,8 +299,9 @@ def read_heads(sites: list[AttentionSite], modules: dict[int, str], names: dict[
         per_head = len(first[2]) * s.head_dim
         h = shape[0] // per_head
         if shape[0] % per_head or not 0 < h <= s.heads:
-            raise DgmrError(f"{label} has {shape[0]} rows: not {len(first[2])} x (heads x {s.head_dim}) for 1..{s.heads} "
-                            f"heads of {s.head_dim} channels, as the architecture's {s.name} holds")
+            raise DgmrError(f"{label} has the wrong shape {list(shape)}: its rows are not {len(first[2])} x heads x "
+                            f"{s.head_dim} for 1..{s.heads} heads of {s.head_dim} channels, as {s.name} holds "
+                            "(wrong SPEC, --model-kwargs or CHECKPOINT?)")
         checks = [(o, n, 0, len(layout) * h * s.head_dim, "q/k/v rows") for o, n, layout in s.rows]
         checks += [(s.proj, "weight", 1, h * s.head_dim, "output projection columns")]
         checks += [(o, n, dim, h, "per-head table entries") for o, n, dim in s.tables]
@@ -309,8 +310,9 @@ def read_heads(sites: list[AttentionSite], modules: dict[int, str], names: dict[
         for m, attr, dim, want, what in checks:
             got = get(m, attr, what)
             if got is not None and (len(got[1]) <= dim or got[1][dim] != want):
-                raise DgmrError(f"{got[0]} ({what} of {s.name}) has shape {list(got[1])}: {h} heads of {s.head_dim} "
-                                f"channels, as {label} (shape {list(shape)}) says, need {want} along dim {dim}")
+                raise DgmrError(f"{got[0]} has the wrong shape {list(got[1])}: as {what} of {s.name} with {h} heads of "
+                                f"{s.head_dim} channels ({label} has shape {list(shape)}) it needs {want} along dim "
+                                f"{dim} (wrong SPEC, --model-kwargs or CHECKPOINT?)")
         heads[s.name] = h
     return heads
 

@@ -75,8 +75,10 @@ def _stage_heads(model: nn.Module, sites: list) -> dict[str, Any] | None:
         return None
     by_stage: dict[int, set[tuple[int, int]]] = {}
     for s in sites:
-        stage = int(s.name.split(".")[1])  # layers.{stage}.blocks.{block}.attn
-        by_stage.setdefault(stage, set()).add((s.heads, s.head_dim))
+        parts = s.name.split(".")  # layers.{stage}.blocks.{block}.attn
+        if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
+            return None
+        by_stage.setdefault(int(parts[1]), set()).add((s.heads, s.head_dim))
     if sorted(by_stage) != list(range(len(model.layers))) or any(len(v) != 1 for v in by_stage.values()):
         return None
     per = [next(iter(by_stage[i])) for i in range(len(model.layers))]
