@@ -376,6 +376,23 @@ def test_flops_are_the_same_on_every_device(cfgdir):
                                                                       case.image_size), case.id
 
 
+@pytest.mark.cuda
+def test_flops_on_cuda_equal_meta(cfgdir):
+    """On a GPU torch runs its flash / memory-efficient kernels and nn.MultiheadAttention's fused
+    path: the count is still the meta one, cut heads or not."""
+    for case_id in ("timm_vit", "timm_eva02_glu", "open_clip_vit", "hf_vit", "hf_siglip_vision"):
+        case = next(c for c in CASES if c.id == case_id)
+        model, _ = build(case, cfgdir)
+        fam = family_of(model)
+        for cut in (False, True):
+            if cut:
+                dgmr.prune(model, heads=1, progress=False)
+            want = count_flops(copy.deepcopy(model).to("meta"), fam, case.image_size)
+            for dtype in (torch.float32, torch.bfloat16):
+                gpu = copy.deepcopy(model).to("cuda", dtype)
+                assert count_flops(gpu, fam, case.image_size) == want, (case_id, cut, dtype)
+
+
 def test_head_flops_and_stats(cli, tmp_path):
     """vit_tiny at 32 px (17 tokens, 3 heads of 64, width 192, 2 blocks) keeping 1 head: the
     qkv rows, proj columns and attention matmuls of 2 heads go, counted alike by stats and by
