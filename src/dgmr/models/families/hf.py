@@ -152,9 +152,10 @@ class HFFamily(Family):
         return (None, why) if fields is None else ({**fields, **heads}, "")
 
     def update_config(self, model, src):
-        fields, _ = self.native_fields(model)
-        if fields is None:
-            return {}
+        # what the config can say, even where the rest it cannot (CLIP's widths beside cut heads)
+        heads, _ = self.head_fields(model)
+        widths, _ = self.width_fields(model, self.mlps(model), heads)
+        fields = {**(widths or {}), **(heads or {})}
         vc = self._vision_config(model.config)
         for k, v in fields.items():
             setattr(vc, k, v)

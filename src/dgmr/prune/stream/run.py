@@ -3,10 +3,10 @@ layer, with ``--heads``), then write the dgmr directory."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -122,10 +122,10 @@ class StreamJob:
     family: Family
     names: dict[str, str]  # model state-dict name -> checkpoint name
     scope: str | None  # the tower's name when the checkpoint holds only the vision tower
-    sites: list[Site]  # the MLPs, then the attention layers whose heads are cut
+    sites: list[Site]  # the MLPs and the attention layers whose heads are cut, in the checkpoint's order
     ks: list[int]  # hidden width per MLP, heads per attention layer
     site_tensors: list[list[tuple[nn.Module, str, str]]]
-    order: list[str]  # writing order: the model's, each MLP's tensors together
+    order: list[str]  # writing order: the model's, each site's tensors together
     out_shapes: dict[str, tuple[int, ...]]
     out_dtype: torch.dtype | None
     layout: str
