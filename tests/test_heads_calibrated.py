@@ -145,7 +145,7 @@ def test_diversity_act_is_the_greedy_on_head_contributions():
     for _ in range(6):
         basis = ctx[:, [c for j in kept for c in range(8 * j, 8 * j + 8)]]
 
-        def residual(j: int) -> float:
+        def residual(j: int, basis: torch.Tensor = basis) -> float:
             out = ctx[:, 8 * j:8 * j + 8] @ w[:, 8 * j:8 * j + 8].T
             if kept:
                 out = out - basis @ torch.linalg.lstsq(basis, out).solution

@@ -67,8 +67,7 @@ def uniform_budget(steps: list[Any]) -> Budget:
     return Budget(list(range(len(steps))), sum(s.unit_cost * s.k for s in steps), [float(s.k) for s in steps])
 
 
-def fraction_budget(steps: list[Any], free: list[int], tower_params: int, fraction: float,
-                    settings: CalibrationSettings) -> Budget:
+def fraction_budget(steps: list[Any], free: list[int], tower_params: int, fraction: float) -> Budget:
     """``fraction`` of the tower's ``tower_params`` spent on the ``free`` steps (the others keep
     their widths): what their units may hold once everything else is counted, and the one
     uniform fraction of every free layer that would hold exactly that (the reference)."""
@@ -81,24 +80,26 @@ def fraction_budget(steps: list[Any], free: list[int], tower_params: int, fracti
     total = target - (tower_params - movable - fixed_cut)
     share = total / movable
     reference = [share * steps[i].full for i in free]
-    lo = _bounds([steps[i] for i in free], reference, settings)[0]
-    least = tower_params - movable - fixed_cut + sum(steps[i].unit_cost * k for i, k in zip(free, lo))
+    least = tower_params - movable - fixed_cut + sum(steps[i].unit_cost * steps[i].step for i in free)
     if share <= 0 or least > target:
         raise DgmrError(f"params_fraction {fraction:g} keeps {target:,.0f} of the vision tower's {tower_params:,} "
                         f"parameters, but the smallest cut allowed keeps {least:,.0f} "
-                        f"({least / tower_params:.1%}: embeddings, norms and at least one head or the floor of "
-                        "every layer); ask for more, or lower --allocate-floor")
+                        f"({least / tower_params:.1%}: embeddings, norms and one head or one neuron in every "
+                        "layer); ask for more")
     return Budget(list(free), total, reference, target=round(target))
 
 
-def _bounds(steps: list[Any], reference: list[float], settings: CalibrationSettings) -> tuple[list[int], list[int]]:
-    """Each step's allowed widths: within the floor and ceiling times its reference width for
-    MLPs; any head count from one to all for attention layers (a head is too coarse a unit
-    to scale: at three heads, half to twice a uniform 1.1 would pin every layer to one or two)."""
-    lo, hi = bounds(reference, [s.full for s in steps], [s.step for s in steps], settings.allocate_floor,
+def _bounds(steps: list[Any], budget: Budget, settings: CalibrationSettings) -> tuple[list[int], list[int]]:
+    """Each step's allowed widths. A uniform request's budget keeps every MLP within the floor
+    and ceiling times its requested width (they bound how far the allocation departs from
+    that request) and lets an attention layer keep any head count from one to all (a head is
+    too coarse a unit to scale: at three heads, half to twice a uniform 1.1 would pin every
+    layer to one or two). ``params_fraction`` asks for no width at all: every layer may take
+    any width from one step to its original one, and the measured errors decide."""
+    lo, hi = bounds(budget.reference, [s.full for s in steps], [s.step for s in steps], settings.allocate_floor,
                     settings.allocate_ceiling)
     for j, s in enumerate(steps):
-        if not s.bounded:
+        if not s.bounded or budget.target is not None:
             lo[j], hi[j] = s.step, s.full
     return lo, hi
 
@@ -158,7 +159,7 @@ def allocate(passes: Passes, steps: list[Any], budget: Budget, settings: Calibra
         bar.update()
     bar.close()
     chosen = [steps[i] for i in free]
-    lo, hi = _bounds(chosen, budget.reference, settings)
+    lo, hi = _bounds(chosen, budget, settings)
     widths = spend([curves[i] for i in free], [s.unit_cost for s in chosen], budget.total, lo, hi,
                    [s.step for s in chosen])
     for s, k in zip(chosen, widths):

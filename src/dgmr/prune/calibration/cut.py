@@ -167,7 +167,7 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
         budget = None
         if settings.allocate == "global":
             budget = (uniform_budget(steps) if params_fraction is None else
-                      fraction_budget(steps, free, family.vision_params(model), params_fraction, settings))
+                      fraction_budget(steps, free, family.vision_params(model), params_fraction))
             estimates = allocate(passes, steps, budget, settings, progress)
         whole = {id(s.module) for s in steps if isinstance(s, HeadStep) and s.k == s.full}  # before any cut
         done = walk(steps, passes.chain, passes.walker, runner.run_to, passes.order, progress,

@@ -40,7 +40,8 @@ class CalibrationSettings:
                             choices=ALLOCATIONS, group=GROUP)
     ridge: float = setting(1e-4, "ridge of the refit, relative to the mean diagonal of the activations' Gram "
                                  "matrix (pulls towards the original weights)", metavar="R", group=GROUP)
-    allocate_floor: float = setting(0.5, "with --allocate global: no MLP narrower than this times the uniform width",
+    allocate_floor: float = setting(0.5, "with --allocate global: no MLP narrower than this times the uniform width "
+                                          "(not with --params-fraction, which asks for no width)",
                                     metavar="F", group=GROUP)
     allocate_ceiling: float = setting(2.0, "with --allocate global: no MLP wider than this times the uniform width "
                                            "(nor its original width)", metavar="F", group=GROUP)
