@@ -24,3 +24,13 @@ def handling(signals: Iterable[int], handler: Callable[[int, Any], None]) -> Ite
     finally:
         for sig, previous in before.items():
             signal.signal(sig, previous)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGUSR1. SLURM and
+    Kubernetes signal every process of the job: a worker dying of it would make the main
+    process fail (distill: before its checkpoint), or its teardown print the workers' death as
+    an 18-line "Exception ignored" trace. A worker still ends with the main process (the
+    loader's shutdown, or its parent watchdog)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

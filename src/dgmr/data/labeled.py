@@ -23,6 +23,17 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def _stat(p: Path) -> os.stat_result:
+    """The file's stat for a listing digest; a dangling link's own (its read fails later, with the reason)."""
+    try:
+        return p.stat()
+    except OSError:
+        try:
+            return p.lstat()
+        except OSError as e:
+            raise DgmrError(f"cannot read image {p}: {e.strerror or e}") from None
+
+
 def _open_rgb(path: Path) -> Image.Image:
     try:
         return open_image(path)
@@ -50,7 +61,8 @@ class ImageFolderSplit(Dataset):
             raise DgmrError(f"{self.root} has class {unknown[0]!r} that the training split does not have")
         self.samples: list[tuple[Path, int]] = []
         for c in found:
-            files = sorted(p for p in (self.root / c).rglob("*") if p.is_file() and _is_image(p))
+            # a dangling link or a device named like an image is listed: its read fails with the reason
+            files = sorted(p for p in (self.root / c).rglob("*") if not p.is_dir() and _is_image(p))
             self.samples += [(p, index[c]) for p in files]
         if not self.samples:
             raise DgmrError(f"{self.root} is an empty split: no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
@@ -72,7 +84,7 @@ class ImageFolderSplit(Dataset):
         """Hash of the listing (relative paths, sizes, mtimes, labels): part of the cache key."""
         h = hashlib.sha256()
         for p, y in self.samples:
-            st = p.stat()
+            st = _stat(p)
             # surrogateescape: a file name that is not UTF-8 hashes as its own bytes
             h.update(f"{p.relative_to(self.root)}\t{st.st_size}\t{st.st_mtime_ns}\t{y}\n".encode("utf-8", "surrogateescape"))
         h.update(json.dumps(self.classes).encode())
@@ -99,7 +111,7 @@ class ImageListDataset(Dataset):
     def listing_digest(self) -> str:
         h = hashlib.sha256()
         for p in self.paths:
-            st = p.stat()
+            st = _stat(p)
             h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import DgmrError
+from ..core.memory import out_of_memory
 from ..models.families import Family, family_of
 from ..models.record import PruneRecord
 from ..models.sites.mlp import MlpSite, check_width, shrink_mlp
@@ -123,7 +124,7 @@ def prune(
     for i, (site, k) in enumerate(bar):
         w1, w_gate = site.scoring_weights()
         h = site.hidden
-        with torch.no_grad():
+        with torch.no_grad(), out_of_memory(f"cutting it to {k}", 2 * w1.numel() * w1.element_size(), layer=site.name):
             keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed + i)
             shrink_mlp(site, keep)
         record.add(site, h, keep)

@@ -151,6 +151,17 @@ class Family:
             return {"pooled": out[:, 0], "tokens": out[:, 1:]}
         return {"pooled": out.flatten(1), "tokens": out.flatten(1)[:, None]}
 
+    def init_buffers(self, model: nn.Module) -> None:
+        """Compute the non-persistent buffers a model built on the ``meta`` device left there
+        (they are in no checkpoint: Swin's shifted-window ``attn_mask``, built from a parameter's
+        device), once its parameters are real. timm modules offer ``init_non_persistent_buffers``
+        for this (timm's ``reinit_non_persistent_buffers`` calls the same), also inside open_clip's
+        timm towers."""
+        for m in model.modules():
+            if callable(getattr(m, "init_non_persistent_buffers", None)) and any(
+                    b.is_meta for b in m.buffers(recurse=False)):
+                m.init_non_persistent_buffers()
+
     # -- config + export ----------------------------------------------------------------
     def update_config(self, model: nn.Module, src: Source | None) -> dict[str, Any]:
         """Make the model's own config agree with its MLP widths; returns what changed."""
