@@ -18,7 +18,7 @@ import dgmr
 from dgmr.core.errors import DgmrError
 from dgmr.io.output import atomic_dir, exchange, remove_stale_temps, run_token, write_json
 
-from helpers import TINY_VIT_ARGV
+from helpers import TINY_VIT_ARGV, tiny_run_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -173,16 +173,21 @@ def test_errors_during_the_replace_are_one_line_and_keep_the_previous_model(tmp_
 
 @needs_strace
 def test_prune_overwrite_with_an_io_error_at_the_swap(tmp_path, cli):
-    """The command line: one error line, exit 2, the previous model intact and loadable."""
+    """The command line: a killed replace's previous model is put back (one warning line), the
+    I/O error at the swap is one error line, exit 2, the previous model intact and loadable."""
     out = tmp_path / "pruned"
     assert cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    old = tmp_path / f".pruned.old-{_dead_pid()}-0badc0de-1"
+    out.rename(old)  # what a kill between the fallback's two renames leaves
     proc = _under_strace(["-m", "dgmr.cli", "prune", *TINY_VIT_ARGV, "--mlp-ratio", "2", "--out", str(out),
                           "--overwrite", "--json"], "renameat2:error=EIO")
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith(f"dgmr: error: cannot replace {out}: Input/output error; it keeps its previous "
-                                  "content (") and proc.stderr.endswith(" free there)\n"), proc.stderr
-    assert proc.stderr.count("\n") == 1, proc.stderr
+    warning, error = proc.stderr.splitlines()
+    assert warning == f"dgmr: warning: {out} was missing after an interrupted replace: put its previous content " \
+                      f"back from {old.name}", proc.stderr
+    assert error.startswith(f"dgmr: error: cannot replace {out}: Input/output error; it keeps its previous "
+                            "content (") and error.endswith(" free there)"), proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _names(tmp_path) == ["pruned"]
     assert dgmr.load(out) is not None
 
@@ -281,6 +286,8 @@ def mounted(tmp_path):
 
 
 def test_out_that_is_a_mount_point_is_refused_before_any_work(tmp_path, cli, mounted):
+    """prune, import and report replace their output directory as a whole: a mount point is
+    refused. A distill run directory is written inside, so a volume can hold a run."""
     volume = mounted(tmp_path / "volume", "64m")  # an empty mount, as a container volume
     for extra in ((), ("--overwrite",)):
         code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", volume, *extra)
@@ -289,3 +296,11 @@ def test_out_that_is_a_mount_point_is_refused_before_any_work(tmp_path, cli, mou
     assert _names(volume) == [] and _names(tmp_path) == ["volume"]
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", volume / "model")  # inside it: fine
     assert code == 0, err
+    tiny = tiny_run_inputs(tmp_path / "in", 2)
+    runs = mounted(tmp_path / "runs", "64m")
+    for extra in ((), ("--overwrite",)):  # a new run, then one replacing it (its files go, the mount stays)
+        code, _, err = cli("distill", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data",
+                           tiny["images"], "--out", runs, "--steps", "1", "--batch-size", "4", "--workers", "0",
+                           "--device", "cpu", "--no-progress", "--no-tensorboard", *extra)
+        assert code == 0, err
+        assert os.path.ismount(runs) and (runs / "checkpoint.pt").is_file() and (runs / "config.json").is_file()
