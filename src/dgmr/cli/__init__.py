@@ -144,19 +144,16 @@ def _sigterm_raises():
 
 @contextlib.contextmanager
 def _one_line_warnings():
-    """A warning is one ``dgmr: warning: ...`` line on stderr (Python's own format adds the file,
-    line and source of the call), unless something records warnings already (a test)."""
-    original = getattr(warnings, "_showwarning_orig", None)
-    if warnings.showwarning is not original:
-        yield
-        return
+    """A printed warning is one ``dgmr: warning: ...`` line on stderr (Python's own format adds
+    the file, line and source of the call). Only the format changes: code that records
+    warnings (a test) still gets them."""
+    before = warnings.formatwarning
 
-    def show(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
-        print(f"dgmr: warning: {_printable(str(message))}", file=sys.stderr)
+    def one_line(message: Warning | str, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+        return f"dgmr: warning: {_printable(str(message))}\n"
 
-    warnings.showwarning = show
+    warnings.formatwarning = one_line
     try:
         yield
     finally:
-        warnings.showwarning = original
+        warnings.formatwarning = before

@@ -169,6 +169,9 @@ def _classification_features(model: Any, train: str | os.PathLike, val: str | os
         fva, yva = _split_features(fn, va, key, cache, s, dev, dt, "val features")
         if rank != 0:
             return None
+        skipped = tr.skipped + va.skipped  # named like images, not regular files: counted, never opened
+        if skipped:
+            info.update(skipped_files=len(skipped), skipped_examples=skipped[:5])
         info.update({"train": str(train), "val": str(val), "world_size": world, "device": str(dev),
                      "features": kind, "feature_dim": int(ftr.shape[1]), "feature_seconds": round(time.perf_counter() - t0, 3),
                      "cache": {"hits": cache.hits, "misses": cache.misses,

@@ -156,7 +156,7 @@ def _acquire(path: Path, out: str | os.PathLike) -> tuple[int, bool]:
 
 def _make_parents(d: Path) -> list[Path]:
     made = []
-    while not d.exists():
+    while not os.path.lexists(d) and d != d.parent:  # lexists: never raises (a permission error, say, shows at mkdir)
         made.append(d)
         d = d.parent
     for p in reversed(made):
