@@ -8,11 +8,8 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import signal
 import stat
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,11 +20,9 @@ import dgmr
 from dgmr.cli import main
 from dgmr.core.errors import DgmrError
 from dgmr.evaluate.features import FeatureCache
-from dgmr.io import output
 from dgmr.io.output import atomic_path, file_mode, write_json
 
-from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_run_inputs
-from test_fault_replace import ENV, _strace_ok, _under_strace, mounted  # noqa: F401 - a fixture
+from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, strace_ok, tiny_run_inputs, under_strace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KW = json.dumps(TINY_VIT_KWARGS)
@@ -169,7 +164,7 @@ def test_a_real_full_disk_keeps_every_previous_output(tmp_path, cli, mounted):
     assert [p.name for p in (disk / "cache").iterdir()] == []
 
 
-@pytest.mark.skipif(not _strace_ok(), reason="needs strace with ptrace permitted (syscall fault injection)")
+@pytest.mark.skipif(not strace_ok(), reason="needs strace with ptrace permitted (syscall fault injection)")
 def test_a_killed_cache_writer_leaves_nothing_the_next_one_keeps(tmp_path):
     """safetensors writes through a .tmpXXXXXX of its own beside its target and renames it: a
     kill there used to leave it in the cache for good. The cache writes inside a temporary
@@ -188,7 +183,7 @@ def test_a_killed_cache_writer_leaves_nothing_the_next_one_keeps(tmp_path):
     """)
     entry = tmp_path / "cache" / "k.safetensors"
     entry.parent.mkdir()
-    killed = _under_strace(["-c", child, str(entry)], "renameat:signal=KILL")  # safetensors' own rename
+    killed = under_strace(["-c", child, str(entry)], "renameat:signal=KILL")  # safetensors' own rename
     assert killed.returncode == -9, killed.stderr
     (left,) = entry.parent.iterdir()
     assert left.name.startswith(".k.safetensors.tmp-") and [p.name[:4] for p in left.iterdir()] == [".tmp"]

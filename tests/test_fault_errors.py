@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,10 +23,9 @@ from dgmr.evaluate.tasks import open_eval_model
 from dgmr.evaluate.settings import ModelSettings
 from dgmr.models.artifact import INDICES, load_kept_indices
 
-from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_run_inputs
+from helpers import CHILD_ENV as ENV, TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_run_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 KW = json.dumps(TINY_VIT_KWARGS)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,10 +17,9 @@ import dgmr
 from dgmr.core.errors import DgmrError
 from dgmr.io.output import atomic_dir, exchange, remove_stale_temps, run_token, write_json
 
-from helpers import TINY_VIT_ARGV, tiny_run_inputs
+from helpers import CHILD_ENV as ENV, TINY_VIT_ARGV, strace_ok, tiny_run_inputs, under_strace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
 # a writer of a directory output as the commands write theirs (atomic_dir), its error line and
 # exit code as the CLI's: argv = OUT CONTENT [--overwrite]. dgmr's package root (torch, timm ...)
@@ -44,37 +42,13 @@ WRITER = textwrap.dedent("""
 """) % str(Path(dgmr.__file__).parent)
 
 
-def _strace_ok() -> bool:
-    if shutil.which("strace") is None:
-        return False
-    return subprocess.run(["strace", "-o", os.devnull, "true"], capture_output=True).returncode == 0
-
-
-def _seccomp() -> bool:
-    return _strace_ok() and subprocess.run(["strace", "--seccomp-bpf", "-f", "-o", os.devnull, "-e", "trace=rename",
-                                            "true"], capture_output=True).returncode == 0
-
-
-_SECCOMP = _seccomp()
-needs_strace = pytest.mark.skipif(not _strace_ok(), reason="needs strace with ptrace permitted (syscall fault injection)")
-
-
-def _under_strace(argv: list[str], *inject: str) -> subprocess.CompletedProcess:
-    """``argv`` (a Python child) with faults injected at syscalls: ``inject`` are strace
-    ``-e inject=`` specs, e.g. ``renameat2:error=EIO`` or ``rename:signal=KILL:when=2``."""
-    traced = sorted({spec.split(":")[0] for spec in inject})
-    cmd = ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={','.join(traced)}", "-e", "signal=none"]
-    if _SECCOMP and not any("signal=" in spec for spec in inject):  # strace 5.3+: only the traced syscalls stop
-        cmd.append("--seccomp-bpf")  # (strace injects no signal under it)
-    for spec in inject:
-        cmd += ["-e", f"inject={spec}"]
-    return subprocess.run([*cmd, sys.executable, *argv], capture_output=True, text=True, timeout=300, env=ENV)
+needs_strace = pytest.mark.skipif(not strace_ok(), reason="needs strace with ptrace permitted (syscall fault injection)")
 
 
 def _write(out: Path, content: str, *extra: str, inject: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     argv = ["-c", WRITER, str(out), content, *extra]
     if inject:
-        return _under_strace(argv, *inject)
+        return under_strace(argv, *inject)
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=ENV)
 
 
@@ -180,7 +154,7 @@ def test_prune_overwrite_with_an_io_error_at_the_swap(tmp_path, cli):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     old = tmp_path / f".pruned.old-{_dead_pid()}-0badc0de-1"
     out.rename(old)  # what a kill between the fallback's two renames leaves
-    proc = _under_strace(["-m", "dgmr.cli", "prune", *TINY_VIT_ARGV, "--mlp-ratio", "2", "--out", str(out),
+    proc = under_strace(["-m", "dgmr.cli", "prune", *TINY_VIT_ARGV, "--mlp-ratio", "2", "--out", str(out),
                           "--overwrite", "--json"], "renameat2:error=EIO")
     assert proc.returncode == 2, proc.stderr
     warning, error = proc.stderr.splitlines()
@@ -263,26 +237,6 @@ def test_symlinked_out_writes_the_target_and_keeps_the_link(tmp_path, cli):
     assert _names(tmp_path) == ["latest", "models"] and _names(tmp_path / "models") == ["v1"]  # no .old link
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", link)
     assert code == 2 and "is not empty" in err  # the target is what is checked
-
-
-@pytest.fixture
-def mounted(tmp_path):
-    """``mounted(dir, size)`` mounts a tmpfs of ``size`` at ``dir`` (root only; skipped where mount is not permitted)."""
-    points = []
-
-    def mount(d: Path, size: str = "1m") -> Path:
-        if os.geteuid() != 0 or shutil.which("mount") is None:
-            pytest.skip("mounting a tmpfs needs root")
-        d.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"mount not permitted here: {r.stderr.decode().strip()}")
-        points.append(d)
-        return d
-
-    yield mount
-    for d in reversed(points):
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def test_out_that_is_a_mount_point_is_refused_before_any_work(tmp_path, cli, mounted):

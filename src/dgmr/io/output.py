@@ -428,7 +428,7 @@ def atomic_path(path: str | os.PathLike, what: str = "", *, own_dir: bool = Fals
         seal_file(work)
         os.replace(work, real)
         if own_dir:
-            tmp.rmdir()
+            shutil.rmtree(tmp, ignore_errors=True)  # the entry is in place: what is left here is no output
         sync_dir(real.parent)
     except WRITE_ERRORS as e:
         _unlink(tmp)
