@@ -50,7 +50,10 @@ def seal_file(path: str | os.PathLike) -> None:
     after a power loss a renamed file is then never empty)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
     try:
-        os.fchmod(fd, file_mode())
+        try:
+            os.fchmod(fd, file_mode())
+        except OSError:  # a file system without modes (some FUSE and SMB mounts): the content is what counts
+            pass
         if fsync_enabled():
             os.fsync(fd)
     finally:
