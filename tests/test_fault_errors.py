@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ OOM_CHILD = textwrap.dedent("""
 
     prune, cut = importlib.import_module("dgmr.prune"), importlib.import_module("dgmr.prune.calibration.cut")
     prune.select_neurons = capped(prune.select_neurons)  # the weights-only selection
+    prune.select_heads = capped(prune.select_heads)  # the head selection (--heads)
     cut.refit_down = capped(cut.refit_down)  # the calibrated refit
     sys.exit(main(sys.argv[1:]))
 """)
@@ -78,6 +80,11 @@ def test_out_of_memory_in_selection_and_refit_names_the_layer(tmp_path):
     line = _last_line(proc)
     assert line.startswith("dgmr: error: blocks.0.mlp: out of memory calibrating it"), line
     assert "it needs about " in line, line
+    proc = subprocess.run([*base[:-3], "--heads", "2", "--json", "--out", str(tmp_path / "c")], capture_output=True,
+                          text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    line = _last_line(proc)
+    assert line.startswith("dgmr: error: blocks.0.attn: out of memory cutting it to 2 heads: it needs about "), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]  # no output, no lock file
 
 
@@ -150,7 +157,7 @@ def test_only_supported_weight_dtypes(tiny, tmp_path, cli):
     (lambda k: {**k, "blocks.0.mlp": k["blocks.0.mlp"] + 1000}, "outside [0, 768)"),
     (lambda k: {**k, "blocks.0.mlp": torch.zeros(192, dtype=torch.long)}, "holds an index twice"),
     (lambda k: {**k, "blocks.0.mlp": k["blocks.0.mlp"].float()}, "must be a 1-D integer tensor"),
-    (lambda k: {**k, "blocks.9.mlp": k["blocks.0.mlp"]}, "'blocks.9.mlp' names no MLP of the model"),
+    (lambda k: {**k, "blocks.9.mlp": k["blocks.0.mlp"]}, "'blocks.9.mlp' names no MLP or attention layer of the model"),
 ])
 def test_kept_indices_are_checked_before_a_run_copies_them(tiny, tmp_path, cli, bad, problem):
     student = tmp_path / "student"
@@ -162,6 +169,22 @@ def test_kept_indices_are_checked_before_a_run_copies_them(tiny, tmp_path, cli, 
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"dgmr: error: {student / INDICES}: ") and problem in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_kept_heads_are_checked_beside_the_kept_neurons(tiny, tmp_path):
+    """A prune that removed heads records each attention layer's kept heads in the same file,
+    under the attention module's name: checked against config.json's head counts."""
+    student = tmp_path / "student"
+    model, record = dgmr.prune(dgmr.load(tiny["teacher"]), mlp_ratio=1, heads=2, progress=False)
+    dgmr.save(model, student, record=record)
+    kept = load_kept_indices(student)  # a good file passes, heads and all
+    assert kept["blocks.0.attn"].tolist() == record.kept_heads["blocks.0.attn"].tolist() and len(kept) == 4
+    for bad, problem in (({"blocks.0.attn": torch.tensor([0, 1, 2])}, "holds 3 indices for a head count of 2"),
+                         ({"blocks.0.attn": torch.tensor([0, 3])}, "outside [0, 3)"),
+                         ({"blocks.1.attn": torch.tensor([1, 1])}, "holds an index twice")):
+        save_file({**{k: v.clone() for k, v in kept.items()}, **bad}, str(student / INDICES))
+        with pytest.raises(DgmrError, match=f"{INDICES}: .*{re.escape(problem)}"):
+            load_kept_indices(student)
 
 
 def test_skipped_dataset_entries_are_counted_as_unreadable(tiny, tmp_path, cli):

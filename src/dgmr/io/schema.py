@@ -49,7 +49,7 @@ def _str(value: Any, where: str, field: str, optional: bool = False) -> str | No
 
 
 def model_config(cfg: Any, where: str) -> dict[str, Any]:
-    """A dgmr ``config.json``: family, widths (name -> positive int), dtype (one of
+    """A dgmr ``config.json``: family, widths and heads (name -> positive int), dtype (one of
     :data:`~dgmr.core.dtypes.WEIGHT_DTYPES`), source (null, or an object with a known library and a name)."""
     cfg = _object(cfg, where)
     if cfg.get("format") != "dgmr":
@@ -58,6 +58,8 @@ def model_config(cfg: Any, where: str) -> dict[str, Any]:
     widths = _object(cfg.get("widths"), where, "widths")
     for name, w in widths.items():
         _int(w, where, f"widths[{name!r}]", lo=1, hi=1 << 24)  # a bound before anything is allocated from it
+    for name, h in _object(cfg.get("heads", {}), where, "heads").items():  # attention heads per layer, if recorded
+        _int(h, where, f"heads[{name!r}]", lo=1, hi=1 << 16)
     for key in ("weights", "weights_scope"):
         value = _str(cfg.get(key), where, key, optional=True)
         # a relative path inside the directory: a config must not point the loader at another model's weights
@@ -136,25 +138,30 @@ def metrics_row(raw: bytes | str, where: str) -> dict[str, Any]:
 
 def kept_indices(indices: dict[str, Any], cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """A ``kept_indices.safetensors`` against its directory's checked ``config.json``: one
-    entry per MLP the config names, each a 1-D integer tensor of as many distinct indices as the
-    MLP's width, each below the width it was cut from (the ``prune`` record's ``hidden_before``)."""
+    entry per MLP the config names (kept neurons) or attention layer (kept heads), each a 1-D
+    integer tensor of as many distinct indices as the layer's width or head count, each below
+    what it was cut from (the ``prune`` record's ``hidden_before``/``heads_before``)."""
     import torch
 
-    widths = cfg["widths"]
-    layers = (cfg.get("prune") or {}).get("layers") if isinstance(cfg.get("prune"), dict) else None
-    before = {layer.get("name"): layer.get("hidden_before") for layer in layers or [] if isinstance(layer, dict)}
+    record = cfg.get("prune") if isinstance(cfg.get("prune"), dict) else {}
+    sizes = {**{n: (w, "width") for n, w in cfg["widths"].items()},
+             **{n: (h, "head count") for n, h in cfg.get("heads", {}).items()}}
+    before = {layer.get("name"): layer.get(key) for rows, key in ((record.get("layers"), "hidden_before"),
+                                                                (record.get("attention"), "heads_before"))
+              for layer in (rows if isinstance(rows, list) else []) if isinstance(layer, dict)}
     for name, t in indices.items():
-        if name not in widths:
-            raise _fail(where, repr(name), "names no MLP of the model (config.json widths)")
+        if name not in sizes:
+            raise _fail(where, repr(name), "names no MLP or attention layer of the model (config.json widths, heads)")
         if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise _fail(where, repr(name), f"must be a 1-D integer tensor, not {getattr(t, 'dtype', type(t))} "
                                            f"of shape {tuple(getattr(t, 'shape', ()))}")
-        if len(t) != widths[name]:
-            raise _fail(where, repr(name), f"holds {len(t)} indices for a width of {widths[name]}")
+        size, what = sizes[name]
+        if len(t) != size:
+            raise _fail(where, repr(name), f"holds {len(t)} indices for a {what} of {size}")
         top = before.get(name)
         if len(t) and (int(t.min()) < 0 or (isinstance(top, int) and int(t.max()) >= top)):
             raise _fail(where, repr(name), f"holds indices in [{int(t.min())}, {int(t.max())}], outside "
-                                           f"[0, {top if isinstance(top, int) else 'width'})")
+                                           f"[0, {top if isinstance(top, int) else what})")
         if len(torch.unique(t)) != len(t):
             raise _fail(where, repr(name), "holds an index twice")
     return indices

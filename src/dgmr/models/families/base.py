@@ -20,6 +20,7 @@ from torch import nn
 
 from ...core.errors import DgmrError
 from ...core.registry import Registry
+from ..sites.attention import AttentionSite, find_attention, shrink_heads
 from ..sites.mlp import MlpSite, find_mlps, shrink_mlp
 from ..sources import Source
 from ..transforms import crop_preprocess
@@ -119,6 +120,14 @@ class Family:
         prefix, root = self.vision_root(model)
         return find_mlps(root, exclude=self.exclude, prefix=prefix)
 
+    # attention in pooling heads (attn_pool, MAP heads) is never cut: the same exclusion as the MLPs'
+    attention_exclude: re.Pattern = HEAD_EXCLUDE
+
+    def attention(self, model: nn.Module) -> list[AttentionSite]:
+        """The vision tower's attention layers whose heads can be cut ([] when none is recognised)."""
+        prefix, root = self.vision_root(model)
+        return find_attention(root, exclude=self.attention_exclude, prefix=prefix)
+
     def vision_params(self, model: nn.Module) -> int:
         """Parameters of the image tower (what dgmr reports before/after pruning)."""
         return sum(p.numel() for p in self.vision_root(model)[1].parameters())
@@ -150,17 +159,6 @@ class Family:
         if out.ndim == 3:
             return {"pooled": out[:, 0], "tokens": out[:, 1:]}
         return {"pooled": out.flatten(1), "tokens": out.flatten(1)[:, None]}
-
-    def init_buffers(self, model: nn.Module) -> None:
-        """Compute the non-persistent buffers a model built on the ``meta`` device left there
-        (they are in no checkpoint: Swin's shifted-window ``attn_mask``, built from a parameter's
-        device), once its parameters are real. timm modules offer ``init_non_persistent_buffers``
-        for this (timm's ``reinit_non_persistent_buffers`` calls the same), also inside open_clip's
-        timm towers."""
-        for m in model.modules():
-            if callable(getattr(m, "init_non_persistent_buffers", None)) and any(
-                    b.is_meta for b in m.buffers(recurse=False)):
-                m.init_non_persistent_buffers()
 
     # -- config + export ----------------------------------------------------------------
     def update_config(self, model: nn.Module, src: Source | None) -> dict[str, Any]:
@@ -237,3 +235,16 @@ def apply_widths(model: nn.Module, widths: dict[str, int], family: Family | None
     for name, k in widths.items():
         if k != sites[name].hidden:
             shrink_mlp(sites[name], torch.arange(k))
+
+
+def apply_heads(model: nn.Module, heads: dict[str, int], family: Family | None = None) -> None:
+    """Shape-only surgery: give each named attention layer its recorded head count (keeps the
+    first k heads; used to rebuild an architecture before loading head-pruned weights)."""
+    family = family or family_of(model)
+    sites = {s.name: s for s in family.attention(model)}
+    missing = set(heads) - set(sites)
+    if missing:
+        raise DgmrError(f"the model has no attention layer named {sorted(missing)[0]!r} (has {len(sites)})")
+    for name, k in heads.items():
+        if k != sites[name].heads:
+            shrink_heads(sites[name], torch.arange(k))
