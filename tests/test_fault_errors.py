@@ -132,6 +132,34 @@ def test_sigterm_with_dataloader_workers_is_one_quiet_line(tiny):
     assert proc.stderr == "dgmr: terminated by SIGTERM; temporary output removed\n", proc.stderr  # no worker trace
 
 
+HANDOVER_CHILD = textwrap.dedent("""
+    import os, socket, sys, time
+    from multiprocessing import resource_sharer
+    from dgmr.core.signals import ignore_stop_signals
+
+    ignore_stop_signals(0)  # the workers' worker_init_fn
+    r, w = os.pipe()
+    address, _ = resource_sharer.DupFd(r)._id  # how a worker hands a tensor's descriptor to the main process
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(address)  # the main process connects, and is stopped by the signal in the handshake
+    s.close()
+    time.sleep(0.5)  # the sharer's thread fails on the broken connection now
+    try:
+        raise BrokenPipeError(32, "Broken pipe")  # anything else is reported as before
+    except OSError:
+        sys.excepthook(*sys.exc_info())
+""")
+
+
+def test_a_worker_handing_over_a_batch_to_a_stopped_main_process_is_quiet():
+    """The race behind a rare worker trace on SIGTERM (multiprocessing's resource sharer calls
+    sys.excepthook when the main process dies mid-handshake), made certain."""
+    proc = subprocess.run([sys.executable, "-c", HANDOVER_CHILD], capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Traceback") == 1 and "resource_sharer" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith("BrokenPipeError: [Errno 32] Broken pipe"), proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # what is read back is checked
 

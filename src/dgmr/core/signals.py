@@ -3,7 +3,9 @@ the previous handlers put back however the block ends."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -34,3 +36,19 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
     loader's shutdown, or its parent watchdog)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    sys.excepthook = _quiet_handover(sys.excepthook)
+
+
+def _quiet_handover(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` but for a broken connection in multiprocessing's resource sharer: the worker's
+    thread that hands a batch's file descriptors to the main process. A main process stopped by
+    the signal in the middle of that handshake left it a BrokenPipe/EOF traceback (its
+    ``_serve`` calls ``sys.excepthook`` itself); the main process reports the signal."""
+    sharer = os.path.join("multiprocessing", "resource_sharer.py")
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, (EOFError, OSError)) and tb is not None and tb.tb_frame.f_code.co_filename.endswith(sharer):
+            return
+        hook(kind, value, tb)
+
+    return excepthook
