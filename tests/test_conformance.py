@@ -13,6 +13,9 @@ and pass what the library's own test suite asks of its models:
   each giving the eager output (transformers 5 has dropped both: no such check there);
 * ``torch.export`` (timm, open_clip's tower, transformers' ``test_torch_export``), giving the
   eager output;
+* ``torch.compile(fullgraph=True)`` (timm's compile test; open_clip's tower and transformers'
+  vision output alike) on the ``dgmr.load`` reload, giving the eager output (all the
+  originals pass it: checked once by hand, 2026-12-07, not in the suite, for its time);
 * intermediates: timm's ``forward_intermediates`` and ``features_only`` (the library loading the
   pruned weights itself), open_clip's ``forward_intermediates``, transformers'
   ``output_hidden_states``, of the original's shapes.
@@ -137,6 +140,16 @@ def _export(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.export.export(model, (x,)).module()(x)
 
 
+def _compiled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's torch.compile check: the whole forward in one graph (``fullgraph=True``: a graph
+    break fails). Dynamo's capture runs with the eager backend; inductor's code generation (a
+    C++ compiler, minutes per model on a CPU) is not what a pruned width could break."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return torch.compile(model, fullgraph=True, backend="eager")(x)
+
+
 def _intermediate_shapes(model: nn.Module, x: torch.Tensor, kind: str) -> list[tuple[int, ...]]:
     with torch.no_grad():
         if kind == "timm":
@@ -194,6 +207,7 @@ def test_pruned_outputs_pass_the_library_checks(case, cfgdir, tmp_path):
     _checks(kind, loaded, x, original)
     vision = loaded if kind in ("timm", "generic") else VisionOutput(loaded, kind)
     torch.testing.assert_close(_export(vision, x), expected, **TOL)
+    torch.testing.assert_close(_compiled(vision, x), expected, **TOL)
 
     native = library_load(out)
     if kind == "generic" or not case.native:  # no library config expresses these widths: the note says so
