@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core.errors import DgmrError
+from .core.errors import DgmrError, Preempted, Terminated
+from .io.output import atomic_path, check_path_length, write_text
 from .models.artifact import load, save, write_json
 from .models.families import family_of
 from .models.sources import Source, build_model
@@ -280,9 +282,13 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
     """Run the demo into ``out``; returns the results dict also written to ``out/results.json``."""
     s = settings or DemoSettings.make(out, seed, quick)
     outp = Path(s.out)
+    check_path_length(outp)
     if outp.exists() and not outp.is_dir():
         raise DgmrError(f"output {outp} exists and is not a directory")
-    outp.mkdir(parents=True, exist_ok=True)
+    try:
+        outp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DgmrError(f"cannot create {outp}: {e.strerror or e}") from None
     with _threads(s.threads):
         return _run(s, outp, progress)
 
@@ -302,10 +308,13 @@ def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: So
             curve.append({"step": info["step"], **score(student, data)})
 
     run_dir = outp / "students" / job.name
-    summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
-                      on_step=on_step, student_source=src, steps=s.distill_steps, batch_size=s.distill_batch,
-                      lr=s.distill_lr, seed=job.seed, log_every=1, save_every=0, workers=0, tensorboard=False,
-                      device="cpu")
+    try:
+        summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
+                          on_step=on_step, student_source=src, steps=s.distill_steps, batch_size=s.distill_batch,
+                          lr=s.distill_lr, seed=job.seed, log_every=1, save_every=0, workers=0, tensorboard=False,
+                          device="cpu")
+    except Preempted as e:  # its models are in memory: no --resume to offer; stopped like any other command
+        raise Terminated(e.signum or signal.SIGTERM) from None
     after = curve[-1] if curve[-1]["step"] == summary["steps"] else score(student, data)
     losses = [row for _, row in read_metrics(run_dir / METRICS)]
     row = {
@@ -357,9 +366,11 @@ def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
     results["summary"] = summarize(results)
     write_json(outp / "results.json", results)
     write_json(outp / "curves.json", curves)
-    plot_student_recovery(curves, outp / "recovery.png", teacher_scores["knn_top1"], KNN_CLOSE, KNN_K)
-    plot_demo_accuracy_vs_flops(results, outp / "accuracy_vs_flops.png")
-    (outp / "report.md").write_text(render_markdown(results))
+    with atomic_path(outp / "recovery.png", "a plot") as tmp:  # the temporary name keeps .png: matplotlib's format
+        plot_student_recovery(curves, tmp, teacher_scores["knn_top1"], KNN_CLOSE, KNN_K)
+    with atomic_path(outp / "accuracy_vs_flops.png", "a plot") as tmp:
+        plot_demo_accuracy_vs_flops(results, tmp)
+    write_text(outp / "report.md", render_markdown(results))
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(outp / "results.json", results)
     return results

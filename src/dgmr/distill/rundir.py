@@ -29,7 +29,8 @@ from ..core import dist as D
 from ..core.errors import DgmrError
 from ..data.unlabeled import DataSource, data_paths
 from ..io import schema
-from ..io.output import atomic_path, check_output_dir, output_lock, refuse_overlap, remove_stale_temps, storage_error
+from ..io.output import (atomic_path, check_output_dir, output_lock, refuse_overlap, remove_stale_temps, seal_file,
+                         storage_error, sync_dir)
 from ..io.schema import metrics_row
 from ..models.artifact import CONFIG, INDICES, save
 from ..models.families import family_of
@@ -79,9 +80,8 @@ class RunDir:
                 else:
                     check_output_dir(out, self.overwrite)
                     if create:
-                        if out.is_dir():
-                            shutil.rmtree(out)
-                        out.mkdir(parents=True)
+                        _clear(out)
+                        out.mkdir(parents=True, exist_ok=True)
             except DgmrError as e:
                 err = str(e)
             except OSError as e:
@@ -101,6 +101,20 @@ class RunDir:
         """The run's run_config.json, checked by :func:`dgmr.io.schema.run_config`."""
         path = self.out / RUN_CONFIG
         return schema.run_config(schema.read_json_file(path, "the run's settings"), str(path))
+
+
+def _clear(out: Path) -> None:
+    """Empty ``out`` for a new run: a mount point (a container volume) cannot be removed, its content can."""
+    if not out.is_dir():
+        return
+    if not os.path.ismount(out):
+        shutil.rmtree(out)
+        return
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def resume_settings(saved: dict[str, Any], config: str | os.PathLike | dict[str, Any] | None,
@@ -327,7 +341,8 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
     try:
         config = save(student, tmp, source=src, record=None, extra=extra)
         if student_dir is not None and (student_dir / INDICES).is_file():
-            shutil.copy2(student_dir / INDICES, tmp / INDICES)
+            shutil.copyfile(student_dir / INDICES, tmp / INDICES)  # checked when the run started
+            seal_file(tmp / INDICES)  # the mode and flush of every file dgmr writes
     except BaseException as e:  # a full disk (save raised one DgmrError), a signal: no half export left
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -340,4 +355,5 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
             shutil.rmtree(dst)
         os.replace(tmp / name, dst)
     tmp.rmdir()
+    sync_dir(out)
     return config

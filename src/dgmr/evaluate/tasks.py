@@ -77,16 +77,21 @@ def model_role(model: str | os.PathLike | nn.Module) -> str:
 
 def open_eval_model(model: str | os.PathLike | nn.Module, settings: ModelSettings | None = None, *,
                     label: str | None = None) -> tuple[nn.Module, Source | None, dict[str, Any]]:
-    """(model in eval mode, its source, {"model": label, "role", "family"}); ``settings``:
-    its ``random_init`` and ``model_kwargs`` open a spec."""
+    """(model in eval mode, its source, {"model": label, "role", "family"[, "random_init_seed"]});
+    ``settings``: its ``random_init``, ``seed`` and ``model_kwargs`` open a spec."""
+    seed = None
     if isinstance(model, nn.Module):
         net, src = model.eval(), None
         name = label or type(model).__name__
     else:
         s = settings or ModelSettings()
-        net, src = open_model(model, random_init=s.random_init, model_kwargs=s.model_kwargs)
+        with torch.random.fork_rng(devices=[]):  # --random-init weights come from --seed: the same command, the same model
+            torch.manual_seed(s.seed)
+            net, src = open_model(model, random_init=s.random_init, model_kwargs=s.model_kwargs)
         name = label or str(model)
-    return net, src, {"model": name, "role": model_role(model), "family": family_of(net).name}
+        seed = s.seed if s.random_init else None
+    info = {"model": name, "role": model_role(model), "family": family_of(net).name}
+    return net, src, info if seed is None else {**info, "random_init_seed": seed}
 
 
 def _same_weights_on_all_ranks(net: nn.Module) -> None:
@@ -164,6 +169,9 @@ def _classification_features(model: Any, train: str | os.PathLike, val: str | os
         fva, yva = _split_features(fn, va, key, cache, s, dev, dt, "val features")
         if rank != 0:
             return None
+        skipped = tr.skipped + va.skipped  # named like images, not regular files: counted, never opened
+        if skipped:
+            info.update(skipped_files=len(skipped), skipped_examples=skipped[:5])
         info.update({"train": str(train), "val": str(val), "world_size": world, "device": str(dev),
                      "features": kind, "feature_dim": int(ftr.shape[1]), "feature_seconds": round(time.perf_counter() - t0, 3),
                      "cache": {"hits": cache.hits, "misses": cache.misses,

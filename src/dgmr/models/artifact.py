@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from ..core.dtypes import dtype_name, parse_dtype
+from ..core.dtypes import dtype_name, parse_dtype, weight_dtype_name
 from ..core.errors import DgmrError, first_line
 from ..core.version import __version__
 from ..io import schema
@@ -87,6 +87,7 @@ def save(
     family = family_of(model)
     sites = family.mlps(model)
     dtype = next(model.parameters()).dtype
+    weight_dtype_name(dtype, str(out))  # a dtype load cannot read back is refused before anything is written
     for name, t in model.state_dict().items():  # before the output directory is touched
         schema.check_finite(name, t, str(out))
     with atomic_dir(out, overwrite) as tmp:
@@ -134,7 +135,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     apply_widths(model, {k: int(v) for k, v in cfg["widths"].items()}, family)
     if src is not None:
         family.update_config(model, None)
-    model.to(dtype=parse_dtype(cfg.get("dtype", "float32"), what=f"{path / CONFIG}: dtype", any_float=True))
+    model.to(dtype=parse_dtype(cfg.get("dtype", "float32"), what=f"{path / CONFIG}: dtype", weights=True))
     weights = weights_file(path, cfg)
     scope = cfg.get("weights_scope")  # a checkpoint of the vision tower alone: return that tower
     if scope:
@@ -220,7 +221,17 @@ def _init_meta_buffers(model: nn.Module) -> None:
 
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / INDICES))
+    """A dgmr directory's kept indices (empty when it has none), checked against its widths
+    (:func:`dgmr.io.schema.kept_indices`): one line naming the file and the layer otherwise."""
+    path = Path(path)
+    if not (path / INDICES).is_file():
+        return {}
+    cfg = read_config(path)
+    try:
+        indices = load_file(str(path / INDICES))
+    except (SafetensorError, OSError) as e:
+        raise DgmrError(f"corrupt or unreadable {path / INDICES}: {first_line(e)}") from None
+    return schema.kept_indices(indices, cfg, str(path / INDICES))
 
 
 def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: Source, layout: str, scope: str | None,
@@ -235,7 +246,7 @@ def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: So
             note = family.export_streamed(meta, tmp, src, layout, scope)
         except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
             note = {"skipped": f"native export failed on the meta model: {first_line(e)}"}
-    names = sorted(dtype_name(d) for d in dtypes)
+    names = sorted(weight_dtype_name(d, "the output") for d in dtypes)
     params_after = family.vision_params(meta)
     extra = {"params_before": params_before, "params_after": params_after, "random_init": False,
              "weights": files[-1], "files": files, **extra}

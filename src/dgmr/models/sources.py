@@ -121,6 +121,20 @@ def _no_warnings():
         logging.disable(before)
 
 
+def _check_open_clip_tag(src: Source) -> None:
+    """A pretrained tag open_clip knows for the architecture, or a checkpoint file: a made-up tag
+    is refused even with --random-init (it would be recorded as the model's origin)."""
+    import open_clip
+
+    if open_clip.get_pretrained_cfg(src.name, src.tag) or os.path.isfile(src.tag):
+        return
+    known = open_clip.list_pretrained_tags_by_model(src.name)
+    raise DgmrError(f"unknown pretrained tag {src.tag!r} for open_clip:{src.name}: "
+                    + (f"open_clip knows {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}" if known else
+                       "open_clip has no pretrained weights for it (drop the tag with --random-init)")
+                    + " (or give a checkpoint file)")
+
+
 def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:
     import open_clip
 
@@ -131,6 +145,8 @@ def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:
     if pretrained and not src.tag and not src.name.startswith(("hf-hub:", "local-dir:")):
         raise DgmrError(f"open_clip:{src.name} needs a pretrained tag (open_clip:{src.name}:TAG, see "
                         "open_clip.list_pretrained()) or --random-init")
+    if src.tag and where != "empty":  # not when dgmr.load rebuilds what an older dgmr recorded
+        _check_open_clip_tag(src)
     tag = src.tag if pretrained else None
     # open_clip warns "initialized randomly" without weights: untrue on meta / for dgmr.load
     quiet = contextlib.nullcontext() if where == "cpu" else _no_warnings()

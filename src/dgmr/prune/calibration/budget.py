@@ -18,9 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ...core.errors import DgmrError
-from ...models.sites.mlp import matrix
 from .allocate import bounds, spend
-from .moments import Fitted, Moments, hidden_moments, moment_hooks
+from .moments import Fitted, Moments, hidden_moments, moment_bytes, moment_hooks
 from .passes import Passes
 from .settings import CalibrationSettings
 
@@ -104,17 +103,12 @@ def _bounds(steps: list[Any], budget: Budget, settings: CalibrationSettings) -> 
     return lo, hi
 
 
-def _stat_bytes(site: Fitted) -> int:
-    rows, cols = matrix(site.down).shape
-    return 8 * (cols + 1) * (cols + 1 + rows)
-
-
 def _groups(sites: list[Fitted], order: list[int]) -> list[list[int]]:
     """Consecutive runs of ``order`` whose statistics fit STATS_BUDGET together (one pass each)."""
     groups: list[list[int]] = []
     size = 0
     for i in order:
-        b = _stat_bytes(sites[i])
+        b = moment_bytes(sites[i])
         if not groups or size + b > STATS_BUDGET:
             groups.append([])
             size = 0

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...core import dist as D
+from ...core.memory import out_of_memory
 from ...models.preprocess import resolve_eval_preprocess
 from ...models.sites.attention import AttentionSite
 from ...models.sites.mlp import MlpSite, check_width, shrink_mlp
@@ -22,7 +23,7 @@ from .allocate import compensated_curve, dropped_curve, neuron_cost, width_step
 from .budget import allocate, fraction_budget, uniform_budget
 from .heads import HeadStep, hookable, restore_uncut
 from .images import calibration_data
-from .moments import Moments, activation_rows, hidden_moments, pruned_moments
+from .moments import Moments, activation_rows, hidden_moments, moment_bytes, pruned_moments
 from .passes import first_pass
 from .refit import down_coefficients, keep_original, refit_down
 from .runner import Pass, Runner
@@ -78,7 +79,9 @@ class MlpStep:
         return dropped_curve(mom, rank, down_coefficients(site.down)[: site.hidden].T)
 
     def cut(self, run: Pass) -> tuple[int, torch.Tensor, dict[str, Any]]:
-        return cut_mlp(run, self.site, self.k, self.criterion, self.seed, self.settings)
+        with out_of_memory("calibrating it (its statistics, the cut and the refit)", 2 * moment_bytes(self.site),
+                           layer=self.name):
+            return cut_mlp(run, self.site, self.k, self.criterion, self.seed, self.settings)
 
 
 def cut_mlp(run: Pass, site: MlpSite, k: int, criterion: str, seed: int,

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ...core.errors import DgmrError
+from ...core.memory import out_of_memory
 from ...models.sites.attention import AttentionSite, head_channels, shrink_heads
 from ..head_criteria import get_head_criterion, head_criterion_scores, select_heads
 from .allocate import compensated_curve, dropped_curve, head_cost
-from .moments import Moments, hidden_moments, pruned_moments
+from .moments import Moments, hidden_moments, moment_bytes, pruned_moments
 from .refit import down_coefficients, refit_down
 from .runner import Pass
 from .settings import CalibrationSettings
@@ -132,7 +133,9 @@ class HeadStep:
         return head_curve(self.site, mom, self.criterion, self.seed, self.settings)
 
     def cut(self, run: Pass) -> tuple[int, torch.Tensor, dict[str, Any]]:
-        return cut_heads(run, self.site, self.k, self.criterion, self.seed, self.settings)
+        with out_of_memory("calibrating it (its statistics, the cut and the refit)", 2 * moment_bytes(self.site),
+                           layer=self.name):
+            return cut_heads(run, self.site, self.k, self.criterion, self.seed, self.settings)
 
 
 def head_curve(site: AttentionSite, mom: Moments, criterion: str, seed: int,

@@ -110,6 +110,12 @@ class Moments:
         return max(float((wt * (self.G @ wt)).sum() - 2 * (wt * self.C).sum()) + self.yy, 0.0)
 
 
+def moment_bytes(site: Fitted) -> int:
+    """Bytes of the float64 moments of ``site`` over every input of its projection (with the bias column)."""
+    rows, cols = matrix(site.down).shape
+    return 8 * (cols + 1) * (cols + 1 + rows)
+
+
 def moment_hooks(sites: list[Fitted], cols: dict[str, torch.Tensor] | None = None
                  ) -> tuple[list[Hook], dict[str, Moments]]:
     """Hooks that gather, for each of ``sites``, the moments of its hidden activations (what
