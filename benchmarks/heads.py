@@ -97,7 +97,7 @@ def _one(model: nn.Module, src: Any, cal: torch.Tensor | None, kw: dict[str, Any
     return student, time.perf_counter() - t
 
 
-def run(name: str, loader, kinds: set[str]) -> list[dict[str, Any]]:
+def run(name: str, loader, kinds: set[str], cuts: set[str] | None) -> list[dict[str, Any]]:
     model, src, cal, held, data = loader()
     fam = family_of(model)
     total = fam.vision_params(model)
@@ -109,7 +109,7 @@ def run(name: str, loader, kinds: set[str]) -> list[dict[str, Any]]:
         rows.append({"model": name, "cut": "teacher", "kind": "teacher", "method": "-", "params": total,
                      "params_fraction": 1.0, "tower_rel_err": 0.0, **t})
         print(f"{name:6s} teacher  kNN {100 * t['knn_top1']:.1f}  head {100 * t['head_top1']:.1f}", flush=True)
-    for label, kind, kw in [c for c in CUTS if c[1] in kinds]:
+    for label, kind, kw in [c for c in CUTS if c[1] in kinds and (cuts is None or c[0] in cuts)]:
         for method in (("cal",) if kind == "budget" else ("plain", "cal")):
             student, seconds = _one(model, src, cal if method == "cal" else None, kw)
             params = fam.vision_params(student)
@@ -178,6 +178,7 @@ def main() -> None:
     p.add_argument("--models", default="demo,vit-b", help="comma-separated: demo, vit-b (or none)")
     p.add_argument("--kinds", default="mlp,heads,both,budget", help="which cuts: mlp (MLP-only), heads (heads "
                    "only), both (MLP + heads, uniform), budget (params_fraction, global)")
+    p.add_argument("--cuts", default=None, help="only these cuts, by label, comma-separated (e.g. 'MLP r=1,params 0.32')")
     p.add_argument("--eva", action="store_true", help="EVA02-E params and FLOPs (meta device)")
     p.add_argument("--throughput", action="store_true", help="with --eva: bf16 batch-64 images/s on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -186,7 +187,8 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     loaders = {"demo": demo_model, "vit-b": vit_b}
-    rows = [r for name in a.models.split(",") if name in loaders for r in run(name, loaders[name], set(a.kinds.split(",")))]
+    rows = [r for name in a.models.split(",") if name in loaders for r in run(name, loaders[name], set(a.kinds.split(",")),
+                                                                   set(a.cuts.split(",")) if a.cuts else None)]
     if a.eva:
         rows += eva_counts(a.throughput)
     if a.json:

@@ -117,11 +117,18 @@ def resolve_heads(
     return ks
 
 
-def _head_request(model: nn.Module, family: Family, criterion: str, heads: Any,
-                  head_fraction: float | None, calibrated: bool) -> tuple[list[AttentionSite], list[int]]:
-    """The attention layers and their head counts, every check done (counts, layouts, criterion)."""
+def _head_request(model: nn.Module, family: Family, criterion: str, heads: Any, head_fraction: float | None,
+                  calibrated: bool, free: bool = False) -> tuple[list[AttentionSite], list[Any]]:
+    """The attention layers and their head counts, every check done (counts, layouts, criterion).
+    ``free`` without counts: each is None, for params_fraction to decide (except where heads
+    cannot be cut: all kept)."""
     attention = family.attention(model)
-    hs = resolve_heads(attention, heads=heads, head_fraction=head_fraction, model=type(model).__name__)
+    if free and heads is None and head_fraction is None:
+        hs: list[Any] = [s.heads if s.refuse else None for s in attention]
+        if any(h is None for h in hs):
+            get_head_criterion(criterion)  # a neuron-only criterion cannot size heads: refused before any pass
+    else:
+        hs = resolve_heads(attention, heads=heads, head_fraction=head_fraction, model=type(model).__name__)
     if head_criterion_scores(criterion) == "activations" and not calibrated:
         raise DgmrError(f"head criterion {criterion!r} scores activations: it needs calibration images "
                         "(calibration=...)")
@@ -202,9 +209,8 @@ def prune(
     dim (docs/heads.md). Every MLP width and head count is checked before the first cut.
 
     ``params_fraction`` F (with calibration and ``allocate="global"``) keeps fraction F of the
-    vision tower's parameters, spent across MLP neurons and attention heads by their measured
-    error per parameter; MLP widths or head counts given beside it stay as given, and it sizes
-    the rest (docs/heads.md, "One budget").
+    vision tower's parameters, spent on MLP neurons and heads by measured error per parameter;
+    widths or head counts given beside it stay as given (docs/heads.md, "One budget").
 
     ``calibration``: unlabeled images (a folder, a list file, WebDataset shards, a list of
     PIL images, a Dataset, or preprocessed (N, 3, H, W) batches / a DataLoader). With it the
@@ -224,20 +230,13 @@ def prune(
     width_given = any(v is not None for v in (mlp_ratio, hidden, keep_fraction, widths))
     if params_fraction is not None:
         _budget_request(model, family, params_fraction, settings, calibrated)
-    cut_mlps = width_given or not cut_heads or params_fraction is not None
-    sites = family.mlps(model) if cut_mlps else []
+    sites = family.mlps(model) if width_given or not cut_heads or params_fraction is not None else []
     ks: list[Any] = [None] * len(sites)  # free: params_fraction sizes them
     if width_given or not (cut_heads or params_fraction is not None):
         ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
-    if cut_heads:
-        attention, hs = _head_request(model, family, criterion, heads, head_fraction, calibrated)
-    elif params_fraction is not None:  # every head count free, except where heads cannot be cut
-        attention = family.attention(model)
-        hs = [s.heads if s.refuse else None for s in attention]
-        if any(h is None for h in hs):
-            get_head_criterion(criterion)  # a neuron-only criterion cannot size heads: refused before any pass
-    else:
-        attention, hs = [], []
+    attention, hs = _head_request(model, family, criterion, heads, head_fraction, calibrated,
+                                  free=params_fraction is not None) if cut_heads or params_fraction is not None \
+        else ([], [])
     record = PruneRecord.start(criterion, seed, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction,
                                heads=heads, head_fraction=head_fraction, params_fraction=params_fraction)
     if calibrated:
