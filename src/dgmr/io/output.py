@@ -315,6 +315,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        share_modes(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -322,6 +323,28 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         tmp.rename(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(..., "w")`` gives a new file: 0666 less the umask."""
+    try:  # the umask without changing it (Linux 4.7+)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode of a file ``open`` creates (0644 under the usual
+    umask): some writers (safetensors) create theirs 0600, so the weights of a model directory
+    were unreadable to others beside readable configs."""
+    mode = file_mode()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(dirpath, name), mode)
 
 
 def write_json(path: Path, obj: Any) -> None:

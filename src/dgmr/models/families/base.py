@@ -143,6 +143,20 @@ class Family:
         dc = self.data_config(model)
         return crop_preprocess(int(image_size or dc["image_size"]), dc["mean"], dc["std"])
 
+    def saved_preprocess(self, model: nn.Module, saved: dict[str, Any], directory: Path | None,
+                         image_size: int | None = None) -> Any:
+        """The eval transform a dgmr directory saved (``saved``: the settings of
+        :meth:`eval_preprocess` at save time; ``directory``: where the library's own
+        preprocessing files are), at ``image_size`` if given. Families without library
+        preprocessing saved a resize + center crop."""
+        crop = int(image_size or saved["crop"])
+        return crop_preprocess(crop, saved["mean"], saved["std"], float(saved["crop"]) / float(saved["resize"]))
+
+    def card_info(self, model: nn.Module, src: Source | None, random_init: bool = False) -> dict[str, Any]:
+        """The model card's ``library_name``, ``pipeline_tag``, ``base_model`` (a Hub repo id the
+        source names, not for random weights) and ``license`` (the source's, where known)."""
+        return {"library_name": "dgmr", "pipeline_tag": "image-feature-extraction", "base_model": None, "license": None}
+
     def features(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Final-layer features for distillation and evaluation:
         {"pooled": (B, D) CLS/pooled feature, "tokens": (B, N, D) patch tokens}."""
@@ -157,8 +171,11 @@ class Family:
         return {}
 
     def export_native(self, model: nn.Module, out: Path, src: Source | None) -> dict[str, Any]:
-        """Write the source library's own loadable format under ``out``; returns a note
-        ({"format", "files", "load"} or {"skipped": reason})."""
+        """Write the source library's own files beside ``out/model.safetensors`` (the weights,
+        already there: stored once), so that ``out`` is a model repository of that library;
+        returns a note ({"format", "files", "load"} or {"skipped": why the library's loader
+        cannot rebuild this model}). A place for what a library's config can say beyond MLP
+        widths (e.g. a head dimension) is the note's config fields, written here too."""
         return {"skipped": "no native format for generic models; use dgmr.load"}
 
     # -- streaming prune (dgmr.prune.stream) -------------------------------------------------
