@@ -35,7 +35,7 @@ def restore_registries():
 
 
 def _config(out) -> dict:
-    return json.loads((out / "config.json").read_text())
+    return json.loads((out / "dgmr.json").read_text())
 
 
 # -- a criterion ---------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_timm_export_checks_every_shape_not_only_the_pruned_mlps(cli, tmp_path):
     assert code == 0, err
     cfg = _config(tmp_path / "p")
     assert "attn_pool" in cfg["native_export"]["skipped"]
-    assert not (tmp_path / "p" / "timm_config.json").exists()
+    assert not (tmp_path / "p" / "config.json").exists()
     model = dgmr.load(tmp_path / "p")
     assert model.attn_pool.mlp.fc1.out_features == 4 * model.embed_dim
     assert {s.hidden for s in dgmr.family_of(model).mlps(model)} == {model.embed_dim}

@@ -179,7 +179,8 @@ def test_hf_dinov2_swiglu_refuses_unexpressible_width(cfgdir, tmp_path):
     model, src = build(case, cfgdir)
     model, rec = dgmr.prune(model, mlp_ratio=1.0, progress=False, source=src)  # width 32: no int mlp_ratio gives it
     cfg = dgmr.save(model, tmp_path / "p", source=src, record=rec)
-    assert "mlp_ratio" in cfg["native_export"]["skipped"] and not (tmp_path / "p" / "hf").exists()
+    assert "mlp_ratio" in cfg["native_export"]["skipped"] and not (tmp_path / "p" / "config.json").exists()
+    assert (tmp_path / "p" / "preprocessor_config.json").is_file()  # the processor does not depend on the widths
     again = dgmr.load(tmp_path / "p")  # the dgmr artifact still round-trips
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

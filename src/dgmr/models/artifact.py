@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ INDICES = "kept_indices.safetensors"
 CONFIG = RECORD  # dgmr's record (written last: a directory with one is complete)
 LAYOUT = 2  # 1: the record in config.json, transformers files in hf/ (dgmr before the library-repo layout)
 NATIVE_OFF = {"skipped": "native export turned off"}
+PREPROCESS_ATTR = "dgmr_preprocess"  # what dgmr.load sets on a model: its directory's saved preprocessing
 
 
 def vision_params(model: nn.Module, family: Family | None = None) -> int:
@@ -118,8 +120,8 @@ def describe(model: nn.Module, family: Family, src: Source | None, widths: dict[
     """What the record keeps for the card and for ``dgmr eval``: the eval preprocessing, the
     card's metadata, params and FLOPs before and after (shapes only, on the meta device)."""
     out: dict[str, Any] = {"card": family.card_info(model, src, random_init=random_init)}
-    try:
-        out["preprocess"] = family.eval_preprocess(model, src).settings
+    try:  # a model dgmr.load opened keeps the preprocessing its directory saved
+        out["preprocess"] = getattr(model, PREPROCESS_ATTR, None) or family.eval_preprocess(model, src).settings
     except Exception as e:  # a processor the library cannot build offline: dgmr eval warns and falls back
         out["preprocess"] = None
         out["preprocess_missing"] = first_line(e)
@@ -141,8 +143,8 @@ def _sizes(model: nn.Module, family: Family, src: Source | None, widths: dict[st
                    flops_before=count_flops(meta, family, size))
         apply_widths(meta, widths, family)
         out.update(params_after=family.vision_params(meta), flops_after=count_flops(meta, family, size))
-    except (DgmrError, RuntimeError, ValueError, TypeError, NotImplementedError):
-        pass  # a model that cannot run on meta: the card says the FLOPs are unknown
+    except Exception:  # noqa: BLE001 - any model that cannot run on meta (torch asserts too): FLOPs unknown on the card
+        pass
     return out
 
 
@@ -199,7 +201,22 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     except RuntimeError as e:
         first = first_line(e)
         raise DgmrError(f"checkpoint {weights} does not match the recorded architecture: {first}") from e
+    if isinstance(cfg.get("preprocess"), dict):  # travels on with the model into what is saved from it
+        setattr(model, PREPROCESS_ATTR, cfg["preprocess"])
     return model.to(device).eval()
+
+
+def saved_preprocess(path: str | os.PathLike, cfg: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
+    """(settings, directory) of the eval preprocessing the dgmr directory ``path`` saved, for
+    :func:`~dgmr.models.preprocess.resolve_eval_preprocess`; None, with a warning, when it saved
+    none (written by an older dgmr)."""
+    saved = cfg.get("preprocess")
+    if isinstance(saved, dict) and saved.get("library"):
+        return saved, Path(path)
+    warnings.warn(f"{path} records no preprocessing (a directory an older dgmr wrote, or one whose processor could "
+                  f"not be built): evaluating with the library's defaults for the architecture; re-save it to keep "
+                  "the source's preprocessing with the model", stacklevel=2)
+    return None
 
 
 def _build_empty(src: Source) -> nn.Module | None:

@@ -23,7 +23,7 @@ def model_source(model: str | os.PathLike, *, model_kwargs: dict[str, Any] | Non
         who = f"{role} " if role else ""
         spec = library_layout(model)
         if spec is not None:
-            raise DgmrError(f"{who}{model} is a model folder of {spec.split(':')[0]}, not a dgmr directory: "
+            raise DgmrError(f"{who}{model} is not a dgmr model directory but a {spec.split(':')[0]} model folder: "
                             f"open it as {spec}")
         raise DgmrError(f"{who}{model} is not a dgmr model directory (a library's model folder opens as "
                         f"timm:local-dir:{model}, open_clip:local-dir:{model} or hf:{model})")

@@ -205,12 +205,16 @@ _PUBLISHED = {"dinov2": {"size": {"shortest_edge": 256}, "crop_size": {"height":
 
 
 def _image_processor(model, src) -> Any:
-    """The model's image processor: a local one (a directory, or the hub cache; never a
-    download), else the processor class of the model type with its defaults; None if the
+    """The model's image processor: the one its dgmr directory saved, a local one (a directory,
+    or the hub cache; never a download), else the processor class of the model type with its defaults; None if the
     model type has none."""
     import transformers
     from transformers.models.auto import image_processing_auto as auto
 
+    saved = getattr(model, "dgmr_preprocess", None)  # what the dgmr directory it came from saved
+    if isinstance(saved, dict) and saved.get("library") == "hf" and hasattr(transformers, str(saved.get("processor"))):
+        keep = {k: v for k, v in saved.items() if k not in ("library", "processor")}
+        return getattr(transformers, saved["processor"]).from_dict(keep)
     if src is not None and src.name:
         try:
             return transformers.AutoImageProcessor.from_pretrained(src.name, local_files_only=True)
