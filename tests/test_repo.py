@@ -35,6 +35,7 @@ def _front_matter(card: Path) -> dict:
 def outputs(tmp_path_factory):
     """A pruned tiny model of each library, saved by dgmr.save, with its input and dgmr.load's output."""
     root = tmp_path_factory.mktemp("repos")
+    (root / "src").mkdir()
     made = {}
     for cid in ("timm_vit", "open_clip_vit", "hf_clip", "hf_siglip_vision"):
         case = next(c for c in CASES if c.id == cid)
@@ -85,7 +86,7 @@ for cid in ("timm_vit", "open_clip_vit", "hf_clip", "hf_siglip_vision"):
         pix = proc(images=img, return_tensors="pt")["pixel_values"]
         assert pix.shape[-1] == x.shape[-1], pix.shape
         if cid == "hf_siglip_vision":
-            pipe = transformers.pipeline("image-feature-extraction", model=str(d))
+            pipe = scope["transformers"].pipeline("image-feature-extraction", model=str(d))
             feats = torch.tensor(pipe(img))
             assert feats.ndim >= 2 and torch.isfinite(feats).all()
 assert "dgmr" not in sys.modules
@@ -286,6 +287,7 @@ def test_streamed_and_imported_outputs_are_library_repos(tmp_path):
     from dgmr.prune.stream import stream_prune
 
     case = next(c for c in CASES if c.id == "hf_vit")
+    (tmp_path / "cfg").mkdir()
     model, src = build(case, tmp_path / "cfg")
     save_model(model, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
     stream_prune(src.spec, tmp_path / "w.safetensors", tmp_path / "s", mlp_ratio=1.0, progress=False)
