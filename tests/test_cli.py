@@ -20,13 +20,14 @@ def pruned(tmp_path_factory):
     return out
 
 
+@pytest.mark.smoke
 def test_prune_writes_artifact(pruned):
     cfg = json.loads((pruned / "dgmr.json").read_text())
     assert cfg["format"] == "dgmr" and cfg["spec"] == "timm:vit_tiny_patch16_224"
     assert cfg["prune"]["criterion"] == "diversity" and cfg["prune"]["mlp_ratio"] == 1.0
     assert set(cfg["widths"].values()) == {192} and len(cfg["widths"]) == 2
     assert cfg["dgmr_version"] == dgmr.__version__
-    assert (pruned / "model.safetensors").is_file() and (pruned / "kept_indices.safetensors").is_file()
+    assert (pruned / "model.safetensors").is_file() and (pruned / "dgmr" / "kept_indices.safetensors").is_file()
     assert json.loads((pruned / "config.json").read_text())["model_args"]["mlp_ratio"] == 1  # timm's hub config
     assert (pruned / "README.md").is_file()
     assert not list(pruned.parent.glob(".*tmp*"))  # no temp dirs left

@@ -88,7 +88,7 @@ def test_loss_decreases_corrupt_counted_and_export_loads(tiny, tmp_path):
     # the export is a dgmr directory like `dgmr prune` writes, and the trained weights differ from the student's
     cfg = json.loads((run / "dgmr.json").read_text())
     assert cfg["format"] == "dgmr" and cfg["prune"]["mlp_ratio"] == 1 and cfg["distill"]["steps"] == 12
-    assert (run / "kept_indices.safetensors").is_file()
+    assert (run / "dgmr" / "kept_indices.safetensors").is_file()
     trained, pruned = dgmr.load(run), dgmr.load(tiny["student"])
     assert [s.hidden for s in dgmr.family_of(trained).mlps(trained)] == [192, 192]
     diff = max((a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), pruned.state_dict().values()))

@@ -69,7 +69,7 @@ def test_custom_criterion_through_cli(cli, capsys, tmp_path):
         cfg = _config(out)
         assert cfg["prune"]["criterion"] == "far_from_mean" and cfg["prune"]["seed"] == 7
         assert [layer["kind"] for layer in cfg["prune"]["layers"]] == ["fc1_fc2", "fc1_fc2"]
-        kept = load_file(str(out / "kept_indices.safetensors"))
+        kept = load_file(str(out / "dgmr" / "kept_indices.safetensors"))
         model = dgmr.load(out)
         for i, (w, k, _) in enumerate(seen):
             name = f"blocks.{i}.mlp"
@@ -239,7 +239,7 @@ def test_custom_family_prune_save_load(tmp_path):
         assert cfg["widths"] == rec.widths and "skipped" in cfg["native_export"]
         assert cfg["vision_params"] == sum(p.numel() for p in model.image.parameters())
         assert _config(out) == json.loads(json.dumps(cfg, default=str))
-        kept = load_file(str(out / "kept_indices.safetensors"))
+        kept = load_file(str(out / "dgmr" / "kept_indices.safetensors"))
         assert all(torch.equal(kept[k], rec.kept[k]) for k in rec.widths)
 
         # no source to rebuild it from: dgmr.load needs the unpruned architecture (other random weights)
@@ -348,7 +348,7 @@ def test_replace_builtin_criterion_is_used_by_cli(cli, tmp_path, restore_registr
     out = tmp_path / "pruned"
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--hidden", "100", "--criterion", "l2", "--out", str(out))
     assert code == 0, err
-    kept = load_file(str(out / "kept_indices.safetensors"))
+    kept = load_file(str(out / "dgmr" / "kept_indices.safetensors"))
     assert set(kept) == {"blocks.0.mlp", "blocks.1.mlp"}
     assert all(torch.equal(v, torch.arange(668, 768)) for v in kept.values())
     assert dgmr.load(out).blocks[0].mlp.fc2.in_features == 100

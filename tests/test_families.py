@@ -136,6 +136,7 @@ def _native(case, out, cfg, model, x):
     raise AssertionError(case.family)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_export_reload_identical(case, cfgdir, tmp_path):
     model, src = build(case, cfgdir)
@@ -150,6 +151,7 @@ def test_export_reload_identical(case, cfgdir, tmp_path):
     assert json.loads((out / "dgmr.json").read_text())["widths"] == rec.widths
     # weights once: no other tensor file anywhere in the directory
     assert sorted(p.name for p in out.rglob("*.safetensors")) == ["kept_indices.safetensors", "model.safetensors"]
+    # and one at the top: timm's local-dir loader (<= 1.0.25 at least) fails on two
     assert cfg["widths"] == rec.widths
     x = _x(case)
     with torch.no_grad():

@@ -4,7 +4,9 @@
 
     model.safetensors          the weights, once (or HF-style shards + model.safetensors.index.json)
     dgmr.json                  dgmr's record: source, family, widths, what was cut and how, sizes
-    kept_indices.safetensors   the kept neurons per MLP (when known)
+    dgmr/kept_indices.safetensors   the kept neurons per MLP (when known); in a sub-folder because
+                               timm's local-dir loader (up to at least 1.0.25) fails on a folder
+                               with two *.safetensors files at its top
     README.md                  the model card (Hugging Face conventions, :mod:`.card`)
     + the library's own files, where its config can describe the model:
       timm: config.json (hub format)   open_clip: open_clip_config.json
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,8 @@ from .families import Family, apply_widths, family_of, get_family
 from .record import PruneRecord
 from .sources import LEGACY_RECORD, RECORD, Source, build_model, dgmr_record_file, is_dgmr_dir
 
-INDICES = "kept_indices.safetensors"
+INDICES = "dgmr/kept_indices.safetensors"
+LEGACY_INDICES = "kept_indices.safetensors"  # at the top, in directories older dgmr versions wrote
 CONFIG = RECORD  # dgmr's record (written last: a directory with one is complete)
 LAYOUT = 2  # 1: the record in config.json, transformers files in hf/ (dgmr before the library-repo layout)
 NATIVE_OFF = {"skipped": "native export turned off"}
@@ -75,7 +79,24 @@ def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[s
 
 
 def write_kept_indices(path: Path, record: "PruneRecord") -> None:
+    (path / INDICES).parent.mkdir(exist_ok=True)
     save_file({layer["name"]: layer["kept"].contiguous() for layer in record.layers}, str(path / INDICES))
+
+
+def kept_indices_file(path: str | os.PathLike) -> Path | None:
+    """The kept-indices file of a dgmr directory (either layout), None when it has none (an import)."""
+    for name in (INDICES, LEGACY_INDICES):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
+
+
+def copy_kept_indices(src_dir: str | os.PathLike, dst_dir: Path) -> None:
+    """Carry a directory's kept indices into another one being written (a distilled student's)."""
+    file = kept_indices_file(src_dir)
+    if file is not None:
+        (dst_dir / INDICES).parent.mkdir(exist_ok=True)
+        shutil.copy2(file, dst_dir / INDICES)
 
 
 def save(
@@ -280,7 +301,10 @@ def _load_weights(model: nn.Module, weights: Path, assign: bool, prefix: str = "
 
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / INDICES))
+    file = kept_indices_file(path)
+    if file is None:
+        raise DgmrError(f"{path} records no kept indices (an imported checkpoint, or not a dgmr directory)")
+    return load_file(str(file))
 
 
 def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: Source, layout: str, scope: str | None,

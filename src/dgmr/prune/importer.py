@@ -17,7 +17,7 @@ in the source library's naming or the original training code's, becomes a dgmr d
 4. The tensors are copied one at a time into ``model.safetensors`` (or shards), beside the
    library's config files, card and ``dgmr.json`` a streaming prune writes: ``dgmr.load`` and every
    command that takes a dgmr directory open it. Which neurons were kept is not known: there
-   is no ``kept_indices.safetensors`` and the ``prune`` record says ``"unknown"``.
+   are no kept indices and the ``prune`` record says ``"unknown"``.
 """
 from __future__ import annotations
 
@@ -377,7 +377,7 @@ def import_checkpoint(spec: str | Source, checkpoint: str | os.PathLike, out: st
     ``module.`` prefix; it holds the whole model or the vision tower alone, in the library's
     naming or one its checkpoint filter converts (original EVA-CLIP, DINOv2). ``dtype`` casts
     the floating weights. The output is what ``dgmr prune`` writes, without
-    ``kept_indices.safetensors`` (unknown). Returns a summary (the ``dgmr import`` output).
+    kept indices (unknown). Returns a summary (the ``dgmr import`` output).
     """
     t0 = time.perf_counter()
     inputs = [("model", model_path(spec)), *[("checkpoint", c) for c in checkpoint_paths(checkpoint)]]

@@ -17,7 +17,7 @@ selection workspace) plus one output shard, whatever the checkpoint's size:
    streamed ``model.safetensors`` or HF-style shards (the family decides, see
    :meth:`dgmr.Family.stream_layout`), all inside a temporary directory renamed into place
    only on success, next to the library's config files, ``dgmr.json``, the card and
-   ``kept_indices.safetensors``,
+   the kept indices,
    so :func:`dgmr.load` opens it.
 
 Several MLPs are selected at once (threads) when the cores and ``max_memory`` allow it.

@@ -218,7 +218,7 @@ def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], in
 
 
 def write_stream_config(job: StreamJob, tmp: Path, files: list[str], native: bool) -> dict[str, Any]:
-    """kept_indices.safetensors, the native export, the card and dgmr.json, beside the weights in ``tmp``."""
+    """The kept indices, the native export, the card and dgmr.json, beside the weights in ``tmp``."""
     order_of = {s.name: i for i, s in enumerate(job.sites)}
     job.record.layers.sort(key=lambda layer: order_of[layer["name"]])
     job.record.config_updates = job.family.update_config(job.meta, job.src)
