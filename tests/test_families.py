@@ -297,7 +297,7 @@ def test_cli_prunes_convnext_with_conv_mlp(cli, tmp_path):
                             "--model-kwargs", kwargs, "--out", str(out), "--json")
     assert code == 0, err
     assert json.loads(stdout)["hidden_after"] == [40, 80, 160, 320]
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "dgmr.json").read_text())
     assert "takes no mlp_ratio" in cfg["native_export"]["skipped"]  # timm's ConvNeXt has no such argument
     model = dgmr.load(out)
     assert [m.fc1.out_channels for m in (model.stages[i].blocks[0].mlp for i in range(4))] == [40, 80, 160, 320]

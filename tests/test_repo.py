@@ -304,3 +304,19 @@ def test_streamed_and_imported_outputs_are_library_repos(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(m(pixel_values=x).last_hidden_state,
                                        dgmr.load(out)(pixel_values=x).last_hidden_state)
+
+
+def test_timm_config_keeps_only_architecture_arguments(tmp_path, cli):
+    """create_model arguments that are not architecture (pretrained_cfg_overlay) stay out of
+    timm's model_args: the printed load line and the folder load as they are."""
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "pretrained_cfg_overlay": {"mean": [0.5, 0.5, 0.5]}}
+    code, out, err = cli("prune", "timm:vit_tiny_patch16_224", "--random-init", "--model-kwargs", json.dumps(kwargs),
+                         "--mlp-ratio", "1", "--out", tmp_path / "p", "--json")
+    assert code == 0, err
+    assert json.loads(out)["native_export"] == "timm.create_model('local-dir:DIR', pretrained=True)"
+    hub = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert "pretrained_cfg_overlay" not in hub["model_args"] and hub["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    import timm
+
+    m = timm.create_model(f"local-dir:{tmp_path / 'p'}", pretrained=True)
+    assert m.blocks[0].mlp.fc1.out_features == 192 and tuple(m.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)

@@ -48,14 +48,17 @@ def _channels_last(model: nn.Module, feats: torch.Tensor) -> bool:
 
 
 def _takes_mlp_ratio(build) -> bool:
-    """Whether the timm model builds at all with an ``mlp_ratio`` kwarg (on meta: no memory)."""
+    """Whether the timm model's MLP widths follow an ``mlp_ratio`` kwarg (built on meta: no
+    memory): some timm versions refuse the argument (ConvNeXt, MetaFormer), others take it
+    through ``**kwargs`` and ignore it."""
     try:
-        build(4.0)
+        a, b = build(4.0), build(2.0)
     except TypeError as e:  # "unexpected keyword argument 'mlp_ratio'" (ConvNeXt, MetaFormer)
         return "mlp_ratio" not in str(e)
     except Exception:  # anything else is not about the argument: let the caller's message stand
         return True
-    return True
+    shapes = lambda m: [tuple(t.shape) for t in m.state_dict().values()]  # noqa: E731
+    return shapes(a) != shapes(b)
 
 
 @register_family(builtin=True)
