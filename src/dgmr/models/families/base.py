@@ -149,8 +149,11 @@ class Family:
         :meth:`eval_preprocess` at save time; ``directory``: where the library's own
         preprocessing files are), at ``image_size`` if given. Families without library
         preprocessing saved a resize + center crop."""
-        crop = int(image_size or saved["crop"])
-        return crop_preprocess(crop, saved["mean"], saved["std"], float(saved["crop"]) / float(saved["resize"]))
+        try:
+            crop = int(image_size or saved["crop"])
+            return crop_preprocess(crop, saved["mean"], saved["std"], float(saved["crop"]) / float(saved["resize"]))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a family's own settings: its own transform
+            return self.eval_preprocess(model, None, image_size)
 
     def card_info(self, model: nn.Module, src: Source | None, random_init: bool = False) -> dict[str, Any]:
         """The model card's ``library_name``, ``pipeline_tag``, ``base_model`` (a Hub repo id the

@@ -213,7 +213,7 @@ class TimmFamily(Family):
         return {"library_name": "timm",
                 "pipeline_tag": "image-classification" if getattr(model, "num_classes", 0) else "image-feature-extraction",
                 "base_model": hub.rstrip("/") if hub and not random_init else None,
-                "license": pcfg.get("license")}
+                "license": pcfg.get("license") if not random_init else None}
 
     def saved_preprocess(self, model, saved, directory, image_size=None):
         import timm.data
