@@ -53,7 +53,7 @@ def _distill(tiny, out: Path, *extra: str) -> list[str]:
 def test_prune_on_a_full_disk_keeps_the_previous_output(tmp_path, cli, monkeypatch):
     out = tmp_path / "pruned"
     assert cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", out)[0] == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def full(model, path, **kw):
         Path(path).write_bytes(b"half a tensor")  # what a full disk leaves: a partial file
@@ -62,7 +62,7 @@ def test_prune_on_a_full_disk_keeps_the_previous_output(tmp_path, cli, monkeypat
     monkeypatch.setattr(artifact, "save_model", full)
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "2", "--out", out, "--overwrite")
     _full_disk_error(code, err, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no .pruned.tmp-*, no lock
 
 

@@ -181,9 +181,10 @@ def test_weights_and_configs_share_one_mode_under_the_umask(tmp_path, cli):
     finally:
         os.umask(old)
     assert code == 0, err
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "p").iterdir()}
+    files = [p for p in (tmp_path / "p").rglob("*") if p.is_file()]
+    modes = {str(p.relative_to(tmp_path / "p")): p.stat().st_mode & 0o777 for p in files}
     assert set(modes.values()) == {0o640}, modes
-    assert {"model.safetensors", "config.json", "dgmr.json", "README.md"} <= set(modes)
+    assert {"model.safetensors", "config.json", "dgmr.json", "README.md", "dgmr/kept_indices.safetensors"} <= set(modes)
 
 
 @pytest.mark.smoke
