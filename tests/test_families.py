@@ -111,14 +111,10 @@ def _native(case, out, cfg, model, x):
     if case.family == "open_clip" and case.id == "open_clip_timm_tower":
         import timm
 
-        tc = json.loads((out / "timm_trunk" / "timm_config.json").read_text())
         assert sorted(p.name for p in (out / "timm_trunk").iterdir()) == ["timm_config.json"]  # weights stored once
-        trunk = timm.create_model(tc["model_name"], pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(out / note["weights"]), custom_load=False),
-                                  **tc["kwargs"]).eval()
-        if "reset_classifier" in tc:
-            trunk.reset_classifier(**tc["reset_classifier"])
-        return trunk(x), model.visual.trunk(x)
+        scope = {}
+        exec("import timm\n" + note["load"].replace("DIR", str(out)), scope)  # the recorded line, as printed
+        return scope["trunk"].eval()(x), model.visual.trunk(x)
     if case.family == "open_clip":
         import open_clip
 

@@ -136,7 +136,7 @@ def test_card_says_why_the_library_cannot_load(tmp_path, cfgdir):
     model, rec = dgmr.prune(model, widths={"blocks.0.mlp": 8, "blocks.1.mlp": 24}, progress=False, source=src)
     dgmr.save(model, tmp_path / "p", source=src, record=rec)
     text = (tmp_path / "p" / "README.md").read_text()
-    assert "timm's own loader cannot load this model" in text and "per-layer MLP widths" in text
+    assert "The timm loader cannot load this model" in text and "per-layer MLP widths" in text
     assert not (tmp_path / "p" / "config.json").exists()
     assert [m.mlp.fc1.out_features for m in dgmr.load(tmp_path / "p").blocks] == [8, 24]
 

@@ -116,7 +116,7 @@ def _loading(record: dict[str, Any]) -> list[str]:
     out = [f"`DIR` is this repository's folder; after an upload, timm and open_clip also read "
            "`hf-hub:USER/REPO` where `local-dir:DIR` stands, and transformers `USER/REPO`.", ""]
     if "skipped" in note:
-        out += [f"**{library}'s own loader cannot load this model:** {note['skipped']}." if library else
+        out += [f"**The {library} loader cannot load this model:** {note['skipped']}." if library else
                 f"**No library loads this model directly:** {note['skipped']}.", ""]
     elif note.get("load"):
         lines = [f"import {'timm' if note.get('library_loader') else library}", note["load"]]
@@ -124,9 +124,11 @@ def _loading(record: dict[str, Any]) -> list[str]:
             lines.append(note["processor"])
             lines.append("pipe = transformers.pipeline('image-feature-extraction', model='DIR')")
         if note.get("library_loader"):
-            out += [f"The {library} config cannot describe this model ({note['library_loader']}); "
-                    "its trunk loads with timm:", ""]
-        out += [f"With {library}:", "", "```python", *lines, "```", ""]
+            out += [f"**The {library} loader cannot load this model:** {note['library_loader']}. Its timm trunk "
+                    "loads with timm:", "", "```python", *lines, "```", ""]
+            out += [f"Then {note['then']}.", ""] if note.get("then") else []
+        else:
+            out += [f"With {library}:", "", "```python", *lines, "```", ""]
     out += ["With dgmr (`pip install dgmr`), offline, for any dgmr output:", "", "```python", "import dgmr", "",
             "model = dgmr.load('DIR')", "```"]
     return out

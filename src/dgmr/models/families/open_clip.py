@@ -109,8 +109,8 @@ class OpenClipFamily(Family):
                "rebuild the pruned tower")
         if "skipped" in note:
             return {"skipped": f"{why}; nor can timm: {note['skipped']}"}
-        note["load"] += ("; then m = open_clip.create_model(ARCH) and m.visual.trunk = trunk; visual.head weights "
-                         "are in DIR/model.safetensors (or use dgmr.load(DIR))")
+        note["then"] = ("assign it to the unpruned open_clip model's visual.trunk (its visual.head weights are in "
+                        "DIR/model.safetensors too), or use dgmr.load(DIR)")
         note["library_loader"] = why
         return note
 
