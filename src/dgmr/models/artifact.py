@@ -59,7 +59,7 @@ def vision_params(model: nn.Module, family: Family | None = None) -> int:
 def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[str, int], vision_params: int,
                  source: Source | None, record: "PruneRecord | None", native_export: dict[str, Any],
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a dgmr directory: the one layout :func:`save` and the streaming
+    """dgmr's record of a dgmr directory (``dgmr.json``): the one layout :func:`save` and the streaming
     prune both write and :func:`load` reads."""
     return {
         "format": "dgmr",

@@ -185,8 +185,8 @@ class Family:
     def stream_layout(self, shaped: nn.Module, *, tower_only: bool, native: bool, sharded: bool) -> str:
         """Where a streaming prune writes the weights of ``shaped`` (the pruned model on meta):
         ``file`` (one ``model.safetensors``, written as tensors come: timm's and open_clip's
-        loaders read one file), ``shards`` (HF-style shards at the top) or ``hf`` (shards in
-        ``hf/`` beside the library's config, see :class:`~dgmr.models.families.hf.HFFamily`)."""
+        loaders read one file) or ``shards`` (HF-style shards at the top, beside transformers'
+        config.json for :class:`~dgmr.models.families.hf.HFFamily`)."""
         return "shards" if sharded else "file"
 
     def export_streamed(self, meta: nn.Module, out: Path, src: Source, layout: str,
