@@ -321,3 +321,32 @@ def test_timm_config_keeps_only_architecture_arguments(tmp_path, cli):
 
     m = timm.create_model(f"local-dir:{tmp_path / 'p'}", pretrained=True)
     assert m.blocks[0].mlp.fc1.out_features == 192 and tuple(m.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+
+
+def test_head_cut_outputs_are_library_repos_where_the_config_can_say_it(tmp_path, cfgdir):
+    """Cut heads: transformers ViT keeps a config (num_attention_heads + head_dim) that
+    AutoModel reads from the top of the directory; timm's ViT cannot say them, and its card
+    says why. Either card counts the cut heads in the params after."""
+    import transformers
+
+    for cid, native in (("hf_vit", True), ("timm_vit", False)):
+        case = next(c for c in CASES if c.id == cid)
+        model, src = build(case, cfgdir)
+        model, rec = dgmr.prune(model, mlp_ratio=1.0, heads=1, progress=False, source=src)
+        out = tmp_path / cid
+        cfg = dgmr.save(model, out, source=src, record=rec)
+        n = len(cfg["heads"])
+        assert set(cfg["heads"].values()) == {1} and cfg["params_after"] == dgmr.family_of(model).vision_params(model)
+        text = (out / "README.md").read_text()
+        assert f"{n} of {n} attention layers cut, heads " in text and "-> 1" in text
+        assert "attention heads" in text.split("**Pruned:**")[1].splitlines()[0]
+        if native:
+            assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 1
+            m = transformers.AutoModel.from_pretrained(out).eval()
+            x = torch.randn(1, 3, case.image_size, case.image_size)
+            with torch.no_grad():
+                torch.testing.assert_close(m(pixel_values=x).last_hidden_state,
+                                           dgmr.load(out)(pixel_values=x).last_hidden_state)
+        else:
+            assert "The timm loader cannot load this model" in text and "head" in cfg["native_export"]["skipped"]
+            assert not (out / "config.json").exists()

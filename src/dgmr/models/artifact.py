@@ -40,7 +40,7 @@ from ..io.checkpoints import SHARD_INDEX, WEIGHTS
 from ..io.output import atomic_dir, write_json
 from .card import CARD, render_card
 from .cost import count_flops
-from .families import Family, apply_widths, family_of, get_family
+from .families import Family, apply_heads, apply_widths, family_of, get_family
 from .record import PruneRecord
 from .sources import LEGACY_RECORD, RECORD, Source, build_model, dgmr_record_file, is_dgmr_dir
 
@@ -58,9 +58,10 @@ def vision_params(model: nn.Module, family: Family | None = None) -> int:
 
 def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[str, int], vision_params: int,
                  source: Source | None, record: "PruneRecord | None", native_export: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, heads: dict[str, int] | None = None) -> dict[str, Any]:
     """dgmr's record of a dgmr directory (``dgmr.json``): the one layout :func:`save` and the streaming
-    prune both write and :func:`load` reads."""
+    prune both write and :func:`load` reads. ``heads``: each attention layer's head count,
+    written for models with attention dgmr knows."""
     return {
         "format": "dgmr",
         "layout": LAYOUT,
@@ -71,6 +72,7 @@ def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[s
         "class": model_class,
         "dtype": dtype,
         "widths": dict(widths),
+        **({"heads": heads} if heads else {}),
         "vision_params": vision_params,
         "prune": record.to_json() if record is not None else None,
         "native_export": native_export,
@@ -79,8 +81,18 @@ def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[s
 
 
 def write_kept_indices(path: Path, record: "PruneRecord") -> None:
+    """Kept hidden neurons per MLP and, where heads were cut, kept heads per attention layer
+    (each under its module's name)."""
+    kept = {layer["name"]: layer["kept"].contiguous() for layer in [*record.layers, *record.heads]}
     (path / INDICES).parent.mkdir(exist_ok=True)
-    save_file({layer["name"]: layer["kept"].contiguous() for layer in record.layers}, str(path / INDICES))
+    save_file(kept, str(path / INDICES))
+
+
+def head_counts(model: nn.Module, family: Family) -> dict[str, int]:
+    """What ``dgmr.json``'s ``heads`` records: every attention layer's head count ({} when
+    the model has no attention dgmr knows), whether or not this save's record cut heads (a
+    distilled student is saved without one)."""
+    return {s.name: s.heads for s in family.attention(model)}
 
 
 def kept_indices_file(path: str | os.PathLike) -> Path | None:
@@ -125,7 +137,7 @@ def save(
         notes = family.export_native(model, tmp, source) if native else NATIVE_OFF
         config = build_config(family=family, model_class=type(model).__name__, dtype=dtype_name(dtype),
                               widths=widths, vision_params=family.vision_params(model), source=source, record=record,
-                              native_export=notes, extra={**described, **extra})
+                              native_export=notes, extra={**described, **extra}, heads=head_counts(model, family))
         write_record(tmp, config)
     return config
 
@@ -152,7 +164,8 @@ def describe(model: nn.Module, family: Family, src: Source | None, widths: dict[
 
 def _sizes(model: nn.Module, family: Family, src: Source | None, widths: dict[str, int],
            params_before: int | None) -> dict[str, Any]:
-    """params and FLOPs (one image at the model's size) of the source and of the pruned widths."""
+    """params and FLOPs (one image at the model's size) of the source and of the pruned widths
+    and head counts."""
     size = family.image_size(model)
     out: dict[str, Any] = {"image_size": size}
     try:
@@ -162,6 +175,7 @@ def _sizes(model: nn.Module, family: Family, src: Source | None, widths: dict[st
         meta = build_model(src, meta=True)
         out.update(params_before=params_before or family.vision_params(meta),
                    flops_before=count_flops(meta, family, size))
+        apply_heads(meta, head_counts(model, family), family)
         apply_widths(meta, widths, family)
         out.update(params_after=family.vision_params(meta), flops_after=count_flops(meta, family, size))
     except Exception:  # noqa: BLE001 - any model that cannot run on meta (torch asserts too): FLOPs unknown on the card
@@ -207,6 +221,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         if model is None:  # tied parameters: assigning tensors would untie them
             model, assign = build_model(src, pretrained=False), False
     family = get_family(cfg["family"])
+    apply_heads(model, {k: int(v) for k, v in (cfg.get("heads") or {}).items()}, family)
     apply_widths(model, {k: int(v) for k, v in cfg["widths"].items()}, family)
     if src is not None:
         family.update_config(model, None)
@@ -295,9 +310,19 @@ def _load_weights(model: nn.Module, weights: Path, assign: bool, prefix: str = "
     missing = sorted(n for n in expected - seen if group[n] not in loaded)
     if missing:
         raise RuntimeError(f"{len(missing)} missing keys, e.g. {missing[0]!r}")
+    _init_meta_buffers(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{len(left)} tensors were not in the checkpoint, e.g. {left[0]!r}")
+
+
+def _init_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers a library computes on its weights' device (timm Swin's shifted-window
+    ``attn_mask``) were built on meta with the parameters: compute them again, now that the
+    weights are real (timm modules say how with ``init_non_persistent_buffers``)."""
+    for m in model.modules():
+        if hasattr(m, "init_non_persistent_buffers") and any(b.is_meta for b in m.buffers(recurse=False)):
+            m.init_non_persistent_buffers()
 
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -329,6 +354,7 @@ def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: So
     config = build_config(family=family, model_class=type(meta).__name__,
                           dtype=names[0] if len(names) == 1 else "float32",
                           widths=widths, vision_params=params_after,
-                          source=src, record=record, native_export=note, extra=extra)
+                          source=src, record=record, native_export=note, extra=extra,
+                          heads=head_counts(meta, family))
     write_record(tmp, config)
     return config

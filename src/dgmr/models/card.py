@@ -60,13 +60,28 @@ def _change(before: Any, after: Any) -> str:
     return f"{100 * (after / before - 1):+.1f}%"
 
 
+def _span(ws: list[int]) -> str:
+    return (str(ws[0]) if len(ws) == 1 else f"{ws[0]}..{ws[-1]} (per layer)") if ws else "?"
+
+
 def _widths(record: dict[str, Any]) -> str:
     layers = (record.get("prune") or {}).get("layers") or []
     after = sorted(set(int(v) for v in (record.get("widths") or {}).values()))
     before = sorted({int(layer["hidden_before"]) for layer in layers if "hidden_before" in layer})
-    span = lambda ws: (str(ws[0]) if len(ws) == 1 else f"{ws[0]}..{ws[-1]} (per layer)") if ws else "?"  # noqa: E731
     n = len(record.get("widths") or {})
-    return f"{n} MLPs, hidden width {span(before)} -> {span(after)}" if before else f"{n} MLPs, hidden width {span(after)}"
+    return f"{n} MLPs, hidden width {_span(before)} -> {_span(after)}" if before else f"{n} MLPs, hidden width {_span(after)}"
+
+
+def _heads(record: dict[str, Any]) -> str:
+    """The attention heads: which layers lost heads, from how many to how many."""
+    cut = [layer for layer in (record.get("prune") or {}).get("attention") or []
+           if int(layer.get("heads_after", 0)) != int(layer.get("heads_before", 0))]
+    n = len(record.get("heads") or {})
+    if not cut:
+        return f"all kept ({n} attention layers)" if n else "all kept"
+    before = sorted({int(layer["heads_before"]) for layer in cut})
+    after = sorted({int(layer["heads_after"]) for layer in cut})
+    return f"{len(cut)} of {n or len(cut)} attention layers cut, heads {_span(before)} -> {_span(after)}"
 
 
 def _what_was_done(record: dict[str, Any]) -> list[str]:
@@ -78,13 +93,13 @@ def _what_was_done(record: dict[str, Any]) -> list[str]:
         lines.append(f"- **Imported:** a checkpoint pruned elsewhere ({imp.get('format', '?')}); the kept neurons "
                      "and criterion are unknown")
     elif prune:
-        request = {k: v for k, v in prune.items() if k not in ("criterion", "seed", "layers", "calibration")}
+        request = {k: v for k, v in prune.items() if k not in ("criterion", "seed", "layers", "calibration", "attention")}
         how = ", ".join(f"{k}={v}" for k, v in request.items())
-        lines.append(f"- **Pruned:** MLP hidden neurons, criterion `{prune.get('criterion')}` (seed {prune.get('seed')})"
+        what = "MLP hidden neurons and attention heads" if prune.get("attention") else "MLP hidden neurons"
+        lines.append(f"- **Pruned:** {what}, criterion `{prune.get('criterion')}` (seed {prune.get('seed')})"
                      + (f", {how}" if how else ""))
     lines.append(f"- **Widths:** {_widths(record)}")
-    heads = record.get("heads")
-    lines.append(f"- **Attention heads:** {heads}" if heads else "- **Attention heads:** all kept")
+    lines.append(f"- **Attention heads:** {_heads(record)}")
     cal = prune.get("calibration")
     if cal:
         lines.append(f"- **Calibration:** {cal.get('images', '?')} unlabeled images; down projections refit: "

@@ -1,8 +1,9 @@
 """Hugging Face transformers models: ViT, CLIP (vision tower), DINOv2 (plain and SwiGLU), SigLIP.
 
 Exported as a ``from_pretrained`` folder: config.json (its ``intermediate_size`` or
-``mlp_ratio`` set to the pruned width where one value can describe it), the image processor
-and model.safetensors, all at the top of the dgmr directory.
+``mlp_ratio`` set to the pruned width where one value can describe it, and
+``num_attention_heads``/``head_dim`` where cut heads can be said), the image processor and
+model.safetensors, all at the top of the dgmr directory.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class HFFamily(Family):
     # transformers builds SigLIP's pooling-head MLP from the same intermediate_size as the blocks,
     # so it is pruned with them: otherwise no config could describe the pruned model
     exclude = re.compile(r"(^|\.)(text_model|text)(\.|$)")
+    # ...but its attention is the pooling head's own (nn.MultiheadAttention): never cut
+    attention_exclude = re.compile(r"(^|\.)(text_model|text|head)(\.|$)")
 
     def vision_root(self, model):
         if hasattr(model, "vision_model"):
@@ -94,8 +97,9 @@ class HFFamily(Family):
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
-    def width_fields(self, model, sites) -> tuple[dict[str, Any] | None, str]:
-        """(config fields that rebuild these widths, or None with the reason why none do)."""
+    def width_fields(self, model, sites, heads: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str]:
+        """(config fields that rebuild these widths, or None with the reason why none do);
+        ``heads``: the head fields the config will hold too (:meth:`head_fields`)."""
         import transformers
 
         vc = self._vision_config(model.config)
@@ -110,7 +114,8 @@ class HFFamily(Family):
 
             def build(r: float):
                 cfg = model.config.__class__.from_dict(model.config.to_dict())
-                setattr(self._vision_config(cfg), "mlp_ratio", r)
+                for k, v in {**(heads or {}), "mlp_ratio": r}.items():
+                    setattr(self._vision_config(cfg), k, v)
                 with torch.device("meta"):
                     return cls._from_config(cfg) if hasattr(cls, "_from_config") else transformers.AutoModel.from_config(cfg)
 
@@ -121,10 +126,44 @@ class HFFamily(Family):
             return {"mlp_ratio": r}, ""
         return None, f"{name} has no intermediate_size or mlp_ratio field"
 
+    def head_fields(self, model) -> tuple[dict[str, Any] | None, str]:
+        """(config fields that rebuild the attention layers' head counts at their head dim, or
+        None with the reason why none do); {} when no head was cut. Checked by building the
+        attention from the config on meta: only some classes read a ``head_dim`` field."""
+        vc = self._vision_config(model.config)
+        sites = self.attention(model)
+        heads = getattr(vc, "num_attention_heads", None)
+        if all(s.heads == heads for s in sites):
+            return {}, ""
+        name = type(vc).__name__
+        if len({(s.heads, s.head_dim) for s in sites}) != 1:
+            return None, f"per-layer attention head counts differ; {name} holds one num_attention_heads"
+        fields = {"num_attention_heads": sites[0].heads, "head_dim": sites[0].head_dim}
+        cfg = model.config.__class__.from_dict(model.config.to_dict())
+        for k, v in fields.items():
+            setattr(self._vision_config(cfg), k, v)
+        with torch.device("meta"):
+            built = type(model)._from_config(cfg)
+        want = {s.name: [tuple(t.shape) for t in s.module.state_dict().values()] for s in sites}
+        got = {s.name: [tuple(t.shape) for t in s.module.state_dict().values()] for s in self.attention(built)}
+        if got != want:
+            return None, (f"{name} derives the head dim from hidden_size / num_attention_heads: no config keeps "
+                          f"{sites[0].heads} heads of {sites[0].head_dim} channels")
+        return fields, ""
+
+    def native_fields(self, model) -> tuple[dict[str, Any] | None, str]:
+        """The config fields of :meth:`width_fields` and :meth:`head_fields` together, or None and why not."""
+        heads, why = self.head_fields(model)
+        if heads is None:
+            return None, why
+        fields, why = self.width_fields(model, self.mlps(model), heads)
+        return (None, why) if fields is None else ({**fields, **heads}, "")
+
     def update_config(self, model, src):
-        fields, _ = self.width_fields(model, self.mlps(model))
-        if fields is None:
-            return {}
+        # what the config can say, even where the rest it cannot (CLIP's widths beside cut heads)
+        heads, _ = self.head_fields(model)
+        widths, _ = self.width_fields(model, self.mlps(model), heads)
+        fields = {**(widths or {}), **(heads or {})}
         vc = self._vision_config(model.config)
         for k, v in fields.items():
             setattr(vc, k, v)
@@ -141,7 +180,7 @@ class HFFamily(Family):
             files.append("preprocessor_config.json")
         if hasattr(model, "get_text_features") and src is not None and Path(src.name).is_dir():
             files += _copy_tokenizer(src.name, out)
-        fields, why = self.width_fields(model, self.mlps(model))
+        fields, why = self.native_fields(model)
         if fields is None:
             return {"skipped": why, "files": files}
         self.update_config(model, src)

@@ -3,7 +3,8 @@ ConvNeXt, MetaFormer (PoolFormer, ConvFormer, CAFormer), ...
 
 Exported in timm's hub layout: ``config.json`` (architecture, ``model_args`` with the new
 ``mlp_ratio``, ``pretrained_cfg``) beside ``model.safetensors``, what
-``timm.create_model('local-dir:DIR')`` and ``hf-hub:`` read.
+``timm.create_model('local-dir:DIR')`` and ``hf-hub:`` read; a Swin whose heads were cut
+stage by stage has ``num_heads`` and ``head_dim`` per stage there too.
 """
 from __future__ import annotations
 
@@ -61,6 +62,48 @@ def _takes_mlp_ratio(build) -> bool:
     return shapes(a) != shapes(b)
 
 
+def shared_head_tables(model: nn.Module) -> str | None:
+    """Why heads cannot be cut layer by layer in this timm model, if they cannot: a per-head
+    table that one module outside the blocks holds for all of them."""
+    if getattr(model, "rel_pos_bias", None) is not None:  # BEiT use_shared_rel_pos_bias
+        return "the relative position bias table is shared by all blocks (one column per head)"
+    mixed = getattr(loaded_module("timm.layers"), "RotaryEmbeddingMixed", None)
+    if isinstance(mixed, type) and isinstance(getattr(model, "rope", None), mixed):
+        return "the rotary frequencies are learned per head and shared by all blocks (rope_type='mixed')"
+    return None
+
+
+def _stage_heads(model: nn.Module, sites: list) -> dict[str, Any] | None:
+    """Swin's ``num_heads`` and ``head_dim`` per stage, when every block of a stage keeps the same heads."""
+    swin = getattr(loaded_module("timm.models.swin_transformer"), "SwinTransformer", None)
+    if not (isinstance(swin, type) and isinstance(model, swin)):
+        return None
+    by_stage: dict[int, set[tuple[int, int]]] = {}
+    for s in sites:
+        parts = s.name.split(".")  # layers.{stage}.blocks.{block}.attn
+        if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
+            return None
+        by_stage.setdefault(int(parts[1]), set()).add((s.heads, s.head_dim))
+    if sorted(by_stage) != list(range(len(model.layers))) or any(len(v) != 1 for v in by_stage.values()):
+        return None
+    per = [next(iter(by_stage[i])) for i in range(len(model.layers))]
+    return {"num_heads": tuple(h for h, _ in per), "head_dim": tuple(d for _, d in per)}
+
+
+def head_kwargs(model: nn.Module, family: Family, original: nn.Module) -> tuple[dict[str, Any] | None, str]:
+    """(create_model kwargs that rebuild the head counts of ``model``, or None and why none do);
+    {} when no head was cut (``original``: the architecture as its source builds it)."""
+    sites = family.attention(model)
+    before = {s.name: s.heads for s in family.attention(original)}
+    if all(before.get(s.name) == s.heads for s in sites):
+        return {}, ""
+    kwargs = _stage_heads(model, sites)
+    if kwargs is None:
+        return None, (f"timm's {type(model).__name__} takes no per-layer head count at a fixed head dim (its num_heads "
+                      "sets head_dim = embed_dim / num_heads, for every block); use dgmr.load")
+    return kwargs, ""
+
+
 @register_family(builtin=True)
 class TimmFamily(Family):
     name = "timm"
@@ -72,6 +115,13 @@ class TimmFamily(Family):
         # subclass of a timm VisionTransformer included) is a timm model
         return loaded_module("timm") is not None and any(
             c.__module__.startswith("timm.") for c in type(model).__mro__ if issubclass(c, nn.Module))
+
+    def attention(self, model):
+        sites = super().attention(model)
+        why = shared_head_tables(model)
+        for s in sites if why else ():
+            s.refuse = s.refuse or why
+        return sites
 
     def image_size(self, model):
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -124,9 +174,17 @@ class TimmFamily(Family):
         kwargs = {**(hub.get("model_args") or {}), **(src.kwargs if src is not None else {})}
         return name, {k: v for k, v in kwargs.items() if k not in cls.NOT_ARCHITECTURE}
 
-    def mlp_ratio_for(self, model, name: str, kwargs: dict[str, Any]) -> tuple[float | None, str]:
-        """(the mlp_ratio whose architecture has ``model``'s shapes, or None with the reason)."""
+    def model_args_for(self, model, name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """(the create_model arguments whose architecture has ``model``'s shapes: ``kwargs`` with
+        the cut heads where timm can say them (Swin) and the mlp_ratio, or None with the reason)."""
         import timm
+
+        with torch.device("meta"):
+            original = timm.create_model(name, pretrained=False, **kwargs)
+        heads, why = head_kwargs(model, self, original)
+        if heads is None:
+            return None, why
+        kwargs = {**kwargs, **heads}
 
         def build(r: float):
             with torch.device("meta"):
@@ -139,7 +197,7 @@ class TimmFamily(Family):
         if r is None:
             return None, ("no single timm mlp_ratio rebuilds these shapes (per-layer MLP widths, or a head MLP timm "
                           "sizes from the same ratio, e.g. attn_pool); use dgmr.load")
-        return r, ""
+        return {**kwargs, "mlp_ratio": r}, ""
 
     def hub_config(self, model, name: str, model_args: dict[str, Any]) -> dict[str, Any]:
         """config.json in the format timm's own hub export writes (``save_config_for_hf``):
@@ -174,28 +232,26 @@ class TimmFamily(Family):
         if src is None:
             return {"skipped": "no timm model name recorded"}
         name, kwargs = self.architecture(model, src)
-        r, why = self.mlp_ratio_for(model, name, kwargs)
-        if r is None:
+        model_args, why = self.model_args_for(model, name, kwargs)
+        if model_args is None:
             return {"skipped": why}
-        model_args = {**kwargs, "mlp_ratio": r}
         try:
             text = json.dumps(self.hub_config(model, name, model_args), indent=2)
         except TypeError as e:  # a create_model argument given from Python that JSON cannot hold
             return {"skipped": f"timm's config.json cannot hold these create_model arguments ({e}); use dgmr.load"}
         (out / "config.json").write_text(text + "\n")
         return {"format": "timm hub (local-dir / hf-hub)", "files": ["config.json", "model.safetensors"],
-                "mlp_ratio": r, "load": "timm.create_model('local-dir:DIR', pretrained=True)"}
+                "mlp_ratio": model_args["mlp_ratio"], "load": "timm.create_model('local-dir:DIR', pretrained=True)"}
 
     def export_trunk(self, model, out: Path, src: Source, reset: dict[str, Any] | None) -> dict[str, Any]:
         """An open_clip timm tower's trunk, for timm: ``timm_config.json`` (name + kwargs) in
         ``out``, its weights read from the dgmr directory's model.safetensors (timm's ViT and EVA
         checkpoint filters strip open_clip's ``visual.trunk.`` prefix): the weights stay stored once."""
         name, kwargs = self.architecture(model, src)
-        r, why = self.mlp_ratio_for(model, name, kwargs)
-        if r is None:
+        kwargs, why = self.model_args_for(model, name, kwargs)
+        if kwargs is None:
             return {"skipped": why}
         out.mkdir(parents=True, exist_ok=True)
-        kwargs = {**kwargs, "mlp_ratio": r}
         (out / "timm_config.json").write_text(json.dumps(
             {"model_name": name, "kwargs": kwargs, **({"reset_classifier": reset} if reset else {})}, indent=2))
         # custom_load=False: some timm versions read a configured JAX .npz loader for a plain file
@@ -204,7 +260,7 @@ class TimmFamily(Family):
                 + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
         if reset:
             load += "; trunk.reset_classifier(" + ", ".join(f"{k}={v!r}" for k, v in reset.items()) + ")"
-        return {"format": "timm pretrained_cfg_overlay", "files": [f"{out.name}/timm_config.json"], "mlp_ratio": r,
+        return {"format": "timm pretrained_cfg_overlay", "files": [f"{out.name}/timm_config.json"], "mlp_ratio": kwargs["mlp_ratio"],
                 "load": "trunk = " + load, "weights": "model.safetensors"}
 
     def card_info(self, model, src, random_init=False):
