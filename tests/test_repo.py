@@ -323,6 +323,7 @@ def test_timm_config_keeps_only_architecture_arguments(tmp_path, cli):
     assert m.blocks[0].mlp.fc1.out_features == 192 and tuple(m.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.smoke
 def test_head_cut_outputs_are_library_repos_where_the_config_can_say_it(tmp_path, cfgdir):
     """Cut heads: transformers ViT keeps a config (num_attention_heads + head_dim) that
     AutoModel reads from the top of the directory; timm's ViT cannot say them, and its card
