@@ -186,16 +186,21 @@ def test_timm_attention_variants(make):
     """timm's gated, scale-normed and rope attention (built directly: no timm model takes all of
     them): the kept rows are the original's, the forward runs, and without a width norm removing
     heads equals zeroing their values."""
+    import timm
     from timm.layers import Attention, AttentionRope
     from timm.models.eva import EvaAttention
 
     torch.manual_seed(0)
-    module = {"gated": lambda: Attention(32, 4, qkv_bias=True, gated=True, qk_norm=True, norm_layer=nn.LayerNorm),
+    make_module = {"gated": lambda: Attention(32, 4, qkv_bias=True, gated=True, qk_norm=True, norm_layer=nn.LayerNorm),
               "gated_scale_norm": lambda: Attention(32, 4, gated=True, scale_norm=True, norm_layer=nn.LayerNorm),
               "rope_split": lambda: AttentionRope(32, 4, qkv_fused=False, num_prefix_tokens=0),
               "rope_fused_gated": lambda: AttentionRope(32, 4, gated=True, num_prefix_tokens=0),
               "eva_gated": lambda: EvaAttention(32, 4, qkv_fused=True, gated=True, scale_norm=False,
-                                                num_prefix_tokens=0)}[make]()
+                                                num_prefix_tokens=0)}[make]
+    try:
+        module = make_module()
+    except TypeError as e:  # a layout the oldest supported timm does not have: nothing to cut there
+        pytest.skip(f"timm {timm.__version__} has no such attention: {e}")
     with torch.no_grad():
         for p in module.parameters():
             p.normal_()
@@ -342,7 +347,12 @@ def test_bad_head_requests_leave_the_model_whole(kwargs, match, cfgdir):
 
 @pytest.mark.parametrize("case", REFUSED_HEAD_CASES, ids=lambda c: c.id)
 def test_layouts_dgmr_cannot_cut_are_refused(case, cfgdir):
-    model, src = build(case, cfgdir)
+    try:
+        model, src = build(case, cfgdir)
+    except dgmr.DgmrError as e:  # a layout the oldest supported timm does not have (num_kv_heads)
+        if "unexpected keyword argument" not in str(e):
+            raise
+        pytest.skip(str(e))
     before = _state(model)
     with pytest.raises(dgmr.DgmrError, match="grouped-query|shared by all blocks"):
         dgmr.prune(model, mlp_ratio=1, heads=1, progress=False, source=src)
