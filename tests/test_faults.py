@@ -155,7 +155,7 @@ def test_distill_lock_resume_refused_then_released(tiny, tmp_path, cli, holder):
     p = holder(run)
     _refused(*cli("distill", "--out", run, "--resume", "--steps", "3")[::2], f"pid {p.pid}")
     _refused(*cli(*_distill_argv(tiny, run, "--overwrite"))[::2], f"pid {p.pid}")
-    assert (run / "checkpoint.pt").is_file() and (run / "config.json").is_file()
+    assert (run / "checkpoint.pt").is_file() and (run / "dgmr.json").is_file()
     p.kill()
     p.wait()
     code, _, err = cli(*_distill_argv(tiny, run, "--overwrite"))

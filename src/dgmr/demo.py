@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import signal
@@ -30,9 +29,9 @@ from tqdm.auto import tqdm
 
 from .core.errors import DgmrError, Preempted, Terminated
 from .io.output import atomic_path, check_path_length, write_text
-from .models.artifact import load, save, write_json
+from .models.artifact import load, read_config, save, write_json
 from .models.families import family_of
-from .models.sources import Source, build_model
+from .models.sources import Source, build_model, is_dgmr_dir
 from .prune import prune
 from .report.demo import render_markdown
 from .report.plots import plot_demo_accuracy_vs_flops, plot_student_recovery
@@ -160,8 +159,8 @@ def cached_teacher(data: dict[str, torch.Tensor], s: DemoSettings, progress: boo
     tdir = Path(s.out) / "teacher"
     recipe = {"seed": s.seed, "epochs": s.teacher_epochs, "lr": s.teacher_lr, "batch": s.teacher_batch,
               "arch": teacher_source().to_dict()}
-    if (tdir / "config.json").is_file():
-        cfg = json.loads((tdir / "config.json").read_text())
+    if is_dgmr_dir(tdir):
+        cfg = read_config(tdir)
         if cfg.get("demo_teacher", {}).get("recipe") == recipe:
             return load(tdir), teacher_source(), {**cfg["demo_teacher"]["info"], "cached": True}
     model, info = train_teacher(data, s, progress)

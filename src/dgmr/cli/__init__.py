@@ -30,7 +30,8 @@ from ..core.signals import STOP_SIGNALS, handling
 from ..core.version import __version__
 
 # modules that add sub-commands (each has register(subparsers))
-COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.imports", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.demo")
+COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.imports", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.card",
+                   "dgmr.cli.demo")
 
 
 def _parser() -> argparse.ArgumentParser:
