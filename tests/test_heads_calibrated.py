@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import dgmr
+from dgmr.models.artifact import read_config
 from dgmr.models.families import family_of
 from dgmr.models.sites.attention import find_attention
 from dgmr.prune.calibration.allocate import head_cost
@@ -200,7 +201,7 @@ def test_cli_params_fraction_end_to_end(cli, tmp_path):
     summary = json.loads(stdout)
     assert summary["params_after"] <= 0.45 * summary["params_before"]
     assert "heads_rel_err_after" in summary["calibration"] or summary["heads_after"] == [3]
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = read_config(out)
     assert cfg["prune"]["params_fraction"] == 0.45 and cfg["prune"]["calibration"]["params_target"]
     again = dgmr.load(out)
     assert family_of(again).vision_params(again) == summary["params_after"]
