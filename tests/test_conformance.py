@@ -26,7 +26,6 @@ pass them too.
 from __future__ import annotations
 
 import functools
-import json
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 import dgmr
+from dgmr.models.artifact import read_config
 from dgmr.models.families import family_of
 
 from tiny_models import CASES, Case, GenericNet, build, output
@@ -50,13 +50,13 @@ def library_load(out: Path, **overrides: Any) -> nn.Module | None:
     """``out`` (a dgmr directory) as its source library loads it by itself, following what the
     directory documents; ``overrides`` go to the library's constructor (timm's
     ``features_only=True``). None where the directory says no library config expresses the
-    pruned widths. The one place that knows the output layout (today ``config.json``'s
+    pruned widths. The one place that reads what the output documents (dgmr's record's
     ``native_export.load``, a line of the library's own API with DIR for the directory)."""
     import open_clip
     import timm
     import transformers
 
-    note = json.loads((out / "config.json").read_text())["native_export"]
+    note = read_config(out)["native_export"]
     if "skipped" in note:
         return None
     code = note["load"].split(";")[0].replace("DIR", str(out))  # the open_clip tower's note goes on in prose
