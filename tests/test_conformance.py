@@ -25,6 +25,7 @@ pass them too.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import warnings
 from pathlib import Path
@@ -51,7 +52,9 @@ def library_load(out: Path, **overrides: Any) -> nn.Module | None:
     directory documents; ``overrides`` go to the library's constructor (timm's
     ``features_only=True``). None where the directory says no library config expresses the
     pruned widths. The one place that reads what the output documents (dgmr's record's
-    ``native_export.load``, a line of the library's own API with DIR for the directory)."""
+    ``native_export.load``: the library's own Python, as the card prints it, with DIR for the
+    directory; a bare call whose value is the model, or statements that assign it, like the
+    open_clip timm tower's ``trunk = timm.create_model(...); trunk.reset_classifier(...)``)."""
     import open_clip
     import timm
     import transformers
@@ -59,14 +62,18 @@ def library_load(out: Path, **overrides: Any) -> nn.Module | None:
     note = read_config(out)["native_export"]
     if "skipped" in note:
         return None
-    code = note["load"].split(";")[0].replace("DIR", str(out))  # the open_clip tower's note goes on in prose
-    code, _, reset = code.partition(".reset_classifier(")
+    code = note["load"].replace("DIR", str(out))
+    if isinstance(ast.parse(code).body[0], ast.Expr):  # a bare call: its value is the model
+        code = f"model = {code}"
+    name = ast.parse(code).body[0].targets[0].id
     shim = SimpleNamespace(create_model=functools.partial(timm.create_model, **overrides))
+    scope = {"timm": shim, "open_clip": open_clip, "transformers": transformers}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = eval(code, {"timm": shim, "open_clip": open_clip, "transformers": transformers})  # noqa: S307 - our own note
-    if reset:
-        eval(f"model.reset_classifier({reset}", {"model": model})  # noqa: S307
+        exec(code, scope)  # noqa: S102 - our own note
+    model = scope[name]
+    if isinstance(model, tuple):  # open_clip.create_model_and_transforms: (model, train transform, eval transform)
+        model = model[0]
     return model.eval()
 
 
