@@ -5,7 +5,8 @@
 * :func:`run_cli` runs ``dgmr`` in-process and returns ``(exit code, stdout, stderr)``;
 * ``TINY_VIT_*``: the tiny random-init timm ViT most command-line tests prune;
 * :class:`MeanColor`: a model whose feature is known (evaluation tests);
-* :func:`under_strace`: a Python child with faults injected at its syscalls (strace).
+* :func:`under_strace`: a Python child with faults injected at its syscalls (strace);
+* :func:`tree_bytes`: every file of an output directory, sub-folders included (to compare before/after).
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ TINY_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2}
 TINY_VIT_ARGV = (TINY_VIT_SPEC, "--random-init", "--model-kwargs", json.dumps(TINY_VIT_KWARGS))
 
 Size = tuple[int, int]
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """The content of every file under ``root``, by its path relative to ``root`` (a dgmr
+    directory has sub-folders: ``dgmr/kept_indices.safetensors``)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

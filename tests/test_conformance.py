@@ -25,8 +25,8 @@ pass them too.
 """
 from __future__ import annotations
 
+import ast
 import functools
-import json
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 import dgmr
+from dgmr.models.artifact import read_config
 from dgmr.models.families import family_of
 
 from tiny_models import CASES, Case, GenericNet, build, output
@@ -50,23 +51,29 @@ def library_load(out: Path, **overrides: Any) -> nn.Module | None:
     """``out`` (a dgmr directory) as its source library loads it by itself, following what the
     directory documents; ``overrides`` go to the library's constructor (timm's
     ``features_only=True``). None where the directory says no library config expresses the
-    pruned widths. The one place that knows the output layout (today ``config.json``'s
-    ``native_export.load``, a line of the library's own API with DIR for the directory)."""
+    pruned widths. The one place that reads what the output documents (dgmr's record's
+    ``native_export.load``: the library's own Python, as the card prints it, with DIR for the
+    directory; a bare call whose value is the model, or statements that assign it, like the
+    open_clip timm tower's ``trunk = timm.create_model(...); trunk.reset_classifier(...)``)."""
     import open_clip
     import timm
     import transformers
 
-    note = json.loads((out / "config.json").read_text())["native_export"]
+    note = read_config(out)["native_export"]
     if "skipped" in note:
         return None
-    code = note["load"].split(";")[0].replace("DIR", str(out))  # the open_clip tower's note goes on in prose
-    code, _, reset = code.partition(".reset_classifier(")
+    code = note["load"].replace("DIR", str(out))
+    if isinstance(ast.parse(code).body[0], ast.Expr):  # a bare call: its value is the model
+        code = f"model = {code}"
+    name = ast.parse(code).body[0].targets[0].id
     shim = SimpleNamespace(create_model=functools.partial(timm.create_model, **overrides))
+    scope = {"timm": shim, "open_clip": open_clip, "transformers": transformers}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = eval(code, {"timm": shim, "open_clip": open_clip, "transformers": transformers})  # noqa: S307 - our own note
-    if reset:
-        eval(f"model.reset_classifier({reset}", {"model": model})  # noqa: S307
+        exec(code, scope)  # noqa: S102 - our own note
+    model = scope[name]
+    if isinstance(model, tuple):  # open_clip.create_model_and_transforms: (model, train transform, eval transform)
+        model = model[0]
     return model.eval()
 
 

@@ -21,8 +21,10 @@ from dgmr.cli import main
 from dgmr.core.errors import DgmrError
 from dgmr.evaluate.features import FeatureCache
 from dgmr.io.output import atomic_path, file_mode, write_json
+from dgmr.models.artifact import INDICES, RECORD
+from dgmr.models.card import CARD
 
-from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, strace_ok, tiny_run_inputs, under_strace
+from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, strace_ok, tiny_run_inputs, tree_bytes, under_strace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KW = json.dumps(TINY_VIT_KWARGS)
@@ -71,9 +73,9 @@ def test_every_file_gets_one_mode_under_the_umask(tmp_path, cli):
         code, _, err = cli("report", tmp_path / "run", tmp_path / "knn.json", "--out", tmp_path / "report")
         assert code == 0, err
     modes = _modes(*(tmp_path / n for n in ("pruned", "streamed", "imported", "cache", "knn.json", "run", "report")))
-    for name in ("pruned/model.safetensors", "pruned/kept_indices.safetensors", "pruned/config.json",
-                 "pruned/timm_config.json", "streamed/model.safetensors", "imported/model.safetensors",
-                 "knn.json", "run/checkpoint.pt", "run/model.safetensors", "run/run_config.json",
+    for name in ("pruned/model.safetensors", f"pruned/{INDICES}", f"pruned/{RECORD}", "pruned/config.json",
+                 f"pruned/{CARD}", "streamed/model.safetensors", f"streamed/{RECORD}", "imported/model.safetensors",
+                 f"imported/{RECORD}", "knn.json", "run/checkpoint.pt", "run/model.safetensors", "run/run_config.json",
                  "run/metrics.jsonl", "report/report.md"):
         assert name in modes, name
     assert any(n.startswith("cache/") for n in modes) and any(n.endswith(".png") for n in modes)
@@ -132,12 +134,12 @@ def test_a_real_full_disk_keeps_every_previous_output(tmp_path, cli, mounted):
     disk = mounted(tmp_path / "disk", "6m")
     out = disk / "pruned"
     assert cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", out)[0] == 0  # 3 MiB
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = tree_bytes(out)
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "4", "--out", out, "--overwrite", "--json")  # 4.5 MiB more
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"dgmr: error: cannot write {out}: ") and "No space left on device" in err, err
     assert err.endswith(" free there)\n"), err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and sorted(os.listdir(disk)) == ["pruned"]
+    assert tree_bytes(out) == before and sorted(os.listdir(disk)) == ["pruned"]
 
     # a plot over a previous one (the demo's recovery.png went to 0 bytes): the previous stays whole
     from dgmr.report.plots import pyplot

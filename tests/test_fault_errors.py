@@ -22,7 +22,7 @@ from dgmr.core.errors import DgmrError
 from dgmr.evaluate.features import FeatureCache, cache_key
 from dgmr.evaluate.tasks import open_eval_model
 from dgmr.evaluate.settings import ModelSettings
-from dgmr.models.artifact import INDICES, load_kept_indices
+from dgmr.models.artifact import INDICES, RECORD, load_kept_indices, record_file
 
 from helpers import CHILD_ENV as ENV, TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, tiny_run_inputs
 
@@ -167,16 +167,18 @@ def test_a_worker_handing_over_a_batch_to_a_stopped_main_process_is_quiet():
 def test_only_supported_weight_dtypes(tiny, tmp_path, cli):
     out = tmp_path / "m"
     shutil.copytree(tiny["student"], out)
-    cfg = json.loads((out / "config.json").read_text())
+    record = record_file(out)  # dgmr's record (dgmr.json): config.json is the library's own
+    assert record == out / RECORD
+    cfg = json.loads(record.read_text())
     for bad in ("float8_e4m3fn", "complex64", "int8", 3):
-        (out / "config.json").write_text(json.dumps({**cfg, "dtype": bad}))
+        record.write_text(json.dumps({**cfg, "dtype": bad}))
         code, _, err = cli("eval", "speed", out, "--repeats", "1", "--warmup", "0", "--batch-size", "1")
-        assert code == 2 and err.count("\n") == 1 and f"{out / 'config.json'}: dtype " in err, err
+        assert code == 2 and err.count("\n") == 1 and f"{record}: dtype " in err, err
     model = dgmr.load(tiny["student"]).to(torch.float8_e4m3fn)
     with pytest.raises(DgmrError, match="cannot save .* in float8_e4m3fn: dgmr loads weights in float32"):
         dgmr.save(model, tmp_path / "f8")
     assert not (tmp_path / "f8").exists()
-    (out / "config.json").write_text(json.dumps({**cfg, "dtype": "float64"}))  # a checkpoint's float64 is fine
+    record.write_text(json.dumps({**cfg, "dtype": "float64"}))  # a checkpoint's float64 is fine
     assert next(dgmr.load(out).parameters()).dtype == torch.float64
 
 
@@ -189,7 +191,7 @@ def test_only_supported_weight_dtypes(tiny, tmp_path, cli):
 ])
 def test_kept_indices_are_checked_before_a_run_copies_them(tiny, tmp_path, cli, bad, problem):
     student = tmp_path / "student"
-    shutil.copytree(tiny["student"], student)  # its config.json records the prune: hidden_before 768
+    shutil.copytree(tiny["student"], student)  # its dgmr.json records the prune: hidden_before 768
     save_file({k: v.clone() for k, v in bad(load_kept_indices(student)).items()}, str(student / INDICES))
     code, _, err = cli("distill", "--teacher", tiny["teacher"], "--student", student, "--data", tiny["images"],
                        "--out", tmp_path / "run", "--steps", "1", "--batch-size", "4", "--workers", "0",
@@ -201,7 +203,7 @@ def test_kept_indices_are_checked_before_a_run_copies_them(tiny, tmp_path, cli, 
 
 def test_kept_heads_are_checked_beside_the_kept_neurons(tiny, tmp_path):
     """A prune that removed heads records each attention layer's kept heads in the same file,
-    under the attention module's name: checked against config.json's head counts."""
+    under the attention module's name: checked against dgmr.json's head counts."""
     student = tmp_path / "student"
     model, record = dgmr.prune(dgmr.load(tiny["teacher"]), mlp_ratio=1, heads=2, progress=False)
     dgmr.save(model, student, record=record)
@@ -298,7 +300,7 @@ def test_every_random_init_is_seeded_and_recorded(tiny, tmp_path, cli):
     r1, r2 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("r1", "r2"))
     assert r1["random_init_seed"] == 5 and r1["top1"] == r2["top1"]
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--seed", "5", "--mlp-ratio", "1", "--out", tmp_path / "p")
-    assert code == 0 and json.loads((tmp_path / "p" / "config.json").read_text())["random_init_seed"] == 5
+    assert code == 0 and json.loads(record_file(tmp_path / "p").read_text())["random_init_seed"] == 5
 
 
 def test_a_made_up_open_clip_tag_is_refused_even_with_random_init(tmp_path, cli):

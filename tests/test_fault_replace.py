@@ -3,7 +3,6 @@ I/O errors injected at the syscall (strace), what a killed writer left, and the 
 refused before any work (mount points, paths over PATH_MAX; symbolic links are followed)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,8 +15,9 @@ import pytest
 import dgmr
 from dgmr.core.errors import DgmrError
 from dgmr.io.output import atomic_dir, exchange, remove_stale_temps, run_token, write_json
+from dgmr.models.artifact import RECORD, read_config
 
-from helpers import CHILD_ENV as ENV, TINY_VIT_ARGV, strace_ok, tiny_run_inputs, under_strace
+from helpers import CHILD_ENV as ENV, TINY_VIT_ARGV, strace_ok, tiny_run_inputs, tree_bytes, under_strace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,7 +151,7 @@ def test_prune_overwrite_with_an_io_error_at_the_swap(tmp_path, cli):
     I/O error at the swap is one error line, exit 2, the previous model intact and loadable."""
     out = tmp_path / "pruned"
     assert cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", out)[0] == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = tree_bytes(out)
     old = tmp_path / f".pruned.old-{_dead_pid()}-0badc0de-1"
     out.rename(old)  # what a kill between the fallback's two renames leaves
     proc = under_strace(["-m", "dgmr.cli", "prune", *TINY_VIT_ARGV, "--mlp-ratio", "2", "--out", str(out),
@@ -162,7 +162,7 @@ def test_prune_overwrite_with_an_io_error_at_the_swap(tmp_path, cli):
                       f"back from {old.name}", proc.stderr
     assert error.startswith(f"dgmr: error: cannot replace {out}: Input/output error; it keeps its previous "
                             "content (") and error.endswith(" free there)"), proc.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _names(tmp_path) == ["pruned"]
+    assert tree_bytes(out) == before and _names(tmp_path) == ["pruned"]
     assert dgmr.load(out) is not None
 
 
@@ -228,12 +228,12 @@ def test_symlinked_out_writes_the_target_and_keeps_the_link(tmp_path, cli):
     link.symlink_to(target)  # dangling: models/v1 does not exist yet
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", link)
     assert code == 0, err
-    assert link.is_symlink() and os.readlink(link) == str(target) and (target / "config.json").is_file()
-    assert json.loads((link / "config.json").read_text())["widths"]["blocks.0.mlp"] == 192
+    assert link.is_symlink() and os.readlink(link) == str(target) and (target / RECORD).is_file()
+    assert read_config(link)["widths"]["blocks.0.mlp"] == 192
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "2", "--out", link, "--overwrite")
     assert code == 0, err
     assert link.is_symlink() and os.readlink(link) == str(target)  # not replaced by a directory
-    assert json.loads((target / "config.json").read_text())["widths"]["blocks.0.mlp"] == 384
+    assert read_config(target)["widths"]["blocks.0.mlp"] == 384
     assert _names(tmp_path) == ["latest", "models"] and _names(tmp_path / "models") == ["v1"]  # no .old link
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", link)
     assert code == 2 and "is not empty" in err  # the target is what is checked
@@ -257,4 +257,4 @@ def test_out_that_is_a_mount_point_is_refused_before_any_work(tmp_path, cli, mou
                            tiny["images"], "--out", runs, "--steps", "1", "--batch-size", "4", "--workers", "0",
                            "--device", "cpu", "--no-progress", "--no-tensorboard", *extra)
         assert code == 0, err
-        assert os.path.ismount(runs) and (runs / "checkpoint.pt").is_file() and (runs / "config.json").is_file()
+        assert os.path.ismount(runs) and (runs / "checkpoint.pt").is_file() and (runs / RECORD).is_file()

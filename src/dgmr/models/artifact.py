@@ -37,7 +37,7 @@ from ..core.errors import DgmrError, first_line
 from ..core.version import __version__
 from ..io import schema
 from ..io.checkpoints import SHARD_INDEX, WEIGHTS
-from ..io.output import atomic_dir, seal_file, write_json
+from ..io.output import atomic_dir, seal_file, sync_dir, write_json
 from .card import CARD, render_card
 from .cost import count_flops
 from .families import Family, apply_heads, apply_widths, family_of, get_family
@@ -110,6 +110,7 @@ def copy_kept_indices(src_dir: str | os.PathLike, dst_dir: Path) -> None:
         (dst_dir / INDICES).parent.mkdir(exist_ok=True)
         shutil.copyfile(file, dst_dir / INDICES)
         seal_file(dst_dir / INDICES)  # the mode and flush of every file dgmr writes
+        sync_dir((dst_dir / INDICES).parent)  # its sub-folder is moved into place whole: its entry flushed now
 
 
 def save(
