@@ -61,12 +61,19 @@ class TrainTransform:
         size = [self.image_size, self.image_size]
         if isinstance(img, torch.Tensor):
             x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
-            x = TF.resized_crop(x, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+            # what TF.resized_crop does to a float tensor (the box lies inside the image), without
+            # its wrappers: small in-memory images are cropped thousands of times a second
+            x = torch.nn.functional.interpolate(x[None, :, top:top + h, left:left + w], size=size, mode="bicubic",
+                                                align_corners=False, antialias=True)[0].clamp_(0, 1)
         else:
             x = TF.to_tensor(TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BICUBIC))
         if flip:
-            x = TF.hflip(x)
-        return TF.normalize(x, list(self.mean), list(self.std))
+            x = x.flip(-1)
+        return x.sub_(self._mean).div_(self._std)  # TF.normalize's arithmetic, the tensors made once
+
+    def __post_init__(self) -> None:
+        self._mean = torch.tensor(list(self.mean), dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(list(self.std), dtype=torch.float32).view(-1, 1, 1)
 
 
 @dataclass

@@ -5,14 +5,15 @@ frozen, eval mode, no grad, never wrapped. The student (a pruned copy, same fami
 same augmented batch and learns to reproduce the teacher's final-layer features
 (``family.features``: pooled/CLS feature + patch tokens) with MSE (or cosine) losses, weighted
 1:1 by default. The optimiser and schedule default to the paper's recipe: AdamW betas
-(0.9, 0.95), lr = base_lr x global_batch / 256, linear warmup then cosine down to min_lr,
-weight decay cosine 0.04 -> 0.2, optional EMA.
+(0.9, 0.95), lr = base_lr x global_batch / 256 (scaled down for a student that starts near
+its teacher: :mod:`.lr_rule`), linear warmup then cosine down to min_lr, weight decay cosine
+0.04 -> 0.2, optional EMA. The same loss on held-out images (``val_loss``, from step 0), the
+best weights and early stopping are :mod:`.validation`'s.
 
-:func:`distill` is the entry point; it builds a :class:`DistillRecipe` and runs its phases
-(:meth:`DistillRecipe.run` lists them in order); the recipe owns the phase order and the
-training step and delegates the rest. The held-out loss (``val_loss``), the best weights and
-early stopping are :mod:`.validation`'s; the peak learning rate :mod:`.lr_rule`'s. It runs alone on a CPU or GPU or under ``torchrun``
-(DDP by default, FSDP2 ``fully_shard`` per transformer block with ``fsdp=True``:
+:func:`~dgmr.distill.distill` is the entry point; it builds a :class:`DistillRecipe` and runs
+its phases (:meth:`DistillRecipe.run` lists them in order); the recipe owns the phase order
+and the training step and delegates the rest. It runs alone on a CPU or GPU or under
+``torchrun`` (DDP by default, FSDP2 ``fully_shard`` per transformer block with ``fsdp=True``:
 :mod:`.parallel`). Only rank 0 writes: the run directory and its files are :mod:`.rundir`'s,
 the training state and the checkpoint format :mod:`.state`'s. :mod:`.pair` opens and pairs
 teacher and student; :mod:`.preemption` turns a stop signal into a checkpoint and a clean stop.
@@ -308,7 +309,7 @@ class DistillRecipe:
                                          scale=scale)
             if self.sharded:  # FSDP keeps the root's gathered weights after a forward: the EMA's, here
                 self.net.reshard()
-            if self.tracker.update(st.step, val.loss, self.settings):
+            if self.tracker.update(st.step, val.loss, self.settings, final=st.step == self.total):
                 self.best.take(self.trainable, self.s_model)
         return val
 

@@ -188,8 +188,9 @@ class Tracker:
     waited: int = 0
     stopped: str | None = None  # "early_stop" or "target_val_loss": training ended there
 
-    def update(self, step: int, value: float, settings: DistillSettings) -> bool:
-        """Record the val_loss at ``step``; True when it is the best so far."""
+    def update(self, step: int, value: float, settings: DistillSettings, final: bool = False) -> bool:
+        """Record the val_loss at ``step``; True when it is the best so far. At the ``final``
+        step there is nothing left to stop."""
         finite = math.isfinite(value)
         if step == 0 and self.start is None:
             self.start = value
@@ -201,7 +202,9 @@ class Tracker:
             self.reference, self.waited = value, 0
         else:
             self.waited += 1
-        if settings.target_val_loss is not None and finite and value <= settings.target_val_loss:
+        if final:
+            pass
+        elif settings.target_val_loss is not None and finite and value <= settings.target_val_loss:
             self.stopped = "target_val_loss"
         elif settings.early_stop is not None and self.waited >= settings.early_stop:
             self.stopped = "early_stop"
