@@ -4,7 +4,7 @@
 student (the paper's rule, base_lr x 64 / 256 with the demo's base lr), all steps, the last
 weights exported. `new`: `dgmr distill`'s defaults as the demo uses them: the lr fitted to the
 student's step-0 val_loss (lr_rule fit), the best weights exported, early stopping (patience 2
-evaluations, min_delta 5%). Both hold out the same 2% of the train images and log val_loss
+evaluations, min_delta 10%). Both hold out the same 2% of the train images and log val_loss
 from step 0, so both curves can be compared; the teacher is trained once and shared.
 
 Printed per method and ratio (over seeds): the highest val_loss over its step-0 value, kNN

@@ -121,3 +121,15 @@ def test_demo_checks_say_when_a_promise_is_broken():
     checks = demo_checks({"students": bad})
     assert [c["ok"] for c in checks] == [False, False, False]
     assert "1.200" in checks[0]["figure"] and "-0.5 point" in checks[1]["figure"]
+
+
+def test_default_jobs_two_seeds_weights_only_three_calibrated():
+    """The full demo's students (what `make demo` trains; the 4-minute budget rests on it)."""
+    from dgmr.demo import DemoSettings, demo_jobs
+
+    jobs = demo_jobs(DemoSettings.make("unused"))
+    plain = [j for j in jobs if j.calibration is None]
+    cal = [j for j in jobs if j.calibration is not None]
+    assert len(plain) == 3 * 2 * 2 and {j.seed for j in plain} == {0, 1}
+    assert len(cal) == 3 * 3 and {j.seed for j in cal} == {0, 1, 2}
+    assert len({j.name for j in jobs}) == len(jobs)
