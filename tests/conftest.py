@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgmr import CRITERIA, FAMILIES, MLP_KINDS
+from dgmr import ATTENTION_KINDS, CRITERIA, FAMILIES, HEAD_CRITERIA, MLP_KINDS
 
 from helpers import run_cli
 
@@ -30,7 +30,8 @@ def registries_left_as_found():
     """The extension registries are process-global: a test that registers a criterion, MLP
     kind or family must take it out again (or the next test runs with it). Fails the test
     that leaks one, and puts the registries back so that the others still run clean."""
-    regs = {"criterion": CRITERIA, "MLP kind": MLP_KINDS, "family": FAMILIES}
+    regs = {"criterion": CRITERIA, "MLP kind": MLP_KINDS, "family": FAMILIES, "attention kind": ATTENTION_KINDS,
+            "head criterion": HEAD_CRITERIA}
     before = {what: (dict(r._user), dict(r._builtin)) for what, r in regs.items()}
     yield
     leaks = []

@@ -72,6 +72,10 @@ class Case:
     # False where the library's config cannot express a pruned width at all (timm ConvNeXt and
     # MetaFormer take no mlp_ratio): the native export is skipped and says why
     native: bool = True
+    # the attention kinds dgmr finds (tests/test_heads.py); () for models without attention
+    attention: tuple[str, ...] = ()
+    # whether the library's config can say cut heads (at the original head dim): timm Swin, HF ViT/DINOv2
+    native_heads: bool = False
 
 
 def _hf_cases() -> list[Case]:
@@ -79,16 +83,21 @@ def _hf_cases() -> list[Case]:
 
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
     return [
-        Case("hf_vit", "hf", 32, lambda t: _src(hf_dir(t, "vit", lambda: T.ViTConfig(intermediate_size=128, **small))), ("fc1_fc2",)),
-        Case("hf_clip_vision", "hf", 32, lambda t: _src(hf_dir(t, "clipv", lambda: T.CLIPVisionConfig(intermediate_size=128, **small))), ("fc1_fc2",)),
+        Case("hf_vit", "hf", 32, lambda t: _src(hf_dir(t, "vit", lambda: T.ViTConfig(intermediate_size=128, **small))), ("fc1_fc2",),
+             attention=("hf_qkv",), native_heads=True),
+        Case("hf_clip_vision", "hf", 32, lambda t: _src(hf_dir(t, "clipv", lambda: T.CLIPVisionConfig(intermediate_size=128, **small))), ("fc1_fc2",),
+             attention=("hf_qkv",)),
         Case("hf_clip", "hf", 32, lambda t: _src(hf_dir(t, "clip", lambda: T.CLIPConfig(
             vision_config=dict(intermediate_size=128, **small),
             text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-            projection_dim=16))), ("fc1_fc2",)),
-        Case("hf_dinov2", "hf", 32, lambda t: _src(hf_dir(t, "dinov2", lambda: T.Dinov2Config(mlp_ratio=4, **small))), ("fc1_fc2",)),
+            projection_dim=16))), ("fc1_fc2",), attention=("hf_qkv",)),
+        Case("hf_dinov2", "hf", 32, lambda t: _src(hf_dir(t, "dinov2", lambda: T.Dinov2Config(mlp_ratio=4, **small))), ("fc1_fc2",),
+             attention=("hf_qkv",), native_heads=True),
         Case("hf_dinov2_swiglu", "hf", 32, lambda t: _src(hf_dir(t, "dinov2s", lambda: T.Dinov2Config(
-            mlp_ratio=4, use_swiglu_ffn=True, **small))), ("gate_up_down",)),
-        Case("hf_siglip_vision", "hf", 32, lambda t: _src(hf_dir(t, "siglipv", lambda: T.SiglipVisionConfig(intermediate_size=128, **small))), ("fc1_fc2",)),
+            mlp_ratio=4, use_swiglu_ffn=True, **small))), ("gate_up_down",), attention=("hf_qkv",),
+             native_heads=True),
+        Case("hf_siglip_vision", "hf", 32, lambda t: _src(hf_dir(t, "siglipv", lambda: T.SiglipVisionConfig(intermediate_size=128, **small))), ("fc1_fc2",),
+             attention=("hf_qkv",)),
     ]
 
 
@@ -131,14 +140,18 @@ def _tiny_poolformer(t: Path) -> Source:
 TINY_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
 
 CASES: list[Case] = [
-    Case("timm_vit", "timm", 32, lambda t: _src("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)), ("fc1_fc2",)),
+    Case("timm_vit", "timm", 32, lambda t: _src("timm:vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)), ("fc1_fc2",),
+         attention=("timm_attention",)),
     Case("timm_dinov2_swiglu_packed", "timm", 28, lambda t: _src("timm:vit_giant_patch14_dinov2", dict(
-        img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2)), ("timm_glu_packed",)),
-    Case("timm_eva02_glu", "timm", 28, lambda t: _src("timm:eva02_tiny_patch14_224", dict(img_size=28, depth=2)), ("timm_glu_packed",)),
+        img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2)), ("timm_glu_packed",),
+         attention=("timm_attention",)),
+    Case("timm_eva02_glu", "timm", 28, lambda t: _src("timm:eva02_tiny_patch14_224", dict(img_size=28, depth=2)), ("timm_glu_packed",),
+         attention=("timm_eva",)),
     Case("timm_eva02_swiglu_norm", "timm", 28, lambda t: _src("timm:eva02_tiny_patch14_224", dict(
-        img_size=28, depth=2, scale_mlp=True)), ("swiglu_split",)),
+        img_size=28, depth=2, scale_mlp=True)), ("swiglu_split",), attention=("timm_eva",)),
     Case("timm_swin", "timm", 56, lambda t: _src("timm:swin_tiny_patch4_window7_224", dict(
-        img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7)), ("fc1_fc2",)),
+        img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7)), ("fc1_fc2",),
+         attention=("timm_window",), native_heads=True),
     Case("timm_convnext_conv_mlp", "timm", 32, lambda t: _src("timm:convnext_atto", dict(TINY_CONVNEXT, conv_mlp=True)),
          ("conv1x1",), native=False),
     Case("timm_convnext_linear_mlp", "timm", 32, lambda t: _src("timm:convnext_atto", dict(TINY_CONVNEXT, conv_mlp=False)),
@@ -148,10 +161,73 @@ CASES: list[Case] = [
     Case("timm_convnextv2_linear_grn", "timm", 32, lambda t: _src("timm:convnextv2_atto", dict(
         TINY_CONVNEXT, conv_mlp=False)), ("fc1_fc2",), native=False),
     Case("timm_poolformer_conv_mlp", "timm", 32, _tiny_poolformer, ("conv1x1",), native=False),
-    Case("open_clip_vit", "open_clip", 32, _open_clip, ("open_clip",)),
-    Case("open_clip_timm_tower", "open_clip", 224, _open_clip_timm, ("timm_glu_packed",)),
+    Case("open_clip_vit", "open_clip", 32, _open_clip, ("open_clip",), attention=("torch_mha",)),
+    Case("open_clip_timm_tower", "open_clip", 224, _open_clip_timm, ("timm_glu_packed",), attention=("timm_eva",)),
     *_hf_cases(),
     Case("generic", "generic", 16, lambda t: None, ("generic",)),
+]
+
+
+class GenericAttention(nn.Module):
+    """Multi-head self-attention from no known library: fused ``qkv``, ``proj``, ``num_heads``,
+    head count read from ``num_heads`` and width from the tensors (the generic attention kind)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class GenericAttnNet(GenericNet):
+    """:class:`GenericNet` with an attention layer (``attn``) before each MLP."""
+
+    def __init__(self, d: int = 16, h: int = 64, depth: int = 2, heads: int = 4):
+        super().__init__(d, h, depth)
+        for b in self.blocks:
+            b["attn"] = GenericAttention(d, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.unfold(x, 8, stride=8).transpose(1, 2)
+        x = self.embed(x)
+        for b in self.blocks:
+            x = x + b["attn"](x)
+            x = x + b["mlp"](b["norm"](x))
+        return x
+
+
+def _timm(name: str, **kwargs: Any) -> Callable[[Path], Source]:
+    return lambda t: _src(f"timm:{name}", kwargs)
+
+
+TINY_BEIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY_EVA = dict(img_size=28, depth=2)
+
+# attention layouts beyond CASES' (tests/test_heads.py only): qk-norm + scale norm, EVA with
+# separate q/k/v and an inner norm, BEiT's per-layer relative position tables, a shifted Swin
+# window, a generic module; and layouts dgmr refuses to cut (``refused``)
+HEAD_CASES: list[Case] = [
+    Case("timm_vit_qk_scale_norm", "timm", 32, _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                                      qk_norm=True, scale_attn_norm=True), attention=("timm_attention",)),
+    Case("timm_eva02_split_inner_norm", "timm", 28, _timm("eva02_tiny_patch14_224", **TINY_EVA, qkv_fused=False,
+                                                          scale_attn_inner=True), attention=("timm_eva",)),
+    Case("timm_beit", "timm", 32, _timm("beit_base_patch16_224", **TINY_BEIT), attention=("timm_beit",)),
+    Case("timm_swin_shifted", "timm", 56, _timm("swin_tiny_patch4_window7_224", img_size=56, embed_dim=24, depths=(2,),
+                                                 num_heads=(2,), window_size=7), attention=("timm_window",),
+         native_heads=True),
+    Case("generic_attention", "generic", 16, lambda t: None, attention=("generic",)),
+]
+REFUSED_HEAD_CASES: list[Case] = [
+    Case("timm_eva02_grouped_query", "timm", 28, _timm("eva02_tiny_patch14_224", **TINY_EVA, attn_type="rope",
+                                                       qkv_fused=False, num_kv_heads=1), attention=("timm_attention",)),
+    Case("timm_beit_shared_table", "timm", 32, _timm("beit_base_patch16_224", **TINY_BEIT, use_rel_pos_bias=False,
+                                                     use_shared_rel_pos_bias=True), attention=("timm_beit",)),
 ]
 
 
@@ -160,7 +236,10 @@ def build(case: Case, tmp: Path) -> tuple[nn.Module, Source | None]:
 
     torch.manual_seed(0)
     src = case.make(tmp)
-    model = GenericNet() if src is None else build_model(src, pretrained=False)
+    if src is None:
+        model = GenericAttnNet() if case.attention else GenericNet()
+    else:
+        model = build_model(src, pretrained=False)
     return model.eval(), src
 
 

@@ -19,10 +19,12 @@ from .models.artifact import load, save
 from .models.families import FAMILIES, Family, GenericFamily, family_of, register_family
 from .models.open import open_model
 from .models.record import PruneRecord
+from .models.sites.attention import ATTENTION_KINDS, AttentionSite, find_attention, register_attention_kind, shrink_heads
 from .models.sites.mlp import MLP_KINDS, MlpSite, find_mlps, register_mlp_kind, shrink_mlp
 from .models.sources import Source, build_model, parse_spec
-from .prune import prune, resolve_widths
+from .prune import prune, resolve_heads, resolve_widths
 from .prune.criteria import CRITERIA, register_criterion, select_neurons
+from .prune.head_criteria import HEAD_CRITERIA, register_head_criterion, select_heads
 from .prune.importer import import_checkpoint
 from .prune.to_dir import prune_to_dir
 
@@ -30,5 +32,7 @@ __all__ = [
     "__version__", "DgmrError", "CRITERIA", "register_criterion", "select_neurons", "MLP_KINDS", "MlpSite",
     "find_mlps", "register_mlp_kind", "shrink_mlp", "FAMILIES", "Family", "GenericFamily", "family_of",
     "register_family", "Source", "build_model", "parse_spec", "PruneRecord", "prune", "resolve_widths", "load",
-    "save", "open_model", "prune_to_dir", "import_checkpoint",
+    "save", "open_model", "prune_to_dir", "import_checkpoint", "ATTENTION_KINDS", "AttentionSite", "find_attention",
+    "register_attention_kind", "shrink_heads", "HEAD_CRITERIA", "register_head_criterion", "select_heads",
+    "resolve_heads",
 ]

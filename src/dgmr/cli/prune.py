@@ -37,8 +37,9 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     from ..prune.to_dir import prune_to_dir
 
     settings = PruneSettings(**given(args, PruneSettings))
-    if not settings.width_given:
-        raise DgmrError("say how wide to keep the MLPs: --mlp-ratio R, --hidden N or --keep-fraction F")
+    if not settings.width_given and not settings.heads_given:
+        raise DgmrError("say how wide to keep the MLPs: --mlp-ratio R, --hidden N or --keep-fraction F (and/or how "
+                        "many attention heads: --heads N or --head-fraction F)")
     calibration_settings = _check_calibration(args)
     if args.weights is not None:
         from ..prune.stream import stream_prune
@@ -55,7 +56,8 @@ def _stats(args: argparse.Namespace) -> dict[str, Any]:
     from ..prune.settings import WidthSettings
     from ..prune.stats import stats
 
-    return stats(args.model, **WidthSettings(**given(args, WidthSettings)).widths(), image_size=args.image_size,
+    widths = WidthSettings(**given(args, WidthSettings))
+    return stats(args.model, **widths.widths(), **widths.head_counts(), image_size=args.image_size,
                  model_kwargs=args.model_kwargs)
 
 
@@ -65,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prune", help="prune every MLP of a vision tower (weights-only; --calibration refits on images)",
                        description="Keep the most diverse hidden neurons of every MLP (greedy Gram-Schmidt on "
-                                   "fc1) and save the smaller model as model.safetensors + config.json, plus the "
-                                   "source library's own format.")
+                                   "fc1), and with --heads the most diverse attention heads, and save the smaller "
+                                   "model as model.safetensors + config.json, plus the source library's own format.")
     add_model_args(p)
     add_settings(p, PruneSettings)
     p.add_argument("--out", required=True, help="output directory")

@@ -50,7 +50,25 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> Family:
         if s.hidden > t.hidden:
             raise DgmrError(f"student is wider than the teacher at {name} ({s.hidden} > {t.hidden} hidden neurons): "
                             "did you swap --teacher and --student?")
+    _check_heads(ft, teacher, student)
     return ft
+
+
+def _check_heads(family: Family, teacher: nn.Module, student: nn.Module) -> None:
+    """Teacher and student attention: the same layers, the same head dim, the student's heads
+    no more than the teacher's."""
+    t_sites = {s.name: s for s in family.attention(teacher)}
+    s_sites = {s.name: s for s in family.attention(student)}
+    if set(t_sites) != set(s_sites):
+        raise DgmrError(f"teacher and student have different attention layouts ({len(t_sites)} vs {len(s_sites)} "
+                        "attention layers)")
+    for name, s in s_sites.items():
+        t = t_sites[name]
+        if s.head_dim != t.head_dim:
+            raise DgmrError(f"{name}: student head dim {s.head_dim} differs from the teacher's {t.head_dim}")
+        if s.heads > t.heads:
+            raise DgmrError(f"student has more attention heads than the teacher at {name} ({s.heads} > {t.heads}): "
+                            "did you swap --teacher and --student?")
 
 
 def probe_trainable(teacher: nn.Module, student: nn.Module, family: Family, *, image_size: int, device: torch.device,

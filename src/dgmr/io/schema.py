@@ -48,7 +48,7 @@ def _str(value: Any, where: str, field: str, optional: bool = False) -> str | No
 
 
 def model_config(cfg: Any, where: str) -> dict[str, Any]:
-    """A dgmr ``config.json``: family, widths (name -> positive int), dtype (a float dtype
+    """A dgmr ``config.json``: family, widths and heads (name -> positive int), dtype (a float dtype
     torch has), source (null, or an object with a known library and a name)."""
     cfg = _object(cfg, where)
     if cfg.get("format") != "dgmr":
@@ -57,6 +57,8 @@ def model_config(cfg: Any, where: str) -> dict[str, Any]:
     widths = _object(cfg.get("widths"), where, "widths")
     for name, w in widths.items():
         _int(w, where, f"widths[{name!r}]", lo=1, hi=1 << 24)  # a bound before anything is allocated from it
+    for name, h in _object(cfg.get("heads", {}), where, "heads").items():  # attention heads per layer, if recorded
+        _int(h, where, f"heads[{name!r}]", lo=1, hi=1 << 16)
     for key in ("weights", "weights_scope"):
         value = _str(cfg.get(key), where, key, optional=True)
         # a relative path inside the directory: a config must not point the loader at another model's weights

@@ -23,7 +23,7 @@ from ..core.version import __version__
 from ..io import schema
 from ..io.checkpoints import SHARD_INDEX, WEIGHTS
 from ..io.output import atomic_dir, write_json
-from .families import Family, apply_widths, family_of, get_family
+from .families import Family, apply_heads, apply_widths, family_of, get_family
 from .record import PruneRecord
 from .sources import Source, build_model, is_dgmr_dir
 
@@ -38,9 +38,10 @@ def vision_params(model: nn.Module, family: Family | None = None) -> int:
 
 def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[str, int], vision_params: int,
                  source: Source | None, record: "PruneRecord | None", native_export: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, heads: dict[str, int] | None = None) -> dict[str, Any]:
     """The ``config.json`` of a dgmr directory: the one layout :func:`save` and the streaming
-    prune both write and :func:`load` reads."""
+    prune both write and :func:`load` reads. ``heads``: each attention layer's head count,
+    written for models with attention dgmr knows."""
     return {
         "format": "dgmr",
         "dgmr_version": __version__,
@@ -50,6 +51,7 @@ def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[s
         "class": model_class,
         "dtype": dtype,
         "widths": dict(widths),
+        **({"heads": heads} if heads else {}),
         "vision_params": vision_params,
         "prune": record.to_json() if record is not None else None,
         "native_export": native_export,
@@ -58,7 +60,17 @@ def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[s
 
 
 def write_kept_indices(path: Path, record: "PruneRecord") -> None:
-    save_file({layer["name"]: layer["kept"].contiguous() for layer in record.layers}, str(path / INDICES))
+    """Kept hidden neurons per MLP and, where heads were cut, kept heads per attention layer
+    (each under its module's name)."""
+    kept = {layer["name"]: layer["kept"].contiguous() for layer in [*record.layers, *record.heads]}
+    save_file(kept, str(path / INDICES))
+
+
+def head_counts(model: nn.Module, family: Family) -> dict[str, int]:
+    """What ``config.json``'s ``heads`` records: every attention layer's head count ({} when
+    the model has no attention dgmr knows), whether or not this save's record cut heads (a
+    distilled student is saved without one)."""
+    return {s.name: s.heads for s in family.attention(model)}
 
 
 def save(
@@ -84,7 +96,8 @@ def save(
         notes = family.export_native(model, tmp, source) if native else NATIVE_OFF
         config = build_config(family=family, model_class=type(model).__name__, dtype=dtype_name(dtype),
                               widths={s.name: s.hidden for s in sites}, vision_params=family.vision_params(model),
-                              source=source, record=record, native_export=notes, extra=extra)
+                              source=source, record=record, native_export=notes, extra=extra,
+                              heads=head_counts(model, family))
         write_json(tmp / CONFIG, config)
     return config
 
@@ -117,6 +130,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
         if model is None:  # tied parameters: assigning tensors would untie them
             model, assign = build_model(src, pretrained=False), False
     family = get_family(cfg["family"])
+    apply_heads(model, {k: int(v) for k, v in (cfg.get("heads") or {}).items()}, family)
     apply_widths(model, {k: int(v) for k, v in cfg["widths"].items()}, family)
     if src is not None:
         family.update_config(model, None)
@@ -190,9 +204,19 @@ def _load_weights(model: nn.Module, weights: Path, assign: bool, prefix: str = "
     missing = sorted(n for n in expected - seen if group[n] not in loaded)
     if missing:
         raise RuntimeError(f"{len(missing)} missing keys, e.g. {missing[0]!r}")
+    _init_meta_buffers(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{len(left)} tensors were not in the checkpoint, e.g. {left[0]!r}")
+
+
+def _init_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers a library computes on its weights' device (timm Swin's shifted-window
+    ``attn_mask``) were built on meta with the parameters: compute them again, now that the
+    weights are real (timm modules say how with ``init_non_persistent_buffers``)."""
+    for m in model.modules():
+        if hasattr(m, "init_non_persistent_buffers") and any(b.is_meta for b in m.buffers(recurse=False)):
+            m.init_non_persistent_buffers()
 
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -220,6 +244,7 @@ def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: So
     config = build_config(family=family, model_class=type(meta).__name__,
                           dtype=names[0] if len(names) == 1 else "float32",
                           widths={s.name: s.hidden for s in family.mlps(meta)}, vision_params=params_after,
-                          source=src, record=record, native_export=note, extra=extra)
+                          source=src, record=record, native_export=note, extra=extra,
+                          heads=head_counts(meta, family))
     write_json(tmp / CONFIG, config)
     return config

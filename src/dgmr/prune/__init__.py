@@ -1,10 +1,12 @@
-"""Prune: score every MLP of a vision tower and cut it to the requested width.
+"""Prune: score every MLP of a vision tower and cut it to the requested width; optionally
+remove whole attention heads too (``heads=``/``head_fraction=``).
 
 ``dgmr.prune`` (this package's :func:`prune`, re-exported at the top level) works on a model
 in memory; :mod:`.to_dir` opens and saves (``dgmr prune``), :mod:`.stream` prunes checkpoints
 too big for memory, :mod:`.criteria` scores neurons (with the kernel in :mod:`.pivot`),
-:mod:`.mlp` finds MLPs and cuts them, :mod:`.stats` counts params and FLOPs. The method is
-docs/method.md.
+:mod:`.head_criteria` scores attention heads, :mod:`dgmr.models.sites` finds MLPs and
+attention layers and cuts them, :mod:`.stats` counts params and FLOPs. The method is
+docs/method.md; attention heads are docs/heads.md.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from tqdm.auto import tqdm
 from ..core.errors import DgmrError
 from ..models.families import Family, family_of
 from ..models.record import PruneRecord
+from ..models.sites.attention import ATTENTION_KINDS, AttentionSite, check_heads, shrink_heads
 from ..models.sites.mlp import MlpSite, check_width, shrink_mlp
 from ..models.sources import Source
 from .calibration.cut import calibrated_prune
 from .calibration.settings import CalibrationSettings
 from .criteria import criterion_scores, select_neurons
+from .head_criteria import head_criterion_scores, select_heads
 
 
 def resolve_widths(
@@ -69,6 +73,87 @@ def resolve_widths(
     return ks
 
 
+def resolve_heads(
+    sites: Sequence[AttentionSite],
+    *,
+    heads: int | Mapping[str, int] | Sequence[int] | None = None,
+    head_fraction: float | None = None,
+    model: str = "the model",
+) -> list[int]:
+    """Heads to keep per attention layer. Exactly one of: ``heads`` N per layer (or a name -> N
+    map, or a list in layer order), or ``head_fraction`` F (round(F * heads) per layer, halves up).
+    Validates every count, and refuses layouts that cannot be cut, before any cut."""
+    given = [n for n, v in (("heads", heads), ("head_fraction", head_fraction)) if v is not None]
+    if len(given) != 1:
+        raise DgmrError("give exactly one of heads, head_fraction" + (f" (got {', '.join(given)})" if given else ""))
+    if not sites:
+        raise DgmrError(f"attention heads were asked for, but {model} has no attention layer dgmr recognises (known "
+                        f"kinds: {', '.join(ATTENTION_KINDS)}, or a module named *attn/*attention with num_heads, "
+                        "qkv or q/k/v projections and an output projection; see register_attention_kind)")
+    if head_fraction is not None:
+        if not (math.isfinite(head_fraction) and 0 < head_fraction <= 1):
+            raise DgmrError(f"head fraction must be in (0, 1], got {head_fraction}")
+        ks = [math.floor(head_fraction * s.heads + 0.5) for s in sites]  # halves round up
+        zero = next((s for s, k in zip(sites, ks) if k == 0), None)
+        if zero is not None:
+            raise DgmrError(f"{zero.name}: a head fraction of {head_fraction:g} keeps round({head_fraction:g} x "
+                            f"{zero.heads}) = 0 of its {zero.heads} heads; keep at least one (a fraction >= "
+                            f"{0.5 / zero.heads:.3g})")
+    elif isinstance(heads, Mapping):
+        unknown = sorted(set(heads) - {s.name for s in sites})
+        if unknown:
+            raise DgmrError(f"heads name unknown attention layer {unknown[0]!r}; attention layers are e.g. "
+                            f"{sites[0].name!r}")
+        ks = [heads.get(s.name, s.heads) for s in sites]
+    elif isinstance(heads, Sequence):
+        ks = list(heads)
+        if len(ks) != len(sites):
+            raise DgmrError(f"got {len(ks)} head counts for {len(sites)} attention layers")
+    else:
+        ks = [heads] * len(sites)
+    for s, k in zip(sites, ks):
+        check_heads(s, k)  # every count is checked before the first cut: a refusal leaves the model whole
+    return ks
+
+
+def _head_request(model: nn.Module, family: Family, criterion: str, heads: Any,
+                  head_fraction: float | None) -> tuple[list[AttentionSite], list[int]]:
+    """The attention layers and their head counts, every check done (counts, layouts, criterion)."""
+    attention = family.attention(model)
+    hs = resolve_heads(attention, heads=heads, head_fraction=head_fraction, model=type(model).__name__)
+    if head_criterion_scores(criterion) == "activations":  # the hook for calibrated heads: issue 20, part B
+        raise DgmrError(f"head criterion {criterion!r} scores activations: calibrated head pruning is not available "
+                        "yet; cut heads with diversity, l2 or random")
+    return attention, hs
+
+
+def _cut_mlps(sites: Sequence[MlpSite], ks: Sequence[int], record: PruneRecord, criterion: str, seed: int,
+              progress: bool) -> None:
+    """Score (weights only) and cut every MLP to its width; fills ``record``. An activation
+    criterion without calibration: select_neurons refuses at the first MLP, before any cut."""
+    bar = tqdm(list(zip(sites, ks)), desc=f"prune ({criterion})", unit="layer", disable=not progress, leave=False)
+    for i, (site, k) in enumerate(bar):
+        w1, w_gate = site.scoring_weights()
+        h = site.hidden
+        with torch.no_grad():
+            keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed + i)
+            shrink_mlp(site, keep)
+        record.add(site, h, keep)
+
+
+def _cut_heads(sites: Sequence[AttentionSite], ks: Sequence[int], record: PruneRecord, criterion: str, seed: int,
+               progress: bool) -> None:
+    """Score (weights only) and cut every attention layer to its head count; fills ``record``."""
+    bar = tqdm(list(zip(sites, ks)), desc=f"heads ({criterion})", unit="layer", disable=not progress, leave=False)
+    for i, (site, k) in enumerate(bar):
+        h = site.heads
+        with torch.no_grad():
+            keep = torch.arange(h) if k == h else select_heads(site.scoring_blocks(), k, criterion, seed=seed + i)
+            if k != h:
+                shrink_heads(site, keep)
+        record.add_heads(site, h, keep)
+
+
 def prune(
     model: nn.Module,
     mlp_ratio: float | None = None,
@@ -82,14 +167,23 @@ def prune(
     source: Source | None = None,
     family: Family | None = None,
     calibration: Any = None,
+    heads: int | Mapping[str, int] | Sequence[int] | None = None,
+    head_fraction: float | None = None,
     **calibration_settings: Any,
 ) -> tuple[nn.Module, PruneRecord]:
-    """Prune the hidden layer of every MLP of ``model``'s vision tower, in place.
+    """Prune the hidden layer of every MLP of ``model``'s vision tower, and/or remove whole
+    attention heads, in place.
 
     Returns ``(model, record)``: the same model object (same class, same forward, smaller
     MLPs) and a :class:`PruneRecord` with the per-layer kept indices. Without calibration,
     selection uses the original weights of each layer and the kept rows/columns are copied
     from them unchanged (the paper's method).
+
+    ``heads`` (N per attention layer, a name -> N map or a list) or ``head_fraction`` (keep
+    round(F x heads) per layer) also removes whole attention heads, chosen by the head
+    criterion of the same name (``diversity``, ``l2``, ``random``: weights only; see
+    :mod:`dgmr.prune.head_criteria`); the MLP width is then optional. Heads keep their head
+    dim (docs/heads.md). Every MLP width and head count is checked before the first cut.
 
     ``calibration``: unlabeled images (a folder, a list file, WebDataset shards, a list of
     PIL images, a Dataset, or preprocessed (N, 3, H, W) batches / a DataLoader). With it the
@@ -103,10 +197,18 @@ def prune(
     """
     settings = CalibrationSettings.from_keywords("prune", **calibration_settings)
     family = family or family_of(model)
-    sites = family.mlps(model)
-    ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
-    record = PruneRecord.start(criterion, seed, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction)
+    cut_heads = heads is not None or head_fraction is not None
+    cut_mlps = not cut_heads or any(v is not None for v in (mlp_ratio, hidden, keep_fraction, widths))
+    sites = family.mlps(model) if cut_mlps else []
+    ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction,
+                        widths=widths) if cut_mlps else []
+    attention, hs = _head_request(model, family, criterion, heads, head_fraction) if cut_heads else ([], [])
+    record = PruneRecord.start(criterion, seed, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction,
+                               heads=heads, head_fraction=head_fraction)
     if calibration is not None:
+        if cut_heads:  # the hook for calibrated heads (compensation, diversity-act): issue 20, part B
+            raise DgmrError("attention heads cannot be cut with calibration yet: prune heads without calibration "
+                            "images, or calibrate an MLP-only prune")
         if not settings.compensation and settings.allocate == "uniform" and criterion_scores(criterion) == "weights":
             raise DgmrError(f"calibration changes nothing here: no compensation, uniform widths and {criterion!r} "
                             "scores weights; drop the calibration images, or compensate, allocate globally or "
@@ -118,14 +220,7 @@ def prune(
     if calibration_settings:
         raise DgmrError(f"{', '.join(sorted(calibration_settings))}: calibration settings need calibration images "
                         "(calibration=...)")
-    # an activation criterion without calibration: select_neurons refuses at the first MLP, before any cut
-    bar = tqdm(list(zip(sites, ks)), desc=f"prune ({criterion})", unit="layer", disable=not progress, leave=False)
-    for i, (site, k) in enumerate(bar):
-        w1, w_gate = site.scoring_weights()
-        h = site.hidden
-        with torch.no_grad():
-            keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed + i)
-            shrink_mlp(site, keep)
-        record.add(site, h, keep)
+    _cut_mlps(sites, ks, record, criterion, seed, progress)
+    _cut_heads(attention, hs, record, criterion, seed, progress)
     record.config_updates = family.update_config(model, source)
     return model, record

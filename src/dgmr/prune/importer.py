@@ -11,9 +11,9 @@ in the source library's naming or the original training code's, becomes a dgmr d
    filter on the ``visual.`` part). The filter first runs on ``meta`` placeholders, which
    says which output is a plain rename of which input; only the tensors it computes
    (a DINOv2 register ``cls_token``, a split ``qkv`` bias, ...) are computed for real.
-3. Each MLP's hidden width is read from the tensor shapes, the architecture is built with
-   those widths on ``meta`` and every name and shape is checked against it before any
-   output exists.
+3. Each MLP's hidden width and each attention layer's head count (at the architecture's
+   head dim) are read from the tensor shapes, the architecture is built with them on
+   ``meta`` and every name and shape is checked against it before any output exists.
 4. The tensors are copied one at a time into ``model.safetensors`` (or shards), beside the
    ``config.json`` and native export a streaming prune writes: ``dgmr.load`` and every
    command that takes a dgmr directory open it. Which neurons were kept is not known: there
@@ -39,8 +39,9 @@ from ..core.memory import PeakRss
 from ..io.checkpoints import WEIGHTS, Checkpoint, TensorInfo, checkpoint_paths, match_names, open_checkpoint
 from ..io.output import atomic_dir, claimed_output_dir
 from ..io.writers import FileWriter, ShardWriter
-from ..models.families import Family, apply_widths, family_of
+from ..models.families import Family, apply_heads, apply_widths, family_of
 from ..models.open import architecture_source, model_path
+from ..models.sites.attention import AttentionSite
 from ..models.sites.mlp import MlpSite
 from ..models.sources import Source, build_model
 from . import PruneRecord
@@ -278,6 +279,44 @@ def read_widths(sites: list[MlpSite], modules: dict[int, str], names: dict[str, 
     return widths
 
 
+def read_heads(sites: list[AttentionSite], modules: dict[int, str], names: dict[str, Origin], tensors: Tensors,
+               tower: str, saved: set[str]) -> dict[str, int]:
+    """Each attention layer's head count from the checkpoint's shapes at the layer's head dim:
+    the rows of its first q/k/v weight, which every other q/k/v row tensor, the output
+    projection's columns, width norms and per-head tables must agree with (``saved``: the
+    state dict's names; a non-persistent buffer such as EVA's zero k bias is not in a checkpoint)."""
+    heads = {}
+    for s in sites:
+        def get(m: nn.Module, attr: str, role: str) -> tuple[str, tuple[int, ...]] | None:
+            model_name = f"{modules[id(m)]}.{attr}" if modules[id(m)] else attr
+            if model_name not in saved:
+                return None
+            n = _locate(names, model_name, tower, tensors, f"{role} of the attention layer {s.name}")
+            return _label(names, n), _shape_of(names, tensors, n)
+
+        first = next((o, n, layout) for o, n, layout in s.rows if getattr(o, n).ndim == 2)
+        label, shape = get(first[0], first[1], "q/k/v weight")  # type: ignore[misc]
+        per_head = len(first[2]) * s.head_dim
+        h = shape[0] // per_head
+        if shape[0] % per_head or not 0 < h <= s.heads:
+            raise DgmrError(f"{label} has the wrong shape {list(shape)}: its rows are not {len(first[2])} x heads x "
+                            f"{s.head_dim} for 1..{s.heads} heads of {s.head_dim} channels, as {s.name} holds "
+                            "(wrong SPEC, --model-kwargs or CHECKPOINT?)")
+        checks = [(o, n, 0, len(layout) * h * s.head_dim, "q/k/v rows") for o, n, layout in s.rows]
+        checks += [(s.proj, "weight", 1, h * s.head_dim, "output projection columns")]
+        checks += [(o, n, dim, h, "per-head table entries") for o, n, dim in s.tables]
+        checks += [(norm, n, 0, h * s.head_dim, "width-norm entries") for norm in s.norms
+                   for n, t in norm.named_parameters(recurse=False)]
+        for m, attr, dim, want, what in checks:
+            got = get(m, attr, what)
+            if got is not None and (len(got[1]) <= dim or got[1][dim] != want):
+                raise DgmrError(f"{got[0]} has the wrong shape {list(got[1])}: as {what} of {s.name} with {h} heads of "
+                                f"{s.head_dim} channels ({label} has shape {list(shape)}) it needs {want} along dim "
+                                f"{dim} (wrong SPEC, --model-kwargs or CHECKPOINT?)")
+        heads[s.name] = h
+    return heads
+
+
 # ---------------------------------------------------------------------------------------
 # the import
 @dataclass
@@ -310,11 +349,15 @@ class ImportJob:
         return t.to(self.out_dtype) if self.out_dtype is not None and t.is_floating_point() else t
 
 
-def _record(sites: list[MlpSite], hidden_before: list[int]) -> PruneRecord:
-    """The ``prune`` record of an import: widths known, criterion and kept neurons not."""
+def _record(sites: list[MlpSite], hidden_before: list[int], attention: list[AttentionSite],
+            heads_before: list[int]) -> PruneRecord:
+    """The ``prune`` record of an import: widths and heads known, criterion and kept neurons/heads not."""
     record = PruneRecord("unknown", None, {"kept_indices": "unknown"})  # type: ignore[arg-type]
     for s, h in zip(sites, hidden_before):
         record.add(s, h, None)
+    for a, h in zip(attention, heads_before):
+        if a.heads != h:
+            record.add_heads(a, h, None)
     return record
 
 
@@ -331,10 +374,15 @@ def plan_import(spec: str | Source, checkpoint: str | os.PathLike, *, model_kwar
     names = library_names(tensors, meta, family)
     sites = family.mlps(meta)
     before = [s.hidden for s in sites]
+    attention = family.attention(meta)
+    heads_before = [a.heads for a in attention]
     modules = {id(m): n for n, m in meta.named_modules()}
+    heads = read_heads(attention, modules, names, tensors, tower, set(meta.state_dict()))
     apply_widths(meta, read_widths(sites, modules, names, tensors, tower), family)
+    apply_heads(meta, heads, family)
     family.update_config(meta, src)
     sites = family.mlps(meta)
+    attention = family.attention(meta)
     state = meta.state_dict()
     derived = frozenset(n for n, _ in meta.named_buffers()) - set(state)
     shapes = {n: _shape_of(names, tensors, n) for n in names}
@@ -343,7 +391,7 @@ def plan_import(spec: str | Source, checkpoint: str | os.PathLike, *, model_kwar
                                  hint="wrong SPEC, --model-kwargs or CHECKPOINT?")
     layout = family.stream_layout(meta, tower_only=scope is not None, native=native, sharded=False)
     return ImportJob(src, tensors, meta, family, {n: names[c] for n, c in matched.items()}, scope, layout, out_dtype,
-                     _record(sites, before), params_before)
+                     _record(sites, before, attention, heads_before), params_before)
 
 
 def write_import(job: ImportJob, tmp: Path, native: bool) -> tuple[dict[str, Any], int]:

@@ -16,7 +16,8 @@ STREAM = "streaming prune: checkpoints too big for memory (docs/stream.md)"
 
 @dataclass
 class WidthSettings:
-    """How wide to keep the MLPs: one of these (``dgmr prune`` and ``dgmr stats``)."""
+    """How wide to keep the MLPs (one of the three) and how many attention heads (one of two,
+    or none) (``dgmr prune`` and ``dgmr stats``)."""
 
     mlp_ratio: float | None = setting(None, "keep round(R * embed_dim) hidden neurons per MLP (the paper's r)",
                                       exclusive="width", metavar="R")
@@ -24,12 +25,24 @@ class WidthSettings:
     keep_fraction: float | None = setting(None, "keep this fraction of each MLP's hidden neurons",
                                           exclusive="width", metavar="F")
 
+    heads: int | None = setting(None, "also remove whole attention heads: keep N heads in every attention layer "
+                                      "(the MLP width flags become optional)", exclusive="heads", metavar="N")
+    head_fraction: float | None = setting(None, "also remove whole attention heads: keep round(F x heads) heads in "
+                                                "every attention layer", exclusive="heads", metavar="F")
+
     def widths(self) -> dict[str, Any]:
         return {"mlp_ratio": self.mlp_ratio, "hidden": self.hidden, "keep_fraction": self.keep_fraction}
+
+    def head_counts(self) -> dict[str, Any]:
+        return {"heads": self.heads, "head_fraction": self.head_fraction}
 
     @property
     def width_given(self) -> bool:
         return any(v is not None for v in self.widths().values())
+
+    @property
+    def heads_given(self) -> bool:
+        return any(v is not None for v in self.head_counts().values())
 
 
 @dataclass
@@ -37,7 +50,8 @@ class PruneSettings(WidthSettings):
     """``dgmr prune``'s settings (an in-memory prune; see :class:`StreamSettings` for ``--weights``)."""
 
     criterion: str = setting("diversity", "neuron selection: diversity (DGMR), l2, random, or with --calibration "
-                                          "diversity-act", choices=lambda: sorted(CRITERIA))
+                                          "diversity-act; with --heads, the head selection of the same name "
+                                          "(diversity, l2, random)", choices=lambda: sorted(CRITERIA))
     seed: int = setting(0, "seed of the random criterion (and of --random-init weights)")
     random_init: bool = setting(False, "build the architecture with random weights (no download)")
     dtype: str | None = setting(None, "dtype of the saved weights (unset: as loaded)", choices=sorted(DTYPES))

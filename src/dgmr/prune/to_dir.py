@@ -17,6 +17,7 @@ from ..models.families import Family, family_of
 from ..models.open import model_path, open_model
 from . import prune
 from .criteria import get_criterion
+from .head_criteria import get_head_criterion
 from .settings import PruneSettings
 
 
@@ -59,6 +60,8 @@ def prune_to_dir(
     are :class:`~dgmr.prune.calibration.settings.CalibrationSettings` fields."""
     s = PruneSettings.from_keywords(settings, "prune_to_dir", **kwargs)
     get_criterion(s.criterion)
+    if s.heads_given:
+        get_head_criterion(s.criterion)
     out_dtype = parse_dtype(s.dtype) if s.dtype is not None else None
     inputs = [("model", model_path(model)), *(("calibration data", p) for p in data_paths(calibration))]
     with claimed_output_dir(out, inputs, s.overwrite):  # one writer from the emptiness check to the rename into place
@@ -68,7 +71,8 @@ def prune_to_dir(
             net, src = open_model(model, random_init=s.random_init, model_kwargs=model_kwargs)
         family = family_of(net)
         params_before = family.vision_params(net)
-        net, record = prune(net, **s.widths(), criterion=s.criterion, seed=s.seed, progress=progress, source=src,
+        net, record = prune(net, **s.widths(), **s.head_counts(), criterion=s.criterion, seed=s.seed,
+                            progress=progress, source=src,
                             family=family, calibration=calibration, **(calibration_settings or {}))
         if out_dtype is not None:
             net = net.to(out_dtype)
@@ -77,6 +81,8 @@ def prune_to_dir(
                    extra={"params_before": params_before, "params_after": params_after,
                           "random_init": bool(s.random_init), **({"random_init_seed": s.seed} if s.random_init else {})})
         extra = {"calibration": _calibration_summary(record.calibration, record.layers)} if record.calibration else {}
+        if record.heads:
+            extra["heads_after"] = sorted(set(record.head_counts.values()))
         return prune_summary(out, src.spec if src else str(model), family, s.criterion, cfg["widths"], params_before,
                              params_after, cfg["native_export"], t0, **extra)
 

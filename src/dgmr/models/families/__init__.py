@@ -12,6 +12,7 @@ from .base import (
                    OPENAI_CLIP_STD,
                    Family,
                    GenericFamily,
+                   apply_heads,
                    apply_widths,
                    family_of,
                    get_family,
@@ -25,6 +26,6 @@ from .timm import TimmFamily
 
 __all__ = [
     "FAMILIES", "HEAD_EXCLUDE", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Family",
-    "GenericFamily", "HFFamily", "OpenClipFamily", "TimmFamily", "apply_widths", "family_of", "get_family",
+    "GenericFamily", "HFFamily", "OpenClipFamily", "TimmFamily", "apply_heads", "apply_widths", "family_of", "get_family",
     "ratio_for", "register_family", "site_widths",
 ]

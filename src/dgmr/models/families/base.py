@@ -20,6 +20,7 @@ from torch import nn
 
 from ...core.errors import DgmrError
 from ...core.registry import Registry
+from ..sites.attention import AttentionSite, find_attention, shrink_heads
 from ..sites.mlp import MlpSite, find_mlps, shrink_mlp
 from ..sources import Source
 from ..transforms import crop_preprocess
@@ -118,6 +119,14 @@ class Family:
     def mlps(self, model: nn.Module) -> list[MlpSite]:
         prefix, root = self.vision_root(model)
         return find_mlps(root, exclude=self.exclude, prefix=prefix)
+
+    # attention in pooling heads (attn_pool, MAP heads) is never cut: the same exclusion as the MLPs'
+    attention_exclude: re.Pattern = HEAD_EXCLUDE
+
+    def attention(self, model: nn.Module) -> list[AttentionSite]:
+        """The vision tower's attention layers whose heads can be cut ([] when none is recognised)."""
+        prefix, root = self.vision_root(model)
+        return find_attention(root, exclude=self.attention_exclude, prefix=prefix)
 
     def vision_params(self, model: nn.Module) -> int:
         """Parameters of the image tower (what dgmr reports before/after pruning)."""
@@ -226,3 +235,16 @@ def apply_widths(model: nn.Module, widths: dict[str, int], family: Family | None
     for name, k in widths.items():
         if k != sites[name].hidden:
             shrink_mlp(sites[name], torch.arange(k))
+
+
+def apply_heads(model: nn.Module, heads: dict[str, int], family: Family | None = None) -> None:
+    """Shape-only surgery: give each named attention layer its recorded head count (keeps the
+    first k heads; used to rebuild an architecture before loading head-pruned weights)."""
+    family = family or family_of(model)
+    sites = {s.name: s for s in family.attention(model)}
+    missing = set(heads) - set(sites)
+    if missing:
+        raise DgmrError(f"the model has no attention layer named {sorted(missing)[0]!r} (has {len(sites)})")
+    for name, k in heads.items():
+        if k != sites[name].heads:
+            shrink_heads(sites[name], torch.arange(k))

@@ -37,6 +37,8 @@ class HFFamily(Family):
     # transformers builds SigLIP's pooling-head MLP from the same intermediate_size as the blocks,
     # so it is pruned with them: otherwise no config could describe the pruned model
     exclude = re.compile(r"(^|\.)(text_model|text)(\.|$)")
+    # ...but its attention is the pooling head's own (nn.MultiheadAttention): never cut
+    attention_exclude = re.compile(r"(^|\.)(text_model|text|head)(\.|$)")
 
     def vision_root(self, model):
         if hasattr(model, "vision_model"):
@@ -87,8 +89,9 @@ class HFFamily(Family):
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
-    def width_fields(self, model, sites) -> tuple[dict[str, Any] | None, str]:
-        """(config fields that rebuild these widths, or None with the reason why none do)."""
+    def width_fields(self, model, sites, heads: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str]:
+        """(config fields that rebuild these widths, or None with the reason why none do);
+        ``heads``: the head fields the config will hold too (:meth:`head_fields`)."""
         import transformers
 
         vc = self._vision_config(model.config)
@@ -103,7 +106,8 @@ class HFFamily(Family):
 
             def build(r: float):
                 cfg = model.config.__class__.from_dict(model.config.to_dict())
-                setattr(self._vision_config(cfg), "mlp_ratio", r)
+                for k, v in {**(heads or {}), "mlp_ratio": r}.items():
+                    setattr(self._vision_config(cfg), k, v)
                 with torch.device("meta"):
                     return cls._from_config(cfg) if hasattr(cls, "_from_config") else transformers.AutoModel.from_config(cfg)
 
@@ -114,17 +118,51 @@ class HFFamily(Family):
             return {"mlp_ratio": r}, ""
         return None, f"{name} has no intermediate_size or mlp_ratio field"
 
+    def head_fields(self, model) -> tuple[dict[str, Any] | None, str]:
+        """(config fields that rebuild the attention layers' head counts at their head dim, or
+        None with the reason why none do); {} when no head was cut. Checked by building the
+        attention from the config on meta: only some classes read a ``head_dim`` field."""
+        vc = self._vision_config(model.config)
+        sites = self.attention(model)
+        heads = getattr(vc, "num_attention_heads", None)
+        if all(s.heads == heads for s in sites):
+            return {}, ""
+        name = type(vc).__name__
+        if len({(s.heads, s.head_dim) for s in sites}) != 1:
+            return None, f"per-layer attention head counts differ; {name} holds one num_attention_heads"
+        fields = {"num_attention_heads": sites[0].heads, "head_dim": sites[0].head_dim}
+        cfg = model.config.__class__.from_dict(model.config.to_dict())
+        for k, v in fields.items():
+            setattr(self._vision_config(cfg), k, v)
+        with torch.device("meta"):
+            built = type(model)._from_config(cfg)
+        want = {s.name: [tuple(t.shape) for t in s.module.state_dict().values()] for s in sites}
+        got = {s.name: [tuple(t.shape) for t in s.module.state_dict().values()] for s in self.attention(built)}
+        if got != want:
+            return None, (f"{name} derives the head dim from hidden_size / num_attention_heads: no config keeps "
+                          f"{sites[0].heads} heads of {sites[0].head_dim} channels")
+        return fields, ""
+
+    def native_fields(self, model) -> tuple[dict[str, Any] | None, str]:
+        """The config fields of :meth:`width_fields` and :meth:`head_fields` together, or None and why not."""
+        heads, why = self.head_fields(model)
+        if heads is None:
+            return None, why
+        fields, why = self.width_fields(model, self.mlps(model), heads)
+        return (None, why) if fields is None else ({**fields, **heads}, "")
+
     def update_config(self, model, src):
-        fields, _ = self.width_fields(model, self.mlps(model))
-        if fields is None:
-            return {}
+        # what the config can say, even where the rest it cannot (CLIP's widths beside cut heads)
+        heads, _ = self.head_fields(model)
+        widths, _ = self.width_fields(model, self.mlps(model), heads)
+        fields = {**(widths or {}), **(heads or {})}
         vc = self._vision_config(model.config)
         for k, v in fields.items():
             setattr(vc, k, v)
         return fields
 
     def export_native(self, model, out, src):
-        fields, why = self.width_fields(model, self.mlps(model))
+        fields, why = self.native_fields(model)
         if fields is None:
             return {"skipped": why}
         self.update_config(model, src)
@@ -135,7 +173,7 @@ class HFFamily(Family):
     def stream_layout(self, shaped, *, tower_only, native, sharded):
         # from_pretrained reads HF-style shards beside its config: write them there when a
         # config can describe the widths
-        if native and not tower_only and self.width_fields(shaped, self.mlps(shaped))[0] is not None:
+        if native and not tower_only and self.native_fields(shaped)[0] is not None:
             return "hf"
         return "shards"
 
@@ -143,7 +181,7 @@ class HFFamily(Family):
         if tower_only is not None:
             return super().export_streamed(meta, out, src, layout, tower_only)
         if layout != "hf":
-            return {"skipped": self.width_fields(meta, self.mlps(meta))[1]}
+            return {"skipped": self.native_fields(meta)[1]}
         meta.config.save_pretrained(out / "hf")
         return {"format": "transformers from_pretrained", "files": ["hf/"],
                 "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}

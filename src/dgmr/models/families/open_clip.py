@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..sources import Source, build_model
 from ..transforms import EvalPreprocess
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Family, loaded_module, register_family, uniform_ratio
-from .timm import TimmFamily, final_block_tokens, is_eva
+from .timm import TimmFamily, final_block_tokens, is_eva, shared_head_tables
 
 
 @register_family(builtin=True)
@@ -35,6 +37,13 @@ class OpenClipFamily(Family):
 
     def image_forward(self, model, x):
         return model.encode_image(x)
+
+    def attention(self, model):
+        sites = super().attention(model)
+        why = shared_head_tables(model.visual.trunk) if self._is_timm_tower(model) else None
+        for s in sites if why else ():
+            s.refuse = s.refuse or why
+        return sites
 
     def image_size(self, model):
         s = getattr(model.visual, "image_size", 224)
@@ -119,6 +128,10 @@ class OpenClipFamily(Family):
                                f"{sorted(src.kwargs)}; use dgmr.load"}
         if self._is_timm_tower(model):
             return self.export_trunk(model, out, src, separate_weights=True)
+        cut = [s.name for s in self.attention(model) if not isinstance(s.module, nn.MultiheadAttention)]
+        if cut:
+            return {"skipped": f"attention heads were cut ({cut[0]}...): open_clip's config sets heads = width / "
+                               "head_width in every block and nn.MultiheadAttention ties them to the width; use dgmr.load"}
 
         def build(r: float):
             cfg = json.loads(json.dumps(src.model_cfg))

@@ -57,6 +57,48 @@ def _takes_mlp_ratio(build) -> bool:
     return True
 
 
+def shared_head_tables(model: nn.Module) -> str | None:
+    """Why heads cannot be cut layer by layer in this timm model, if they cannot: a per-head
+    table that one module outside the blocks holds for all of them."""
+    if getattr(model, "rel_pos_bias", None) is not None:  # BEiT use_shared_rel_pos_bias
+        return "the relative position bias table is shared by all blocks (one column per head)"
+    mixed = getattr(loaded_module("timm.layers"), "RotaryEmbeddingMixed", None)
+    if isinstance(mixed, type) and isinstance(getattr(model, "rope", None), mixed):
+        return "the rotary frequencies are learned per head and shared by all blocks (rope_type='mixed')"
+    return None
+
+
+def _stage_heads(model: nn.Module, sites: list) -> dict[str, Any] | None:
+    """Swin's ``num_heads`` and ``head_dim`` per stage, when every block of a stage keeps the same heads."""
+    swin = getattr(loaded_module("timm.models.swin_transformer"), "SwinTransformer", None)
+    if not (isinstance(swin, type) and isinstance(model, swin)):
+        return None
+    by_stage: dict[int, set[tuple[int, int]]] = {}
+    for s in sites:
+        parts = s.name.split(".")  # layers.{stage}.blocks.{block}.attn
+        if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
+            return None
+        by_stage.setdefault(int(parts[1]), set()).add((s.heads, s.head_dim))
+    if sorted(by_stage) != list(range(len(model.layers))) or any(len(v) != 1 for v in by_stage.values()):
+        return None
+    per = [next(iter(by_stage[i])) for i in range(len(model.layers))]
+    return {"num_heads": tuple(h for h, _ in per), "head_dim": tuple(d for _, d in per)}
+
+
+def head_kwargs(model: nn.Module, family: Family, original: nn.Module) -> tuple[dict[str, Any] | None, str]:
+    """(create_model kwargs that rebuild the head counts of ``model``, or None and why none do);
+    {} when no head was cut (``original``: the architecture as its source builds it)."""
+    sites = family.attention(model)
+    before = {s.name: s.heads for s in family.attention(original)}
+    if all(before.get(s.name) == s.heads for s in sites):
+        return {}, ""
+    kwargs = _stage_heads(model, sites)
+    if kwargs is None:
+        return None, (f"timm's {type(model).__name__} takes no per-layer head count at a fixed head dim (its num_heads "
+                      "sets head_dim = embed_dim / num_heads, for every block); use dgmr.load")
+    return kwargs, ""
+
+
 @register_family(builtin=True)
 class TimmFamily(Family):
     name = "timm"
@@ -68,6 +110,13 @@ class TimmFamily(Family):
         # subclass of a timm VisionTransformer included) is a timm model
         return loaded_module("timm") is not None and any(
             c.__module__.startswith("timm.") for c in type(model).__mro__ if issubclass(c, nn.Module))
+
+    def attention(self, model):
+        sites = super().attention(model)
+        why = shared_head_tables(model)
+        for s in sites if why else ():
+            s.refuse = s.refuse or why
+        return sites
 
     def image_size(self, model):
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -113,9 +162,15 @@ class TimmFamily(Family):
         ``weights`` names the file to load instead, relative to the dgmr directory."""
         import timm
 
+        with torch.device("meta"):
+            original = timm.create_model(src.name, pretrained=False, **src.kwargs)
+        heads, why = head_kwargs(model, self, original)
+        if heads is None:
+            return {"skipped": why}
+
         def build(r: float):
             with torch.device("meta"):
-                return timm.create_model(src.name, pretrained=False, **{**src.kwargs, "mlp_ratio": r})
+                return timm.create_model(src.name, pretrained=False, **{**src.kwargs, **heads, "mlp_ratio": r})
 
         r = uniform_ratio(model, build, self)
         if r is None and not _takes_mlp_ratio(build):
@@ -125,7 +180,7 @@ class TimmFamily(Family):
             return {"skipped": "no single timm mlp_ratio rebuilds these shapes (per-layer MLP widths, or a head MLP "
                                "timm sizes from the same ratio, e.g. attn_pool); use dgmr.load"}
         out.mkdir(parents=True, exist_ok=True)
-        kwargs = {**src.kwargs, "mlp_ratio": r}
+        kwargs = {**src.kwargs, **heads, "mlp_ratio": r}
         files = ["timm_config.json"]
         if separate_weights:
             from safetensors.torch import save_file

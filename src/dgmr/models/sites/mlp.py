@@ -19,9 +19,7 @@ from torch import nn
 
 from ...core.errors import DgmrError
 from ...core.registry import Registry
-
-# A projection of an MLP: a Linear, or a 1x1 Conv2d (see ``_conv1x1`` for what qualifies).
-Proj = nn.Linear | nn.Conv2d
+from .slicing import Proj, norm_tensors, per_channel_groups, sliceable_norm, take_cols, take_norm, take_rows
 
 
 def in_dim(m: Proj) -> int:
@@ -116,38 +114,14 @@ def _conv1x1(module: nn.Module, attr: str) -> nn.Conv2d | None:
     return m
 
 
-# attributes that carry a norm's channel count (LayerNorm/LayerNorm2d/RmsNorm2d, BatchNorm, GroupNorm)
-_WIDTH_ATTRS = ("normalized_shape", "num_features", "num_channels")
-
-
-def _norm_tensors(norm: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The per-channel tensors of a norm: weight, bias, BatchNorm running stats (scalars such
-    as ``num_batches_tracked`` are not per channel and stay as they are)."""
-    named = [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]
-    return [(n, t) for n, t in named if t is not None and t.ndim > 0]
-
-
-def _sliceable_norm(norm: nn.Module, hidden: int) -> bool:
-    """Whether cutting ``norm`` to k channels is just slicing its per-channel tensors: every
-    such tensor has shape (hidden,), any recorded width is ``hidden``, and it has no
-    sub-modules (whose state we would not know how to cut)."""
-    tensors = _norm_tensors(norm)
-    if any(tuple(t.shape) != (hidden,) for _, t in tensors) or any(True for _ in norm.children()):
-        return False
-    widths = [getattr(norm, a) for a in _WIDTH_ATTRS if hasattr(norm, a)]
-    if any(tuple(w) != (hidden,) if isinstance(w, (tuple, list, torch.Size)) else w != hidden for w in widths):
-        return False
-    return bool(tensors) or bool(widths)
-
-
 def _hidden_norms(module: nn.Module, attrs: tuple[str, ...], hidden: int, path: str) -> list[nn.Module]:
     norms = []
     for attr in attrs:
         m = getattr(module, attr, None)
         if m is None or isinstance(m, nn.Identity):
             continue
-        if not _sliceable_norm(m, hidden):
-            shapes = {n: tuple(t.shape) for n, t in _norm_tensors(m)}
+        if not sliceable_norm(m, hidden):
+            shapes = {n: tuple(t.shape) for n, t in norm_tensors(m)}
             raise DgmrError(f"{path}.{attr}: {type(m).__name__} over the hidden dim is not a per-channel norm of "
                             f"width {hidden} (tensors {shapes or 'none'}); cannot slice it")
         norms.append(m)
@@ -278,37 +252,11 @@ def find_mlps(root: nn.Module, exclude: re.Pattern | None = None, prefix: str = 
 
 # ---------------------------------------------------------------------------------------
 # surgery
-def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-def _take_rows(proj: Proj, rows: torch.Tensor) -> None:
-    """Keep output rows (Linear) / output channels (1x1 conv: dim 0 of its weight too)."""
-    rows = rows.to(proj.weight.device)
-    _set_param(proj, "weight", proj.weight.detach()[rows])
-    if proj.bias is not None:
-        _set_param(proj, "bias", proj.bias.detach()[rows])
-    setattr(proj, "out_features" if isinstance(proj, nn.Linear) else "out_channels", rows.numel())
-
-
-def _take_cols(proj: Proj, cols: torch.Tensor) -> None:
-    """Keep input columns (Linear) / input channels (1x1 conv: dim 1 of its weight too)."""
-    _set_param(proj, "weight", proj.weight.detach()[:, cols.to(proj.weight.device)])
-    setattr(proj, "in_features" if isinstance(proj, nn.Linear) else "in_channels", cols.numel())
-
-
-def _per_channel_groups(norm: nn.Module) -> bool:
-    """A GroupNorm with one group per channel (instance-norm style): it stays so when cut."""
-    groups = getattr(norm, "num_groups", None)
-    return groups is not None and groups == getattr(norm, "num_channels", None)
-
-
 def _check_norm(site: MlpSite, norm: nn.Module, k: int) -> None:
     """GroupNorm splits the channels into num_groups equal groups: k must still divide
     (unless every channel is its own group, where the cut keeps that)."""
     groups = getattr(norm, "num_groups", None)
-    if isinstance(groups, int) and groups > 1 and k % groups and not _per_channel_groups(norm):
+    if isinstance(groups, int) and groups > 1 and k % groups and not per_channel_groups(norm):
         raise DgmrError(f"{site.name}: {type(norm).__name__} over the hidden dim has {groups} groups, which do not "
                         f"divide {k} kept neurons; pick a width that is a multiple of {groups}")
 
@@ -317,22 +265,6 @@ def check_width(site: MlpSite, k: int) -> None:
     """Refuse a width ``k`` that ``site`` cannot be cut to (its hidden norms'), before any cut."""
     for norm in site.norms:
         _check_norm(site, norm, k)
-
-
-def _take_norm(norm: nn.Module, keep: torch.Tensor) -> None:
-    k = keep.numel()
-    if _per_channel_groups(norm):
-        norm.num_groups = k
-    for name, t in _norm_tensors(norm):
-        if isinstance(t, nn.Parameter):
-            _set_param(norm, name, t.detach()[keep.to(t.device)])
-        else:  # a buffer (BatchNorm running_mean / running_var): stays a buffer
-            setattr(norm, name, t[keep.to(t.device)].contiguous())
-    if hasattr(norm, "normalized_shape"):
-        norm.normalized_shape = (k,)
-    for attr in ("num_features", "num_channels"):
-        if hasattr(norm, attr):
-            setattr(norm, attr, k)
 
 
 def shrink_mlp(site: MlpSite, keep: torch.Tensor) -> None:
@@ -349,11 +281,11 @@ def shrink_mlp(site: MlpSite, keep: torch.Tensor) -> None:
         raise DgmrError(f"{site.name}: invalid kept indices for hidden size {h} (k={k})")
     check_width(site, k)  # before any cut: a refused width leaves the MLP as it was
     if site.packed is not None:
-        _take_rows(site.up, torch.cat([keep, keep + h]))
+        take_rows(site.up, torch.cat([keep, keep + h]))
     else:
-        _take_rows(site.up, keep)
+        take_rows(site.up, keep)
     if site.gate is not None:
-        _take_rows(site.gate, keep)
+        take_rows(site.gate, keep)
     for norm in site.norms:
-        _take_norm(norm, keep)
-    _take_cols(site.down, keep)
+        take_norm(norm, keep)
+    take_cols(site.down, keep)

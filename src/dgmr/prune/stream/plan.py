@@ -12,6 +12,7 @@ import torch
 from ...core.dist import usable_cpus
 from ...core.errors import DgmrError
 from ...io.checkpoints import TensorInfo
+from ...models.sites.attention import AttentionSite
 from ...models.sites.mlp import MlpSite
 from ..criteria import workspace_bytes
 
@@ -56,9 +57,20 @@ def mlp_bytes(site: MlpSite, infos: Mapping[str, TensorInfo], names: Sequence[st
     return 2 * raw + 2 * h * d * select_dtype.itemsize + workspace_bytes(h, d, select_dtype)
 
 
+def attention_bytes(site: AttentionSite, infos: Mapping[str, TensorInfo], names: Sequence[str],
+                    select_dtype: torch.dtype) -> int:
+    """Peak bytes one attention layer's head selection holds: its weights (twice: read + cut)
+    and its head blocks in ``select_dtype`` (twice: the blocks and the residuals)."""
+    raw = sum(infos[n].nbytes for n in names)
+    rows = sum(len(layout) * site.width * getattr(o, n).shape[-1] for o, n, layout in site.rows
+               if getattr(o, n).ndim == 2)
+    return 2 * raw + 2 * rows * select_dtype.itemsize
+
+
 def make_plan(max_memory: int | None, per_mlp: int, largest: int, n_mlps: int,
               workers: int | None = None, shard_bytes: int | None = None, buffered: bool = True) -> Plan:
-    """Shard size and workers within ``max_memory``; ``buffered``: output shards are held in
+    """Shard size and workers within ``max_memory`` (``per_mlp``: the largest site's bytes, an
+    MLP's or an attention layer's); ``buffered``: output shards are held in
     memory until written (the one-file layout streams each tensor out instead)."""
     baseline = psutil.Process().memory_info().rss
     auto_workers = max(1, min(4, usable_cpus() // 4))  # GEMMs already use every core; extra layers help on big boxes

@@ -1,7 +1,9 @@
-"""The streaming prune itself: plan, then cut MLP by MLP, then write the dgmr directory."""
+"""The streaming prune itself: plan, then cut MLP by MLP (and attention layer by attention
+layer, with ``--heads``), then write the dgmr directory."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,25 +22,64 @@ from ...io.checkpoints import WEIGHTS, Checkpoint, checkpoint_paths, match_names
 from ...io.output import atomic_dir, claimed_output_dir
 from ...io.writers import FileWriter, ShardWriter
 from ...models.artifact import write_kept_indices, write_streamed_config
-from ...models.families import Family, apply_widths, family_of
+from ...models.families import Family, apply_heads, apply_widths, family_of
 from ...models.open import architecture_source, model_path
+from ...models.sites.attention import AttentionSite, shrink_heads
 from ...models.sites.mlp import MlpSite, shrink_mlp
 from ...models.sources import Source, build_model
-from .. import PruneRecord, resolve_widths
+from .. import PruneRecord, resolve_heads, resolve_widths
 from ..criteria import get_criterion, select_neurons
+from ..head_criteria import get_head_criterion, select_heads
 from ..settings import PruneSettings
 from ..to_dir import prune_summary
-from .plan import Plan, make_plan, mlp_bytes, parse_size
+from .plan import Plan, attention_bytes, make_plan, mlp_bytes, parse_size
+
+Site = MlpSite | AttentionSite
 
 
-def _site_tensors(site: MlpSite, modules: dict[int, str]) -> list[tuple[nn.Module, str, str]]:
-    """(module, attribute, state-dict name) of every parameter :func:`shrink_mlp` touches."""
+def _site_tensors(site: Site, modules: dict[int, str], saved: set[str]) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute, state-dict name) of every tensor :func:`shrink_mlp` or
+    :func:`shrink_heads` touches that the checkpoint holds (``saved``: the state dict's names)."""
+    pairs = ([(m, pname) for m in site.parts for pname, _ in m.named_parameters(recurse=False)]
+             if isinstance(site, MlpSite) else site.tensors())
     out = []
-    for m in site.parts:
-        for pname, _ in m.named_parameters(recurse=False):
-            prefix = modules[id(m)]
-            out.append((m, pname, f"{prefix}.{pname}" if prefix else pname))
+    for m, pname in pairs:
+        prefix = modules[id(m)]
+        name = f"{prefix}.{pname}" if prefix else pname
+        if name in saved and all(n != name for _, _, n in out):
+            out.append((m, pname, name))
     return out
+
+
+def _cut_heads_one(site: AttentionSite, k: int, tensors: list[tuple[nn.Module, str, str]],
+                   values: dict[str, torch.Tensor], criterion: str, seed: int, select_device: torch.device | None,
+                   select_dtype: torch.dtype, root: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """:func:`_cut_one` for an attention layer: its tensors are read back by name from ``root``,
+    since the cut may put a new module in the layer's place."""
+    for m, pname, name in tensors:
+        t = values.pop(name)
+        setattr(m, pname, nn.Parameter(t, requires_grad=False) if pname in m._parameters else t)
+    blocks = site.scoring_blocks()
+    blocks = blocks.to(select_device) if select_device is not None else blocks
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        try:
+            keep = select_heads(blocks, k, criterion, seed=seed, dtype=select_dtype)
+        except DgmrError as e:
+            raise DgmrError(f"{site.name}: {e}") from None
+        seconds = time.perf_counter() - t0
+        del blocks
+        release_freed()
+        shrink_heads(site, keep)
+    out = {}
+    for _, _, name in tensors:
+        owner, _, pname = name.rpartition(".")
+        m = root.get_submodule(owner)
+        t = getattr(m, pname)
+        out[name] = t.detach()
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        setattr(m, pname, nn.Parameter(meta, requires_grad=False) if pname in m._parameters else meta)
+    return keep, out, seconds
 
 
 def _cut_one(site: MlpSite, k: int, tensors: list[tuple[nn.Module, str, str]], values: dict[str, torch.Tensor],
@@ -81,10 +122,10 @@ class StreamJob:
     family: Family
     names: dict[str, str]  # model state-dict name -> checkpoint name
     scope: str | None  # the tower's name when the checkpoint holds only the vision tower
-    sites: list[MlpSite]
-    ks: list[int]
+    sites: list[Site]  # the MLPs and the attention layers whose heads are cut, in the checkpoint's order
+    ks: list[int]  # hidden width per MLP, heads per attention layer
     site_tensors: list[list[tuple[nn.Module, str, str]]]
-    order: list[str]  # writing order: the model's, each MLP's tensors together
+    order: list[str]  # writing order: the model's, each site's tensors together
     out_shapes: dict[str, tuple[int, ...]]
     out_dtype: torch.dtype | None
     layout: str
@@ -95,6 +136,7 @@ class StreamJob:
     select_dtype: torch.dtype
     record: PruneRecord
     params_before: int
+    head_index: dict[str, int] = dataclasses.field(default_factory=dict)  # attention layer -> its index (seeds, order)
 
     @property
     def owned(self) -> set[str]:
@@ -136,13 +178,29 @@ def _writing_order(names: Sequence[str], site_tensors: list[list[tuple[nn.Module
     return order
 
 
+def _stream_sites(meta: nn.Module, family: Family, widths: dict[str, Any], heads: dict[str, Any],
+                  src: Source) -> tuple[list[Site], list[int], list[AttentionSite], list[int]]:
+    """(MLPs and attention layers to cut, their widths / head counts; every attention layer and
+    its head count), all checked before anything is read."""
+    cut_mlps = bool(widths) or not heads
+    sites: list[Site] = family.mlps(meta) if cut_mlps else []
+    ks = resolve_widths(sites, **widths) if cut_mlps else []  # type: ignore[arg-type]
+    attention = family.attention(meta) if heads else []
+    hs = resolve_heads(attention, **heads, model=src.spec) if heads else []
+    cut = [(a, k) for a, k in zip(attention, hs) if k != a.heads]
+    return [*sites, *(a for a, _ in cut)], [*ks, *(k for _, k in cut)], attention, hs
+
+
 def plan_stream(model: str | Source, weights: str | os.PathLike, *, widths: dict[str, Any], criterion: str,
                 seed: int, model_kwargs: dict[str, Any] | None, dtype: str | None, max_memory: int | str | None,
                 workers: int | None, shard_size: int | str | None, select_device: str | torch.device | None,
-                select_dtype: str, native: bool) -> StreamJob:
+                select_dtype: str, native: bool, heads: dict[str, Any] | None = None) -> StreamJob:
     """Check everything and size the work; reads only checkpoint headers. ``widths`` holds
-    the width request (``mlp_ratio``, ``hidden``, ``keep_fraction`` or ``widths``)."""
+    the width request (``mlp_ratio``, ``hidden``, ``keep_fraction`` or ``widths``; empty:
+    the MLPs stay), ``heads`` the head request (``heads`` or ``head_fraction``; empty: no head is cut)."""
     get_criterion(criterion)
+    if heads:
+        get_head_criterion(criterion)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
     src = architecture_source(model, model_kwargs=model_kwargs, role="with --weights, MODEL")
     max_bytes = parse_size(max_memory) if max_memory is not None else None
@@ -155,25 +213,33 @@ def plan_stream(model: str | Source, weights: str | os.PathLike, *, widths: dict
     derived = frozenset(n for n, _ in meta.named_buffers()) - set(state)
     names, scope = match_names(ckpt, {k: tuple(v.shape) for k, v in state.items()}, family.vision_root(meta)[0],
                                derived)
-    sites = family.mlps(meta)
-    ks = resolve_widths(sites, **widths)
+    sites, ks, attention, hs = _stream_sites(meta, family, widths, heads or {}, src)
     modules = {id(m): name for name, m in meta.named_modules()}
-    site_tensors = [_site_tensors(s, modules) for s in sites]
+    site_tensors = [_site_tensors(s, modules, set(state)) for s in sites]
+    # in the checkpoint's order: the sites in flight are always the next ones written
+    position = {n: i for i, n in enumerate(names)}
+    order = sorted(range(len(sites)), key=lambda i: position[site_tensors[i][0][2]])
+    sites, ks, site_tensors = [sites[i] for i in order], [ks[i] for i in order], [site_tensors[i] for i in order]
     owned = {name for ts in site_tensors for _, _, name in ts}
     infos = {n: ckpt.tensors[c] for n, c in names.items()}
-    per_mlp = max((mlp_bytes(s, infos, [n for _, _, n in ts], sel_dtype) for s, ts in zip(sites, site_tensors)),
-                  default=0)
+    per_mlp = max(((mlp_bytes if isinstance(s, MlpSite) else attention_bytes)(s, infos, [n for _, _, n in ts], sel_dtype)
+                   for s, ts in zip(sites, site_tensors)), default=0)
     largest = max((infos[n].nbytes for n in names if n not in owned), default=0)
     shaped = copy.deepcopy(meta)  # the output's shapes, known before any weight is read
-    apply_widths(shaped, {s.name: k for s, k in zip(sites, ks)}, family)
+    apply_widths(shaped, {s.name: k for s, k in zip(sites, ks) if isinstance(s, MlpSite)}, family)
+    apply_heads(shaped, {s.name: k for s, k in zip(attention, hs)}, family)
     layout = family.stream_layout(shaped, tower_only=scope is not None, native=native,
                                   sharded=shard_bytes is not None)
     plan = make_plan(max_bytes, per_mlp, largest, len(sites), workers, shard_bytes, buffered=layout != "file")
-    request = {k: v for k, v in widths.items() if k != "widths"}
+    request = {k: v for k, v in {**widths, **(heads or {})}.items() if k != "widths"}
+    record = PruneRecord.start(criterion, seed, **request)
+    for a, k in zip(attention, hs):  # layers that keep every head: recorded, not read
+        if k == a.heads:
+            record.add_heads(a, a.heads, torch.arange(k))
     return StreamJob(src, Path(weights), ckpt, meta, family, names, scope, sites, ks, site_tensors,
                      _writing_order(list(names), site_tensors), {k: tuple(v.shape) for k, v in shaped.state_dict().items()},
-                     out_dtype, layout, plan, criterion, seed, dev, sel_dtype,
-                     PruneRecord.start(criterion, seed, **request), family.vision_params(meta))
+                     out_dtype, layout, plan, criterion, seed, dev, sel_dtype, record, family.vision_params(meta),
+                     {a.name: i for i, a in enumerate(attention)})
 
 
 def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], int]:
@@ -185,12 +251,18 @@ def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], in
         writer = ShardWriter(tmp, job.plan.shard_bytes, sub="hf" if job.layout == "hf" else "")
     owned = job.owned
     first_of = {ts[0][2]: i for i, ts in enumerate(job.site_tensors)}
-    hidden_before = [s.hidden for s in job.sites]
+    before = [s.hidden if isinstance(s, MlpSite) else s.heads for s in job.sites]
+    mlp_index = {s.name: i for i, s in enumerate(s for s in job.sites if isinstance(s, MlpSite))}
 
     def cut(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         ns = [n for _, _, n in job.site_tensors[i]]
-        return _cut_one(job.sites[i], job.ks[i], job.site_tensors[i], job.read(ns), job.criterion, job.seed + i,
-                        job.select_device, job.select_dtype)
+        site = job.sites[i]
+        # seeds as in dgmr.prune: seed + the layer's index among the MLPs / attention layers
+        if isinstance(site, AttentionSite):
+            return _cut_heads_one(site, job.ks[i], job.site_tensors[i], job.read(ns), job.criterion,
+                                  job.seed + job.head_index[site.name], job.select_device, job.select_dtype, job.meta)
+        return _cut_one(site, job.ks[i], job.site_tensors[i], job.read(ns), job.criterion,
+                        job.seed + mlp_index[site.name], job.select_device, job.select_dtype)
 
     pending: dict[int, Future] = {}
     nxt = 0  # the next MLP to submit
@@ -212,15 +284,19 @@ def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], in
                 writer.add(n, job.cast(t))
             del tensors
             release_freed()  # this MLP's weights, read and cut
-            job.record.add(job.sites[i], hidden_before[i], keep, select_seconds=round(seconds, 4))
+            if isinstance(job.sites[i], MlpSite):
+                job.record.add(job.sites[i], before[i], keep, select_seconds=round(seconds, 4))
+            else:
+                job.record.add_heads(job.sites[i], before[i], keep, select_seconds=round(seconds, 4))
             bar.update(1)
     return writer.finish(), writer.total
 
 
 def write_stream_config(job: StreamJob, tmp: Path, files: list[str], native: bool) -> dict[str, Any]:
     """kept_indices.safetensors, the native export and config.json, beside the weights in ``tmp``."""
-    order_of = {s.name: i for i, s in enumerate(job.sites)}
+    order_of = {s.name: i for i, s in enumerate(s for s in job.sites if isinstance(s, MlpSite))}
     job.record.layers.sort(key=lambda layer: order_of[layer["name"]])
+    job.record.heads.sort(key=lambda layer: job.head_index[layer["name"]])
     job.record.config_updates = job.family.update_config(job.meta, job.src)
     write_kept_indices(tmp, job.record)
     dtypes = ({job.out_dtype} if job.out_dtype is not None
@@ -252,7 +328,8 @@ def stream_prune(
 
     ``model`` is a spec (``timm:NAME``, ``open_clip:ARCH``, ``hf:ID_OR_DIR``) or a
     :class:`Source`; it is only built on the ``meta`` device. Widths and ``criterion`` mean
-    what they mean for :func:`dgmr.prune`. ``max_memory`` (bytes or ``"3GB"``) bounds the
+    what they mean for :func:`dgmr.prune`, and so do ``heads``/``head_fraction`` (weights-only head
+    criteria: each attention layer is read, scored and cut on its own). ``max_memory`` (bytes or ``"3GB"``) bounds the
     resident set: it sizes the output shards and how many MLPs are selected at once
     (``workers``, default: by core count), and is refused up front when one MLP cannot fit.
     ``select_device`` runs the selection there (e.g. ``"cuda"``) while everything else
@@ -267,16 +344,18 @@ def stream_prune(
     if s.random_init:
         raise DgmrError("--random-init and --weights exclude each other (the weights come from --weights)")
     request = {k: v for k, v in {**s.widths(), "widths": widths}.items() if v is not None}
+    heads = {k: v for k, v in s.head_counts().items() if v is not None}
     inputs = [("model", model_path(model)), *[("weights", w) for w in checkpoint_paths(weights)]]
     with claimed_output_dir(out, inputs, s.overwrite):  # one writer from the emptiness check to the rename into place
         job = plan_stream(model, weights, widths=request, criterion=s.criterion, seed=s.seed,
                           model_kwargs=model_kwargs, dtype=s.dtype, max_memory=max_memory, workers=workers,
                           shard_size=shard_size, select_device=select_device, select_dtype=select_dtype,
-                          native=s.native)
+                          native=s.native, heads=heads)
         with PeakRss() as rss, atomic_dir(out, s.overwrite) as tmp:
             files, out_bytes = run_stream(job, tmp, progress)
             config = write_stream_config(job, tmp, files, s.native)
     return prune_summary(out, job.src.spec, job.family, s.criterion, config["widths"], job.params_before,
                          config["params_after"], config["native_export"], t0, weights=str(Path(weights)),
                          checkpoint_bytes=job.ckpt.nbytes, output_bytes=out_bytes, files=len(files),
-                         weights_scope=job.scope, workers=job.plan.workers, peak_rss_bytes=rss.peak)
+                         weights_scope=job.scope, workers=job.plan.workers, peak_rss_bytes=rss.peak,
+                         **({"heads_after": sorted(set(job.record.head_counts.values()))} if heads else {}))
