@@ -227,3 +227,24 @@ def test_held_out_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
     assert r["lr"]["rule"] == "fit" and r["peak_lr"] == pytest.approx(r["lr"]["paper_lr"])
     assert all("val_loss" not in row for row in _metrics(tmp_path / "none"))
     assert math.isfinite(r["final_loss"])
+
+
+def test_tracker_counts_relative_improvements_and_feeds_the_progress_bar():
+    from dgmr.distill.validation import Tracker, progress_postfix
+
+    s = DistillSettings.resolve(early_stop=2, min_delta=0.1)
+    t = Tracker()
+    assert progress_postfix(None, t) == {}  # nothing measured yet
+    assert t.update(0, 1.0, s) and t.update(5, 0.95, s)  # the best, but less than 10% below 1.0
+    assert t.waited == 1 and t.stopped is None and t.best_step == 5
+    assert t.update(10, 0.85, s) and t.waited == 0 and t.reference == 0.85  # 15% below 1.0: the count resets
+    assert not t.update(15, 0.9, s) and t.stopped is None
+    assert not t.update(20, 0.86, s) and t.stopped == "early_stop" and (t.best, t.best_step) == (0.85, 10)
+    row = {"loss": 0.123456, "lr": 1e-3, "images_per_s": 12.34}
+    assert progress_postfix(row, t) == {"loss": "0.1235", "val": "0.86", "best": "0.85@10", "lr": "1.00e-03",
+                                        "img_s": "12.3"}
+    assert t.summary() == {"step0_val_loss": 1.0, "best_step": 10, "best_val_loss": 0.85, "final_val_loss": 0.86,
+                           "stopped": "early_stop"}
+    last = Tracker()
+    last.update(0, 1.0, DistillSettings.resolve(target_val_loss=2.0), final=True)  # the last step: nothing to stop
+    assert last.stopped is None
