@@ -47,6 +47,7 @@ from torch import nn
 
 import dgmr
 from dgmr.prune.pivot import pivot_order
+from dgmr.models.artifact import read_config
 from dgmr.models.families import GenericFamily, apply_widths, family_of
 from dgmr.models.sources import build_model, parse_spec
 from dgmr.io.checkpoints import SHARD_INDEX as INDEX
@@ -149,7 +150,7 @@ def run_child(code: str) -> dict:
 
 
 def verify(spec: str, index: Path, out: Path, blocks: int) -> dict:
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = read_config(out)
     src = parse_spec(spec)
     meta = build_model(src, meta=True)
     fam = family_of(meta)
@@ -218,7 +219,7 @@ def main() -> None:
             report["checkpoint"] = {"bytes": nbytes, "params": nbytes // 2, "write_s": round(time.perf_counter() - t, 1)}
             print("prune: streaming ...", file=sys.stderr, flush=True)
             res = run_prune(spec, index, work / "out", args.mlp_ratio, args.max_memory, args.select_dtype)
-            layers = json.loads((work / "out" / "config.json").read_text())["prune"]["layers"]
+            layers = read_config(work / "out")["prune"]["layers"]
             sel = sorted(layer["select_seconds"] for layer in layers)
             res["select_seconds_median"] = sel[len(sel) // 2]
             res["select_seconds_total"] = round(sum(sel), 1)

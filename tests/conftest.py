@@ -1,6 +1,11 @@
 """Fixtures every test module may use; the plain helpers live in ``helpers.py``."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +64,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """``mounted(dir, size)`` mounts a tmpfs of ``size`` at ``dir`` (root only; skipped where mount is not permitted)."""
+    points = []
+
+    def mount(d: Path, size: str = "1m") -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root")
+        d.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"mount not permitted here: {r.stderr.decode().strip()}")
+        points.append(d)
+        return d
+
+    yield mount
+    for d in reversed(points):
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -4,11 +4,17 @@
   solid colours or noise, fixed or varying sizes, one seed for all the pixels);
 * :func:`run_cli` runs ``dgmr`` in-process and returns ``(exit code, stdout, stderr)``;
 * ``TINY_VIT_*``: the tiny random-init timm ViT most command-line tests prune;
-* :class:`MeanColor`: a model whose feature is known (evaluation tests).
+* :class:`MeanColor`: a model whose feature is known (evaluation tests);
+* :func:`under_strace`: a Python child with faults injected at its syscalls (strace).
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -137,3 +143,33 @@ class MeanColor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x.mean((2, 3)))
+
+
+# a child process of the tests: one thread, this checkout's dgmr first
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+@functools.cache
+def strace_ok() -> bool:
+    """Whether strace runs here (installed, ptrace permitted): the syscall fault injection's tool."""
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-o", os.devnull, "true"], capture_output=True).returncode == 0
+
+
+@functools.cache
+def _seccomp() -> bool:
+    return strace_ok() and subprocess.run(["strace", "--seccomp-bpf", "-f", "-o", os.devnull, "-e", "trace=rename",
+                                            "true"], capture_output=True).returncode == 0
+
+
+def under_strace(argv: list[str], *inject: str) -> subprocess.CompletedProcess:
+    """``argv`` (a Python child) with faults injected at syscalls: ``inject`` are strace
+    ``-e inject=`` specs, e.g. ``renameat2:error=EIO`` or ``rename:signal=KILL:when=2``."""
+    traced = sorted({spec.split(":")[0] for spec in inject})
+    cmd = ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={','.join(traced)}", "-e", "signal=none"]
+    if _seccomp() and not any("signal=" in spec for spec in inject):  # strace 5.3+: only the traced syscalls stop
+        cmd.append("--seccomp-bpf")  # (strace injects no signal under it)
+    for spec in inject:
+        cmd += ["-e", f"inject={spec}"]
+    return subprocess.run([*cmd, sys.executable, *argv], capture_output=True, text=True, timeout=300, env=CHILD_ENV)

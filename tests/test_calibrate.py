@@ -292,7 +292,7 @@ def test_cli_calibrated_prune_end_to_end(cli, tmp_path):
     summary = json.loads(stdout)
     assert summary["calibration"]["images"] == 8 and summary["calibration"]["allocate"] == "global"
     assert summary["calibration"]["rel_err_after"] < summary["calibration"]["rel_err_before"]
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "dgmr.json").read_text())
     cal = cfg["prune"]["calibration"]
     assert cal["images"] == 8 and cal["preprocess"]["library"] == "timm" and cal["criterion"] == "diversity"
     assert all("rel_err_after" in layer and "rel_err_estimate" in layer for layer in cfg["prune"]["layers"])

@@ -20,14 +20,16 @@ def pruned(tmp_path_factory):
     return out
 
 
+@pytest.mark.smoke
 def test_prune_writes_artifact(pruned):
-    cfg = json.loads((pruned / "config.json").read_text())
+    cfg = json.loads((pruned / "dgmr.json").read_text())
     assert cfg["format"] == "dgmr" and cfg["spec"] == "timm:vit_tiny_patch16_224"
     assert cfg["prune"]["criterion"] == "diversity" and cfg["prune"]["mlp_ratio"] == 1.0
     assert set(cfg["widths"].values()) == {192} and len(cfg["widths"]) == 2
     assert cfg["dgmr_version"] == dgmr.__version__
-    assert (pruned / "model.safetensors").is_file() and (pruned / "kept_indices.safetensors").is_file()
-    assert (pruned / "timm_config.json").is_file()
+    assert (pruned / "model.safetensors").is_file() and (pruned / "dgmr" / "kept_indices.safetensors").is_file()
+    assert json.loads((pruned / "config.json").read_text())["model_args"]["mlp_ratio"] == 1  # timm's hub config
+    assert (pruned / "README.md").is_file()
     assert not list(pruned.parent.glob(".*tmp*"))  # no temp dirs left
     model = dgmr.load(pruned)
     assert model.blocks[0].mlp.fc1.out_features == 192
@@ -108,7 +110,7 @@ def test_non_empty_output_needs_overwrite(cli, tmp_path):
     _one_line_error(code, out, err, "not empty")
     assert (out_dir / "keep.txt").read_text() == "mine"
     code, out, err = cli("prune", *TINY, "--mlp-ratio", "1", "--out", str(out_dir), "--overwrite")
-    assert code == 0 and not (out_dir / "keep.txt").exists() and (out_dir / "config.json").exists()
+    assert code == 0 and not (out_dir / "keep.txt").exists() and (out_dir / "dgmr.json").exists()
 
 
 def _copy(src, dst):
@@ -139,18 +141,18 @@ def test_missing_and_corrupt_checkpoint(cli, pruned, tmp_path):
 
 def test_mismatched_checkpoint_and_unknown_family(cli, pruned, tmp_path):
     wrong = _copy(pruned, tmp_path / "wrong")
-    cfg = json.loads((wrong / "config.json").read_text())
+    cfg = json.loads((wrong / "dgmr.json").read_text())
     cfg["widths"] = {k: 100 for k in cfg["widths"]}
-    (wrong / "config.json").write_text(json.dumps(cfg))
+    (wrong / "dgmr.json").write_text(json.dumps(cfg))
     code, out, err = cli("stats", str(wrong))
     assert code == 0  # stats reads shapes only
     code, out, err = cli("prune", str(wrong), "--mlp-ratio", "0.25", "--out", str(tmp_path / "o"))
     _one_line_error(code, out, err, "does not match")
 
     fam = _copy(pruned, tmp_path / "fam")
-    cfg = json.loads((fam / "config.json").read_text())
+    cfg = json.loads((fam / "dgmr.json").read_text())
     cfg["family"] = "martian"
-    (fam / "config.json").write_text(json.dumps(cfg))
+    (fam / "dgmr.json").write_text(json.dumps(cfg))
     code, out, err = cli("prune", str(fam), "--mlp-ratio", "0.5", "--out", str(tmp_path / "o2"))
     _one_line_error(code, out, err, "unknown family")
 

@@ -93,19 +93,18 @@ def test_loss_decreases_corrupt_counted_and_export_loads(tiny, tmp_path):
     assert all(name.split(":")[0].endswith(("broken.jpg", "truncated.png")) for name in r["unreadable_examples"])
     assert r["epochs"] == pytest.approx(12 / 3)  # 26 files // 8 = 3 batches per epoch
     # the export is a dgmr directory like `dgmr prune` writes, and the trained weights differ from the student's
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = json.loads((run / "dgmr.json").read_text())
     assert cfg["format"] == "dgmr" and cfg["prune"]["mlp_ratio"] == 1 and cfg["distill"]["steps"] == 12
-    assert (run / "kept_indices.safetensors").is_file()
+    assert (run / "dgmr" / "kept_indices.safetensors").is_file()
     trained, pruned = dgmr.load(run), dgmr.load(tiny["student"])
     assert [s.hidden for s in dgmr.family_of(trained).mlps(trained)] == [192, 192]
     diff = max((a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), pruned.state_dict().values()))
     assert diff > 1e-4
-    # ... and timm itself opens it (its own format: timm_config.json + the weights)
+    # ... and timm itself opens it (its own layout: config.json beside the weights), with a card
     import timm
 
-    tc = json.loads((run / "timm_config.json").read_text())
-    native = timm.create_model(tc["model_name"], pretrained=True,
-                               pretrained_cfg_overlay=dict(file=str(run / "model.safetensors")), **tc["kwargs"])
+    native = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    assert "- distilled" in (run / "README.md").read_text() and "steps=12" in (run / "README.md").read_text()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(native(x), trained(x), atol=1e-5)
@@ -149,7 +148,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny, tmp_path):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert load_checkpoint(run)["step"] == 4  # checkpoints at 2 and 4; steps 5 ran and were lost
-    assert not (run / "config.json").exists()  # no export from a killed run
+    assert not (run / "dgmr.json").exists()  # no export from a killed run
     assert [r["step"] for r in _metrics(run)] == [0, 1, 2, 3, 4, 5]
     # resume through the CLI (teacher/student/data come from the run), with a DataLoader worker this time
     assert main(["distill", "--out", str(run), "--resume", "--workers", "1", "--no-progress"]) == 0
@@ -328,7 +327,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, ca
     assert "not finite" in err
     ckpt = load_checkpoint(run)
     assert ckpt["step"] >= 1 and all(torch.isfinite(v).all() for v in ckpt["student"].values())
-    assert not (run / "config.json").exists()
+    assert not (run / "dgmr.json").exists()
     # resuming with a different schedule is refused (the run's saved settings rule)
     assert "saved settings" in _err(capsys, ["distill", "--out", str(run), "--resume", "--lr", "1e-3"])
 

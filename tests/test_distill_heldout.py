@@ -88,7 +88,7 @@ def test_best_export_early_stop_and_target(tiny, tmp_path):
     assert r["steps"] == 2 and r["stopped"] == "early_stop" and r["best_step"] == 0
     assert r["exported"] == {"weights": "best", "step": 0, "val_loss": r["step0_val_loss"]}
     assert _same(_weights(tmp_path / "stop"), _weights(tiny["student"]))  # bit for bit the student it started as
-    assert json.loads((tmp_path / "stop" / "config.json").read_text())["distill"]["exported"]["step"] == 0
+    assert json.loads((tmp_path / "stop" / "dgmr.json").read_text())["distill"]["exported"]["step"] == 0
     last = distill(*_args(tiny), tmp_path / "last", **{**BUMPY, "lr": 0.05, "min_lr": 0.05, "steps": 2}, export="last")
     assert last["exported"]["weights"] == "last" and last["exported"]["step"] == 2
     assert not _same(_weights(tmp_path / "last"), _weights(tiny["student"]))

@@ -35,7 +35,7 @@ def restore_registries():
 
 
 def _config(out) -> dict:
-    return json.loads((out / "config.json").read_text())
+    return json.loads((out / "dgmr.json").read_text())
 
 
 # -- a criterion ---------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def test_custom_criterion_through_cli(cli, capsys, tmp_path):
         cfg = _config(out)
         assert cfg["prune"]["criterion"] == "far_from_mean" and cfg["prune"]["seed"] == 7
         assert [layer["kind"] for layer in cfg["prune"]["layers"]] == ["fc1_fc2", "fc1_fc2"]
-        kept = load_file(str(out / "kept_indices.safetensors"))
+        kept = load_file(str(out / "dgmr" / "kept_indices.safetensors"))
         model = dgmr.load(out)
         for i, (w, k, _) in enumerate(seen):
             name = f"blocks.{i}.mlp"
@@ -239,7 +239,7 @@ def test_custom_family_prune_save_load(tmp_path):
         assert cfg["widths"] == rec.widths and "skipped" in cfg["native_export"]
         assert cfg["vision_params"] == sum(p.numel() for p in model.image.parameters())
         assert _config(out) == json.loads(json.dumps(cfg, default=str))
-        kept = load_file(str(out / "kept_indices.safetensors"))
+        kept = load_file(str(out / "dgmr" / "kept_indices.safetensors"))
         assert all(torch.equal(kept[k], rec.kept[k]) for k in rec.widths)
 
         # no source to rebuild it from: dgmr.load needs the unpruned architecture (other random weights)
@@ -348,7 +348,7 @@ def test_replace_builtin_criterion_is_used_by_cli(cli, tmp_path, restore_registr
     out = tmp_path / "pruned"
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--hidden", "100", "--criterion", "l2", "--out", str(out))
     assert code == 0, err
-    kept = load_file(str(out / "kept_indices.safetensors"))
+    kept = load_file(str(out / "dgmr" / "kept_indices.safetensors"))
     assert set(kept) == {"blocks.0.mlp", "blocks.1.mlp"}
     assert all(torch.equal(v, torch.arange(668, 768)) for v in kept.values())
     assert dgmr.load(out).blocks[0].mlp.fc2.in_features == 100
@@ -444,7 +444,7 @@ def test_timm_export_checks_every_shape_not_only_the_pruned_mlps(cli, tmp_path):
     assert code == 0, err
     cfg = _config(tmp_path / "p")
     assert "attn_pool" in cfg["native_export"]["skipped"]
-    assert not (tmp_path / "p" / "timm_config.json").exists()
+    assert not (tmp_path / "p" / "config.json").exists()
     model = dgmr.load(tmp_path / "p")
     assert model.attn_pool.mlp.fc1.out_features == 4 * model.embed_dim
     assert {s.hidden for s in dgmr.family_of(model).mlps(model)} == {model.embed_dim}

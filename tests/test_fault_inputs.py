@@ -58,20 +58,20 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def test_bad_model_config_is_one_error_naming_the_field(tiny, tmp_path, cli, change, field):
     model = tmp_path / "model"
     shutil.copytree(tiny["student"], model)
-    cfg = json.loads((model / "config.json").read_text())
+    cfg = json.loads((model / "dgmr.json").read_text())
     change(cfg)
-    (model / "config.json").write_text(json.dumps(cfg))
-    _one_error(*cli("prune", model, "--mlp-ratio", "1", "--out", tmp_path / "out")[::2], str(model / "config.json"),
+    (model / "dgmr.json").write_text(json.dumps(cfg))
+    _one_error(*cli("prune", model, "--mlp-ratio", "1", "--out", tmp_path / "out")[::2], str(model / "dgmr.json"),
                field)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(DgmrError, match="config.json"):
+    with pytest.raises(DgmrError, match="dgmr.json"):
         dgmr.load(model)
 
 
 def test_model_config_that_is_a_list_is_not_a_dgmr_directory(tiny, tmp_path, cli):
     model = tmp_path / "model"
     shutil.copytree(tiny["student"], model)
-    (model / "config.json").write_text("[1, 2]")
+    (model / "dgmr.json").write_text("[1, 2]")
     _one_error(*cli("prune", model, "--mlp-ratio", "1", "--out", tmp_path / "out")[::2], "not a dgmr model directory")
 
 

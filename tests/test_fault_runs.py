@@ -101,10 +101,10 @@ def test_kill_during_export_then_resume_reports_the_final_loss(tiny, tmp_path, c
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     left = [p.name for p in run.glob(".*")]  # the partial export a kill leaves: ..export-<pid>.tmp-<pid>-<hex>
-    assert left and all(".export-" in n for n in left) and not (run / "config.json").exists()
+    assert left and all(".export-" in n for n in left) and not (run / "dgmr.json").exists()
     code, out, err = cli("distill", "--out", run, "--resume", "--no-progress", "--json")
     assert code == 0, err
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads(out)["final_loss"] == last["loss"] is not None  # was null: no step ran after the resume
-    assert json.loads((run / "config.json").read_text())["distill"]["final_loss"] == last["loss"]
+    assert json.loads((run / "dgmr.json").read_text())["distill"]["final_loss"] == last["loss"]
     assert not [p.name for p in run.glob(".*")]  # the dead process's .export-<pid> is gone

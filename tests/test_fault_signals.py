@@ -67,7 +67,7 @@ def test_sigterm_checkpoints_the_step_and_resume_is_exact(tiny, tmp_path):
     assert err.startswith("dgmr: stopped: SIGTERM after step 3 of 6") and "--resume" in err, proc.stderr
     assert load_checkpoint(run)["step"] == 3  # --save-every 100: this checkpoint exists only because of the signal
     assert [r["step"] for r in _metrics(run)] == [0, 1, 2, 3]
-    assert not (run / "config.json").exists() and not list(run.glob(".*"))
+    assert not (run / "dgmr.json").exists() and not list(run.glob(".*"))
     assert main(["distill", "--out", str(run), "--resume", "--no-progress"]) == 0
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -145,7 +145,7 @@ def test_stale_temps_of_dead_processes_removed_on_resume_and_write(tiny, tmp_pat
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
     assert main(["prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", str(out)]) == 0
-    assert not stale.exists() and (out / "config.json").is_file()
+    assert not stale.exists() and (out / "dgmr.json").is_file()
     other = tmp_path / f".other.tmp-{dead}-0123abcd"  # another output's: left to its own writer
     other.mkdir()
     assert remove_stale_temps(tmp_path, "pruned") == [] and other.exists()
@@ -191,4 +191,4 @@ def test_sigterm_during_the_export_cleans_it_and_resume_exports(tiny, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run_config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock file either
     assert main(["distill", "--out", str(run), "--resume", "--no-progress"]) == 0
-    assert (run / "config.json").is_file() and not list(run.glob(".*"))
+    assert (run / "dgmr.json").is_file() and not list(run.glob(".*"))

@@ -53,7 +53,7 @@ def _distill(tiny, out: Path, *extra: str) -> list[str]:
 def test_prune_on_a_full_disk_keeps_the_previous_output(tmp_path, cli, monkeypatch):
     out = tmp_path / "pruned"
     assert cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "1", "--out", out)[0] == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def full(model, path, **kw):
         Path(path).write_bytes(b"half a tensor")  # what a full disk leaves: a partial file
@@ -62,7 +62,7 @@ def test_prune_on_a_full_disk_keeps_the_previous_output(tmp_path, cli, monkeypat
     monkeypatch.setattr(artifact, "save_model", full)
     code, _, err = cli("prune", *TINY_VIT_ARGV, "--mlp-ratio", "2", "--out", out, "--overwrite")
     _full_disk_error(code, err, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no .pruned.tmp-*, no lock
 
 
@@ -107,7 +107,7 @@ def test_distill_checkpoint_export_and_resume_on_a_full_disk(tiny, tmp_path, cli
     monkeypatch.setattr(artifact, "save_model", full)
     code, _, err = cli("distill", "--out", run, "--resume", "--no-progress")
     _full_disk_error(code, err, run)
-    assert load_checkpoint(run)["step"] == 4 and not (run / "config.json").exists() and _hidden(run) == []
+    assert load_checkpoint(run)["step"] == 4 and not (run / "dgmr.json").exists() and _hidden(run) == []
     monkeypatch.undo()
     # space again: the resumed run only exports, and still reports the run's final loss
     code, out, err = cli("distill", "--out", run, "--resume", "--no-progress", "--json")
@@ -116,7 +116,7 @@ def test_distill_checkpoint_export_and_resume_on_a_full_disk(tiny, tmp_path, cli
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert summary["final_loss"] == rows[-1]["loss"] and summary["first_loss"] == rows[1]["loss"]
-    assert json.loads((run / "config.json").read_text())["distill"]["final_loss"] == rows[-1]["loss"]
+    assert json.loads((run / "dgmr.json").read_text())["distill"]["final_loss"] == rows[-1]["loss"]
 
 
 def test_write_json_on_a_full_disk(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from dgmr.distill import distill
 from dgmr.core.errors import DgmrError
 from dgmr.evaluate import save_result
 from dgmr.report import render_report
-from dgmr.io.output import lock_path, output_lock, refuse_overlap
+from dgmr.io.output import lock_path, output_lock, refuse_overlap, run_token
 
 from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC, tiny_run_inputs
 
@@ -155,7 +155,7 @@ def test_distill_lock_resume_refused_then_released(tiny, tmp_path, cli, holder):
     p = holder(run)
     _refused(*cli("distill", "--out", run, "--resume", "--steps", "3")[::2], f"pid {p.pid}")
     _refused(*cli(*_distill_argv(tiny, run, "--overwrite"))[::2], f"pid {p.pid}")
-    assert (run / "checkpoint.pt").is_file() and (run / "config.json").is_file()
+    assert (run / "checkpoint.pt").is_file() and (run / "dgmr.json").is_file()
     p.kill()
     p.wait()
     code, _, err = cli(*_distill_argv(tiny, run, "--overwrite"))
@@ -167,7 +167,7 @@ def test_lock_unit(tmp_path, holder):
     out = tmp_path / "deep" / "out"
     with pytest.raises(KeyboardInterrupt):
         with output_lock(out):
-            assert lock_path(out).read_text().strip() == str(os.getpid())
+            assert lock_path(out).read_text().strip() == f"{os.getpid()} {run_token()}"  # the holder's pid and run token
             with output_lock(out):  # re-entrant in one process (atomic_dir inside a command's lock)
                 pass
             raise KeyboardInterrupt

@@ -118,16 +118,14 @@ def test_heads_cut_save_load(case, cfgdir, tmp_path):
 
 
 def _native(case, out, cfg, x):
+    """The recorded load line, run as printed: the output is a model repository of its library
+    (timm's hub config.json, transformers' config.json beside the weights at the top)."""
+    scope = {}
+    exec("import timm, transformers", scope)
+    m = eval(cfg["native_export"]["load"].replace("DIR", str(out)), scope).eval()
     if case.family == "timm":
-        import timm
-
-        tc = json.loads((out / "timm_config.json").read_text())
-        m = timm.create_model(tc["model_name"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), **tc["kwargs"])
-        return m.eval()(x)
-    import transformers
-
-    m = getattr(transformers, cfg["class"]).from_pretrained(out / "hf").eval()
+        assert json.loads((out / "config.json").read_text())["model_args"]["num_heads"]  # hub format
+        return m(x)
     return output(family_of(m), m, x)
 
 
@@ -188,16 +186,21 @@ def test_timm_attention_variants(make):
     """timm's gated, scale-normed and rope attention (built directly: no timm model takes all of
     them): the kept rows are the original's, the forward runs, and without a width norm removing
     heads equals zeroing their values."""
+    import timm
     from timm.layers import Attention, AttentionRope
     from timm.models.eva import EvaAttention
 
     torch.manual_seed(0)
-    module = {"gated": lambda: Attention(32, 4, qkv_bias=True, gated=True, qk_norm=True, norm_layer=nn.LayerNorm),
+    make_module = {"gated": lambda: Attention(32, 4, qkv_bias=True, gated=True, qk_norm=True, norm_layer=nn.LayerNorm),
               "gated_scale_norm": lambda: Attention(32, 4, gated=True, scale_norm=True, norm_layer=nn.LayerNorm),
               "rope_split": lambda: AttentionRope(32, 4, qkv_fused=False, num_prefix_tokens=0),
               "rope_fused_gated": lambda: AttentionRope(32, 4, gated=True, num_prefix_tokens=0),
               "eva_gated": lambda: EvaAttention(32, 4, qkv_fused=True, gated=True, scale_norm=False,
-                                                num_prefix_tokens=0)}[make]()
+                                                num_prefix_tokens=0)}[make]
+    try:
+        module = make_module()
+    except TypeError as e:  # a layout the oldest supported timm does not have: nothing to cut there
+        pytest.skip(f"timm {timm.__version__} has no such attention: {e}")
     with torch.no_grad():
         for p in module.parameters():
             p.normal_()
@@ -317,7 +320,7 @@ def test_vit_small_r1_three_heads_is_removal(tmp_path, cli):
     assert code == 0, err
     a, b = dgmr.load(tmp_path / "cli").state_dict(), model.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
-    assert json.loads((tmp_path / "cli" / "config.json").read_text())["params_after"] == 7_874_152
+    assert json.loads((tmp_path / "cli" / "dgmr.json").read_text())["params_after"] == 7_874_152
 
 
 # -- bad input: one line, exit 2, model whole ---------------------------------------------
@@ -344,7 +347,12 @@ def test_bad_head_requests_leave_the_model_whole(kwargs, match, cfgdir):
 
 @pytest.mark.parametrize("case", REFUSED_HEAD_CASES, ids=lambda c: c.id)
 def test_layouts_dgmr_cannot_cut_are_refused(case, cfgdir):
-    model, src = build(case, cfgdir)
+    try:
+        model, src = build(case, cfgdir)
+    except dgmr.DgmrError as e:  # a layout the oldest supported timm does not have (num_kv_heads)
+        if "unexpected keyword argument" not in str(e):
+            raise
+        pytest.skip(str(e))
     before = _state(model)
     with pytest.raises(dgmr.DgmrError, match="grouped-query|shared by all blocks"):
         dgmr.prune(model, mlp_ratio=1, heads=1, progress=False, source=src)
@@ -432,7 +440,7 @@ def test_stream_and_import_cut_heads_like_prune(case_id, cfgdir, tmp_path):
     assert all(torch.equal(kept[n], k) for n, k in rec.kept_heads.items())
     dgmr.save(pruned, tmp_path / "mem", source=src, native=False)
     dgmr.import_checkpoint(src, tmp_path / "mem" / "model.safetensors", tmp_path / "imported", native=False)
-    cfg = json.loads((tmp_path / "imported" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "imported" / "dgmr.json").read_text())
     assert set(cfg["heads"].values()) == {1}
     c = dgmr.load(tmp_path / "imported").state_dict()
     assert all(torch.equal(c[k], b[k]) for k in b)

@@ -97,11 +97,11 @@ def test_open_clip_pth_nested_with_module_prefix(tmp_path, cli):
     assert res["checkpoint_format"] == "torch pickle" and res["criterion"] == "unknown"
     assert res["hidden_after"] == sorted({s.hidden for s in family_of(model).mlps(model)})
     same_forward(model, tmp_path / "imp", case.image_size)
-    cfg = json.loads((tmp_path / "imp" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "imp" / "dgmr.json").read_text())
     assert cfg["imported_from"] == {"checkpoint": str(ckpt), "format": "torch pickle", "nested_under": "model",
                                     "prefix_removed": "module."}
     assert cfg["prune"]["criterion"] == "unknown" and cfg["prune"]["kept_indices"] == "unknown"
-    assert not (tmp_path / "imp" / "kept_indices.safetensors").exists()
+    assert not list((tmp_path / "imp").rglob("kept_indices.safetensors"))
     assert (tmp_path / "imp" / "model.safetensors").is_file()
 
 
@@ -312,7 +312,7 @@ def test_hf_uniform_width_writes_the_transformers_layout(tmp_path):
     res = import_checkpoint(src, save_st(model.state_dict(), tmp_path / "c.safetensors"), tmp_path / "imp")
     assert res["hidden_after"] == [40] and "from_pretrained" in res["native_export"]
     same_forward(model, tmp_path / "imp", case.image_size)
-    hf = transformers.CLIPModel.from_pretrained(tmp_path / "imp" / "hf")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "imp")
     assert hf.config.vision_config.intermediate_size == 40
 
 

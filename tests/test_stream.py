@@ -76,25 +76,24 @@ def test_streaming_equals_in_memory_prune_bit_for_bit(case, tmp_path):
     res = stream_prune(src.spec, index, tmp_path / "stream", hidden=k,
                        model_kwargs=src.kwargs, shard_size=40_000, progress=False)
     out = tmp_path / "stream"
-    cfg = json.loads((out / "config.json").read_text())
-    # transformers reads its shards beside its own config (hf/); dgmr finds them through config.json
-    # (HF Dinov2 SwiGLU cannot express this width in its config: shards at the top)
-    assert cfg["stream"]["layout"] == {"hf_clip": "hf", "hf_dinov2_swiglu": "shards"}.get(case.id, "shards")
-    where = "hf/" if case.id == "hf_clip" else ""
-    assert cfg["weights"] == f"{where}model.safetensors.index.json" and res["files"] > 2
+    cfg = json.loads((out / "dgmr.json").read_text())
+    # shards at the top, where transformers reads them beside its config.json (when one can say the widths)
+    assert cfg["stream"]["layout"] == "shards"
+    assert cfg["weights"] == "model.safetensors.index.json" and res["files"] > 2
+    assert (out / "config.json").is_file() == (case.id == "hf_clip")
     assert res["hidden_after"] == [k] and res["mlp_layers"] == len(sites)
     got = load(out)
     same_state(got, load(tmp_path / "mem"))
     mem_kept, st_kept = load_kept_indices(tmp_path / "mem"), load_kept_indices(out)
     assert mem_kept.keys() == st_kept.keys() and all(torch.equal(mem_kept[n], st_kept[n]) for n in mem_kept)
-    assert cfg["format"] == "dgmr" and cfg["widths"] == json.loads((tmp_path / "mem" / "config.json").read_text())["widths"]
+    assert cfg["format"] == "dgmr" and cfg["widths"] == json.loads((tmp_path / "mem" / "dgmr.json").read_text())["widths"]
     assert res["params_after"] == sum(p.numel() for p in family_of(got).vision_root(got)[1].parameters())
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in STREAM_CASES], ids=lambda c: c.id)
 def test_streaming_output_opens_in_the_source_library(case, tmp_path):
     """Default layout: one streamed model.safetensors for timm/open_clip (their loaders read
-    one file), shards in hf/ beside a transformers config for Hugging Face models."""
+    one file), shards beside transformers' config.json for Hugging Face models."""
     from test_families import _native, _x
 
     model, src = build(case, tmp_path)
@@ -103,9 +102,9 @@ def test_streaming_output_opens_in_the_source_library(case, tmp_path):
                        else None, hidden=64 if "dinov2" in case.id and case.family == "hf" else None,
                        model_kwargs=src.kwargs, progress=False)
     out = tmp_path / "out"
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "dgmr.json").read_text())
     got = load(out)
-    assert cfg["stream"]["layout"] == ("hf" if case.family == "hf" else "file")
+    assert cfg["stream"]["layout"] == ("shards" if case.family == "hf" else "file")
     if case.id == "open_clip_timm_tower":  # timm reads the trunk from the one file itself: no copy
         assert cfg["native_export"]["weights"] == "model.safetensors"
         assert sorted(p.name for p in (out / "timm_trunk").iterdir()) == ["timm_config.json"]
@@ -161,7 +160,7 @@ def test_timm_tower_checkpoint_opens_in_timm(tmp_path):
     res = stream_prune(src.spec, tmp_path / "w.safetensors", tmp_path / "out", mlp_ratio=1.0,
                        model_kwargs=src.kwargs, progress=False)
     assert res["weights_scope"] == "visual" and "timm.create_model" in res["native_export"]
-    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "out" / "dgmr.json").read_text())
     assert cfg["native_export"]["weights"] == "model.safetensors"
     ref, _ = dgmr.prune(copy.deepcopy(model), mlp_ratio=1.0, progress=False)
     with torch.no_grad():
@@ -222,9 +221,7 @@ def test_cli_single_file_output_and_native_timm_export(tmp_path, capsys):
     # timm's own loader reads the single file with the recorded mlp_ratio
     import timm
 
-    tcfg = json.loads((out / "timm_config.json").read_text())
-    native = timm.create_model(tcfg["model_name"], pretrained=True, **tcfg["kwargs"],
-                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    native = timm.create_model(f"local-dir:{out}", pretrained=True)
     same_state(native.to(torch.bfloat16), ref)
 
 
@@ -303,7 +300,7 @@ def test_bad_flags(tmp_path, capsys):
                                    "--mlp-ratio", "1", "--shard-size", "1GB", "--out", str(tmp_path / "out")], capsys)
     rc = main(argv_for(w, tmp_path / "sharded", "--shard-size", "100KB", "--json"))
     assert rc == 0 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    assert "skipped" in json.loads((tmp_path / "sharded" / "config.json").read_text())["native_export"]
+    assert "skipped" in json.loads((tmp_path / "sharded" / "dgmr.json").read_text())["native_export"]
     no_output(tmp_path)
     assert parse_size("3GB") == 3_000_000_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size("800M") == 800_000_000
 

@@ -149,8 +149,10 @@ CASES: list[Case] = [
          attention=("timm_eva",)),
     Case("timm_eva02_swiglu_norm", "timm", 28, lambda t: _src("timm:eva02_tiny_patch14_224", dict(
         img_size=28, depth=2, scale_mlp=True)), ("swiglu_split",), attention=("timm_eva",)),
+    # two blocks in the first stage (14 x 14 tokens, windows of 7): the second shifts its windows,
+    # which gives it the attn_mask buffer timm builds from a parameter's device (meta, in dgmr.load)
     Case("timm_swin", "timm", 56, lambda t: _src("timm:swin_tiny_patch4_window7_224", dict(
-        img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7)), ("fc1_fc2",),
+        img_size=56, embed_dim=24, depths=(2, 1), num_heads=(1, 2), window_size=7)), ("fc1_fc2",),
          attention=("timm_window",), native_heads=True),
     Case("timm_convnext_conv_mlp", "timm", 32, lambda t: _src("timm:convnext_atto", dict(TINY_CONVNEXT, conv_mlp=True)),
          ("conv1x1",), native=False),

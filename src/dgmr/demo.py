@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
+import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core.errors import DgmrError
-from .models.artifact import load, save, write_json
+from .core.errors import DgmrError, Preempted, Terminated
+from .io.output import atomic_path, check_path_length, write_text
+from .models.artifact import load, read_config, save, write_json
 from .models.families import family_of
-from .models.sources import Source, build_model
+from .models.sources import Source, build_model, is_dgmr_dir
 from .prune import prune
 from .report.demo import render_markdown
 from .report.plots import plot_demo_accuracy_vs_flops, plot_student_recovery
@@ -174,8 +175,8 @@ def cached_teacher(data: dict[str, torch.Tensor], s: DemoSettings, progress: boo
     tdir = Path(s.out) / "teacher"
     recipe = {"seed": s.seed, "epochs": s.teacher_epochs, "lr": s.teacher_lr, "batch": s.teacher_batch,
               "arch": teacher_source().to_dict()}
-    if (tdir / "config.json").is_file():
-        cfg = json.loads((tdir / "config.json").read_text())
+    if is_dgmr_dir(tdir):
+        cfg = read_config(tdir)
         if cfg.get("demo_teacher", {}).get("recipe") == recipe:
             return load(tdir), teacher_source(), {**cfg["demo_teacher"]["info"], "cached": True}
     model, info = train_teacher(data, s, progress)
@@ -297,9 +298,13 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
     """Run the demo into ``out``; returns the results dict also written to ``out/results.json``."""
     s = settings or DemoSettings.make(out, seed, quick)
     outp = Path(s.out)
+    check_path_length(outp)
     if outp.exists() and not outp.is_dir():
         raise DgmrError(f"output {outp} exists and is not a directory")
-    outp.mkdir(parents=True, exist_ok=True)
+    try:
+        outp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DgmrError(f"cannot create {outp}: {e.strerror or e}") from None
     with _threads(s.threads):
         return _run(s, outp, progress)
 
@@ -326,8 +331,11 @@ def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: So
             curve.append({"step": info["step"], **score(student, data)})
 
     run_dir = outp / "students" / job.name
-    summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
-                      on_step=on_step, student_source=src, **distill_settings(s, job.seed))
+    try:
+        summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
+                          on_step=on_step, student_source=src, **distill_settings(s, job.seed))
+    except Preempted as e:  # its models are in memory: no --resume to offer; stopped like any other command
+        raise Terminated(e.signum or signal.SIGTERM) from None
     exported = summary["exported"]["step"]
     after = next((c for c in curve if c["step"] == exported), None)
     if after is None:  # a step kNN was not scored at: the exported weights count as scored there too
@@ -397,9 +405,11 @@ def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
     results["checks"] = demo_checks(results)
     write_json(outp / "results.json", results)
     write_json(outp / "curves.json", curves)
-    plot_student_recovery(curves, outp / "recovery.png", teacher_scores["knn_top1"], KNN_CLOSE, KNN_K)
-    plot_demo_accuracy_vs_flops(results, outp / "accuracy_vs_flops.png")
-    (outp / "report.md").write_text(render_markdown(results))
+    with atomic_path(outp / "recovery.png", "a plot") as tmp:  # the temporary name keeps .png: matplotlib's format
+        plot_student_recovery(curves, tmp, teacher_scores["knn_top1"], KNN_CLOSE, KNN_K)
+    with atomic_path(outp / "accuracy_vs_flops.png", "a plot") as tmp:
+        plot_demo_accuracy_vs_flops(results, tmp)
+    write_text(outp / "report.md", render_markdown(results))
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(outp / "results.json", results)
     return results

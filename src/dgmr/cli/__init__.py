@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import warnings
 from typing import Any, Sequence
 
 from ..core.errors import (
@@ -29,7 +30,8 @@ from ..core.signals import STOP_SIGNALS, handling
 from ..core.version import __version__
 
 # modules that add sub-commands (each has register(subparsers))
-COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.imports", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.demo")
+COMMAND_MODULES = ("dgmr.cli.prune", "dgmr.cli.imports", "dgmr.cli.distill", "dgmr.cli.eval", "dgmr.cli.card",
+                   "dgmr.cli.demo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = parse(parser, argv)  # inside: an argument type may raise DgmrError (cli.args.finite_number)
-        with _sigterm_raises():
+        with _sigterm_raises(), _one_line_warnings():
             result = args.func(args)
     except Preempted as e:
         print(f"dgmr: stopped: {_printable(e)}", file=sys.stderr)
@@ -139,3 +141,20 @@ def _sigterm_raises():
 
     with handling(STOP_SIGNALS, handler):
         yield
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """A printed warning is one ``dgmr: warning: ...`` line on stderr (Python's own format adds
+    the file, line and source of the call). Only the format changes: code that records
+    warnings (a test) still gets them."""
+    before = warnings.formatwarning
+
+    def one_line(message: Warning | str, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+        return f"dgmr: warning: {_printable(str(message))}\n"
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before

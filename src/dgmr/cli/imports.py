@@ -20,12 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import", help="make a dgmr directory from a checkpoint whose MLPs were pruned elsewhere",
         description="Read a state dict with narrower MLPs (e.g. the DGMR paper's released distill.pth files) and "
-                    "write it as a dgmr directory, exactly as `dgmr prune` would: model.safetensors, config.json "
-                    "and the source library's own format. SPEC names the original architecture; each MLP's hidden "
+                    "write it as a dgmr directory, exactly as `dgmr prune` would: model.safetensors, the "
+                    "source library's own config files, dgmr.json and a model card. SPEC names the original architecture; each MLP's hidden "
                     "width is read from the tensor shapes. Names in the library's convention, or in a naming its "
                     "checkpoint filter converts (timm: original EVA-CLIP `mlp.w1/w2/w3/ffn_ln`, original DINOv2 "
                     "`mlp.w12/w3`, open_clip), are accepted; a whole model or the vision tower alone. The criterion "
-                    "and the kept neuron indices are unknown: no kept_indices.safetensors is written and config.json "
+                    "and the kept neuron indices are unknown: no kept indices are written and dgmr.json "
                     "records criterion 'unknown' and where the weights came from ('imported_from'). Pickles are "
                     "read only with torch.load(weights_only=True), memory-mapped; one that would run code is refused.")
     p.add_argument("spec", metavar="SPEC", help="the original architecture: timm:NAME, open_clip:ARCH or hf:REPO_OR_DIR "

@@ -68,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune every MLP of a vision tower (weights-only; --calibration refits on images)",
                        description="Keep the most diverse hidden neurons of every MLP (greedy Gram-Schmidt on "
                                    "fc1), and with --heads the most diverse attention heads, and save the smaller "
-                                   "model as model.safetensors + config.json, plus the source library's own format.")
+                                   "model as a model repository of its library (model.safetensors beside the "
+                                   "library's config files), with dgmr's record (dgmr.json) and a model card "
+                                   "(README.md).")
     add_model_args(p)
     add_settings(p, PruneSettings)
     p.add_argument("--out", required=True, help="output directory")

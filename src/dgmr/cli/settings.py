@@ -120,8 +120,18 @@ def add_settings(p: argparse.ArgumentParser, cls: type, group: str | None = None
             if name not in exclusive:
                 exclusive[name] = groups[title].add_mutually_exclusive_group()
             target = exclusive[name]
+        shared = p._option_string_actions.get(flag(f))
+        if shared is not None:  # one flag for a setting two dataclasses share (eval linear's --seed)
+            if _default(f) != _shared_default(p, shared):
+                raise ValueError(f"{flag(f)}: {cls.__name__} and another settings class differ in its default")
+            continue
         add_setting(target, f, hints[f.name])
+        p._option_string_actions[flag(f)].dgmr_default = _default(f)  # type: ignore[attr-defined]
     return groups
+
+
+def _shared_default(p: argparse.ArgumentParser, action: argparse.Action) -> Any:
+    return getattr(action, "dgmr_default", dataclasses.MISSING)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

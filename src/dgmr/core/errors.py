@@ -19,8 +19,18 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM outside distill's training loop (128 + SIGTERM): temporary output removed
 
 
+class OutOfMemory(DgmrError):
+    """A step ran out of memory (:func:`dgmr.core.memory.out_of_memory`): the message names the
+    layer and the memory it needs."""
+
+
 class Preempted(DgmrError):
-    """distill stopped on a signal after finishing its step and writing a checkpoint."""
+    """distill stopped on a signal after finishing its step and writing a checkpoint;
+    ``signum`` is the signal (None: another rank's)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class Terminated(BaseException):

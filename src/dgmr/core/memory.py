@@ -1,12 +1,17 @@
-"""Peak resident memory of this process, sampled by a background thread."""
+"""Memory: the peak resident set of this process (sampled by a background thread), giving freed
+pages back, and one error line for running out of it."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import re
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
+
+from .errors import OutOfMemory, first_line
 
 
 class PeakRss:
@@ -55,3 +60,48 @@ def release_freed() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """MemoryError (numpy, scipy, Python), torch's CUDA OutOfMemoryError, or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()
+                                            or "Cannot allocate memory" in text)
+
+
+def byte_size(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+_TRIED = re.compile(r"tried to allocate ([0-9.]+) ?(bytes|[KMGT]iB)", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def out_of_memory(what: str, needed: int | None = None, *, layer: str | None = None) -> Iterator[None]:
+    """Running out of memory in the block is one :class:`OutOfMemory` line instead of a
+    traceback: "LAYER: out of memory WHAT: it needs about NEEDED (an allocation of N failed)".
+    ``needed`` is the caller's estimate in bytes; an :class:`OutOfMemory` from deeper down gets
+    ``layer`` in front."""
+    try:
+        yield
+    except OutOfMemory as e:
+        if layer is None or str(e).startswith(f"{layer}: "):
+            raise
+        raise OutOfMemory(f"{layer}: {e}") from None
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        tried = _TRIED.search(str(e))
+        failed = f"{tried.group(1)} {tried.group(2)}" if tried else None
+        if failed and failed.endswith("bytes"):
+            failed = byte_size(float(tried.group(1)))
+        need = f"it needs about {byte_size(needed)}" if needed else "not enough memory"
+        raise OutOfMemory(f"{layer + ': ' if layer else ''}out of memory {what}: {need}"
+                          + (f" (an allocation of {failed} failed)" if failed else f" ({first_line(e)[:120]})")
+                          + "; free memory, or run it where there is more") from None

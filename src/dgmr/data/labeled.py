@@ -6,6 +6,8 @@ import csv
 import hashlib
 import json
 import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,11 +18,46 @@ from torch.utils.data import Dataset
 
 from ..core.errors import DgmrError
 from ..io.files import read_text_file
-from ..io.images import IMAGE_EXTENSIONS, UnreadableImage, open_image
+from ..io.images import IMAGE_EXTENSIONS, UnreadableImage, open_image, printable
 
 
 def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _images_in(d: Path) -> tuple[list[Path], list[str]]:
+    """(the image files under ``d``, "name: what it is" of each entry named like an image that is
+    no regular file: a dangling link, a device, a FIFO or a socket; never opened)."""
+    files, skipped = [], []
+    for p in sorted(d.rglob("*")):
+        if not _is_image(p) or p.is_dir():
+            continue
+        if p.is_file():
+            files.append(p)
+        else:
+            skipped.append(f"{printable(str(p))}: {_what(p)}")
+    return files, skipped
+
+
+def _what(p: Path) -> str:
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return "a dangling symbolic link" if p.is_symlink() else "unreadable"
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def _stat(p: Path) -> os.stat_result:
+    """The file's stat for a listing digest; a dangling link's own (its read fails later, with the reason)."""
+    try:
+        return p.stat()
+    except OSError:
+        try:
+            return p.lstat()
+        except OSError as e:
+            raise DgmrError(f"cannot read image {p}: {e.strerror or e}") from None
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -49,9 +86,14 @@ class ImageFolderSplit(Dataset):
         if unknown:
             raise DgmrError(f"{self.root} has class {unknown[0]!r} that the training split does not have")
         self.samples: list[tuple[Path, int]] = []
+        self.skipped: list[str] = []  # entries named like images that are no regular files, with why
         for c in found:
-            files = sorted(p for p in (self.root / c).rglob("*") if p.is_file() and _is_image(p))
+            files, skipped = _images_in(self.root / c)
             self.samples += [(p, index[c]) for p in files]
+            self.skipped += skipped
+        if self.skipped:
+            warnings.warn(f"{self.root}: skipped {len(self.skipped)} entries named like images that are not regular "
+                          f"files ({'; '.join(self.skipped[:3])}{' ...' if len(self.skipped) > 3 else ''})")
         if not self.samples:
             raise DgmrError(f"{self.root} is an empty split: no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
         self.transform = transform
@@ -72,7 +114,7 @@ class ImageFolderSplit(Dataset):
         """Hash of the listing (relative paths, sizes, mtimes, labels): part of the cache key."""
         h = hashlib.sha256()
         for p, y in self.samples:
-            st = p.stat()
+            st = _stat(p)
             # surrogateescape: a file name that is not UTF-8 hashes as its own bytes
             h.update(f"{p.relative_to(self.root)}\t{st.st_size}\t{st.st_mtime_ns}\t{y}\n".encode("utf-8", "surrogateescape"))
         h.update(json.dumps(self.classes).encode())
@@ -99,7 +141,7 @@ class ImageListDataset(Dataset):
     def listing_digest(self) -> str:
         h = hashlib.sha256()
         for p in self.paths:
-            st = p.stat()
+            st = _stat(p)
             h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 

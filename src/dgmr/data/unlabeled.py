@@ -303,7 +303,10 @@ def resolve_data(data: Any) -> DataSource:
     spec = str(data)
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+        # every entry but directories: a dangling link or a device named like an image is listed, and
+        # its read fails with the reason (counted with the unreadable images), never skipped unseen
+        files = sorted(p for p in path.rglob("*") if not p.is_dir()
+                       and not any(s.startswith(".") for s in p.relative_to(path).parts))
         images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         if images:
             return DataSource("files", images, f"{len(images)} images under {spec}", len(images), len(files) - len(images))

@@ -9,6 +9,7 @@ import torch
 
 from ..core import dist as D
 from ..core.errors import DgmrError
+from ..core.signals import ignore_stop_signals
 from ..data.unlabeled import DataSource, ImageDataset, RunSampler, ShardImages, TrainTransform, collate
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class Loader:
         # restores from the checkpoint (else dropout/drop-path draws shift by one after a resume)
         common = dict(batch_size=s.batch_size, collate_fn=collate, num_workers=self.workers, pin_memory=self.pin,
                       drop_last=True, generator=torch.Generator().manual_seed(s.seed),
-                      worker_init_fn=_ignore_stop_signals if self.workers > 0 else None)
+                      worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
         if self.source.kind == "shards":
             ds = ShardImages(self.source.items, self.transform, seed=s.seed, rank=info.rank, world=info.world,
                              batch_size=s.batch_size, skip_batches=start_micro, exclude=self.source.exclude)
@@ -72,16 +73,6 @@ class Loader:
                 if readable == 0 and start_micro <= (epoch * per_epoch):
                     raise DgmrError(f"no readable images in {self.source.description}")
                 epoch, skip, readable = epoch + 1, 0, 0
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGUSR1: SLURM signals every process of the job, and a
-    worker dying of it would fail the main process before it can write its checkpoint. A
-    worker still ends with the main process (the loader's shutdown, or its parent watchdog)."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def default_workers(source: DataSource, info: D.DistInfo) -> int:

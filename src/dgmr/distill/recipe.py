@@ -36,6 +36,7 @@ from ..core.errors import DgmrError, Preempted
 from ..data.unlabeled import DataSource, TrainTransform, resolve_data
 from ..io.images import printable
 from ..io.output import write_json
+from ..models.artifact import load_kept_indices
 from ..models.families import Family
 from ..models.preprocess import eval_transform
 from ..models.sources import Source
@@ -213,6 +214,8 @@ class DistillRecipe:
         self.s_src = s_src or self.student_source
         student_is_dir = isinstance(self.student, (str, os.PathLike)) and self.s_cfg is not None
         self.student_dir = Path(self.student) if student_is_dir else None
+        if self.student_dir is not None:  # before training: the export copies it into the run
+            load_kept_indices(self.student_dir)
         self.family = check_pair(self.t_model, self.s_model)
         self.export_dtype = next(self.s_model.parameters()).dtype
         self.dcfg = self.family.data_config(self.t_model)
@@ -408,7 +411,8 @@ class DistillRecipe:
             self.save_checkpoint()
         self.ckpt_writer.wait()
         raise Preempted(f"{self.signals.name()} after step {st.step} of {self.total}: checkpoint "
-                        f"{self.out / CHECKPOINT} written; continue with: dgmr distill --out {self.out} --resume")
+                        f"{self.out / CHECKPOINT} written; continue with: dgmr distill --out {self.out} --resume",
+                        self.signals.received)
 
     def train_step(self, batches: Iterator[tuple[int, torch.Tensor | None, list[str]]]
                    ) -> tuple[float, float, torch.Tensor | None]:
@@ -589,8 +593,7 @@ class DistillRecipe:
                 self.best.put_into(full_state)
             else:  # a student module given in place ends holding what is exported
                 self.best.load_into(self.s_model)
-        model = unsharded_copy(self.shell, full_state) if self.sharded else self.s_model
-        model = model.cpu()
+        model = (unsharded_copy(self.shell, full_state) if self.sharded else self.s_model).cpu()
         info = {k: summary[k] for k in ("teacher", "steps", "final_loss", "images_seen", "global_batch", "ema",
                                         "exported")}
         cfg = export_student(model, self.out, self.s_src, self.s_cfg, self.export_dtype, info, self.student_dir)

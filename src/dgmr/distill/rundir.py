@@ -6,7 +6,7 @@ A run directory holds::
     metrics.jsonl      one JSON line per logged step (step 0: the val_loss before training)
     checkpoint.pt      latest checkpoint (atomic; loaded with torch.load(weights_only=True))
     summary.json       what :func:`~dgmr.distill.distill` returned
-    model.safetensors + config.json (+ the library's own format)   the final student, as ``dgmr prune`` writes it
+    model.safetensors + dgmr.json + README.md (+ the library's own files)   the final student, as ``dgmr prune`` writes it
 
 :class:`RunDir` checks and creates it (rank 0 decides, every rank raises the same error) and
 holds its output lock; :func:`resume_settings` and :func:`resumed_inputs` are the rules a
@@ -29,9 +29,10 @@ from ..core import dist as D
 from ..core.errors import DgmrError
 from ..data.unlabeled import DataSource, data_paths
 from ..io import schema
-from ..io.output import atomic_path, check_output_dir, output_lock, refuse_overlap, remove_stale_temps, storage_error
+from ..io.output import (atomic_path, check_output_dir, output_lock, refuse_overlap, remove_stale_temps,
+                         storage_error, sync_dir)
 from ..io.schema import metrics_row
-from ..models.artifact import CONFIG, INDICES, save
+from ..models.artifact import CONFIG, copy_kept_indices, save
 from ..models.families import family_of
 from ..models.open import model_path
 from ..models.sources import Source, is_dgmr_dir
@@ -79,9 +80,8 @@ class RunDir:
                 else:
                     check_output_dir(out, self.overwrite)
                     if create:
-                        if out.is_dir():
-                            shutil.rmtree(out)
-                        out.mkdir(parents=True)
+                        _clear(out)
+                        out.mkdir(parents=True, exist_ok=True)
             except DgmrError as e:
                 err = str(e)
             except OSError as e:
@@ -101,6 +101,20 @@ class RunDir:
         """The run's run_config.json, checked by :func:`dgmr.io.schema.run_config`."""
         path = self.out / RUN_CONFIG
         return schema.run_config(schema.read_json_file(path, "the run's settings"), str(path))
+
+
+def _clear(out: Path) -> None:
+    """Empty ``out`` for a new run: a mount point (a container volume) cannot be removed, its content can."""
+    if not out.is_dir():
+        return
+    if not os.path.ismount(out):
+        shutil.rmtree(out)
+        return
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def resume_settings(saved: dict[str, Any], config: str | os.PathLike | dict[str, Any] | None,
@@ -352,8 +366,8 @@ def unreadable_report(state: TrainState, threshold: float) -> dict[str, Any]:
 
 def export_student(student: nn.Module, out: Path, src: Source | None, student_cfg: dict | None, dtype: torch.dtype,
                    distill_info: dict[str, Any], student_dir: Path | None) -> dict[str, Any]:
-    """Write the student into ``out`` as ``dgmr prune`` does (config.json written last, so a
-    directory with a config.json is a complete model)."""
+    """Write the student into ``out`` as ``dgmr prune`` does (dgmr.json written last, so a
+    directory with a dgmr.json is a complete model)."""
     student = student.to(dtype)
     family = family_of(student)
     extra: dict[str, Any] = {"distill": distill_info, "params_after": family.vision_params(student)}
@@ -365,8 +379,8 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         config = save(student, tmp, source=src, record=None, extra=extra)
-        if student_dir is not None and (student_dir / INDICES).is_file():
-            shutil.copy2(student_dir / INDICES, tmp / INDICES)
+        if student_dir is not None:
+            copy_kept_indices(student_dir, tmp)  # checked when the run started
     except BaseException as e:  # a full disk (save raised one DgmrError), a signal: no half export left
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -379,4 +393,5 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
             shutil.rmtree(dst)
         os.replace(tmp / name, dst)
     tmp.rmdir()
+    sync_dir(out)
     return config

@@ -62,7 +62,7 @@ def checkpoint_dict(*, step: int, epoch: int, images_seen: int, unreadable: list
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """A kill or a full disk mid-write leaves the previous file intact and no temporary file
-    (but a SIGKILL leaves ``.checkpoint.pt.tmp-<pid>``: :func:`~dgmr.io.output.remove_stale_temps`)."""
+    (but a SIGKILL leaves ``.checkpoint.pt.tmp-<pid>-...``: :func:`~dgmr.io.output.remove_stale_temps`)."""
     with atomic_path(path, "the checkpoint") as tmp:
         torch.save(obj, tmp)
 

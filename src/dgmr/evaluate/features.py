@@ -12,6 +12,7 @@ and k sweeps never re-extract.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,14 +21,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..core import dist as D
-from ..core.errors import DgmrError
+from ..core.errors import DgmrError, first_line
+from ..core.signals import ignore_stop_signals
 from ..io.output import atomic_path
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -89,7 +91,8 @@ def extract_features(
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     feats, labels, idxs = [], [], []
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     for x, y, i in tqdm(_batches(loader), desc=desc, disable=not progress or rank != 0, leave=False):
@@ -137,12 +140,54 @@ def _batches(loader: DataLoader):
         except DgmrError as e:  # workers re-raise with the worker traceback in the message
             lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
             raise DgmrError(lines[-1].split("DgmrError: ", 1)[-1] if lines else "data loading failed") from None
+        except (OSError, RuntimeError) as e:
+            if not _too_many_files(e):
+                raise
+            raise DgmrError(f"too many open files while reading the images (the limit is {_open_files_limit()}, "
+                            f"ulimit -n): raise it (ulimit -n 65536), or pass fewer --workers "
+                            f"({loader.num_workers} now; each batch a worker hands over holds file descriptors)") from None
         yield batch
 
 
+def _too_many_files(e: BaseException) -> bool:
+    """EMFILE, or how a DataLoader reports it ("Too many open files. Communication with the workers ...")."""
+    return getattr(e, "errno", None) == errno.EMFILE or "Too many open files" in str(e)
+
+
+def _open_files_limit() -> str:
+    try:
+        import resource
+
+        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError, ValueError):
+        return "unknown"
+
+
+KEY_FIELD = "dgmr_cache_key"  # the metadata field naming the key an entry was written for
+
+
+def check_entry(d: dict[str, torch.Tensor], claimed: str | None, key: str, n: int | None = None) -> None:
+    """Raise ValueError unless a cache entry is what :meth:`FeatureCache.put` writes for ``key``:
+    the key it claims, float32 features (N, D) of finite values, int64 labels (N,), N = ``n``."""
+    if claimed != key:
+        raise ValueError(f"it claims the key {claimed!r}" if claimed else "it records no key")
+    f, y = d.get("features"), d.get("labels")
+    if f is None or y is None or set(d) != {"features", "labels"}:
+        raise ValueError(f"it holds {sorted(d)}, not features and labels")
+    if f.dtype != torch.float32 or y.dtype != torch.int64:
+        raise ValueError(f"features are {f.dtype}, labels {y.dtype} (float32, int64 expected)")
+    if f.ndim != 2 or y.ndim != 1 or f.shape[0] != y.shape[0] or f.shape[1] == 0 or (n is not None and len(y) != n):
+        raise ValueError(f"features of shape {tuple(f.shape)}, labels of shape {tuple(y.shape)}"
+                         + (f" for {n} images" if n is not None else ""))
+    bad = int((~torch.isfinite(f)).sum())
+    if bad:
+        raise ValueError(f"{bad} NaN or infinite feature values")
+
+
 class FeatureCache:
-    """Features on disk as safetensors, keyed by a hash; writes are atomic (temp + rename)
-    and only rank 0 writes. ``FeatureCache(None)`` caches nothing."""
+    """Features on disk as safetensors, keyed by a hash; writes are atomic and durable
+    (:func:`~dgmr.io.output.atomic_path`) and only rank 0 writes; each entry is checked when read
+    (:func:`check_entry`). ``FeatureCache(None)`` caches nothing."""
 
     def __init__(self, root: str | os.PathLike | None) -> None:
         self.root = Path(root) if root is not None else None
@@ -152,13 +197,19 @@ class FeatureCache:
     def path(self, key: str) -> Path | None:
         return None if self.root is None else self.root / f"{key}.safetensors"
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get(self, key: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The entry of ``key`` if it is sound (:func:`check_entry`; ``n``: the rows it must
+        have), else None: a damaged or wrong entry is recomputed, with a warning."""
         p = self.path(key)
         if p is None or not p.is_file():
             return None
         try:
-            d = load_file(str(p))
-        except (SafetensorError, OSError):  # a damaged cache entry is simply recomputed
+            with safe_open(str(p), framework="pt") as f:
+                claimed = (f.metadata() or {}).get(KEY_FIELD)
+                d = {name: f.get_tensor(name) for name in f.keys()}
+            check_entry(d, claimed, key, n)
+        except (SafetensorError, OSError, ValueError) as e:
+            warnings.warn(f"feature cache entry {p} is unusable ({first_line(e)}): computing the features again")
             return None
         self.hits += 1
         return d["features"], d["labels"]
@@ -172,9 +223,10 @@ class FeatureCache:
                 p.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise DgmrError(f"cannot create the feature cache {p.parent}: {e.strerror or e}") from None
-            with atomic_path(p, "a feature cache entry") as tmp:
+            # own_dir: safetensors writes a .tmpXXXXXX of its own beside its target, which a kill would leave
+            with atomic_path(p, "a feature cache entry", own_dir=True) as tmp:
                 save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp),
-                          metadata={k: str(v) for k, v in meta.items()})
+                          metadata={**{k: str(v) for k, v in meta.items()}, KEY_FIELD: key})
         except DgmrError as e:
             warnings.warn(f"{e}; going on without the feature cache")
             self.root = None
@@ -183,7 +235,8 @@ class FeatureCache:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached features for ``key_parts`` (a dict of strings), else ``compute()`` and store."""
         key = cache_key(*(f"{k}={v}" for k, v in sorted(key_parts.items())))
-        hit = self.get(key)
+        n = key_parts.get("n")
+        hit = self.get(key, int(n) if n is not None and str(n).isdigit() else None)
         rank, world = D.rank_world()
         if world > 1:  # every rank must agree, or the others would wait forever in all_gather
             import torch.distributed as dist

@@ -48,6 +48,8 @@ class ModelSettings:
     """How the model is opened and run: shared by every ``dgmr eval`` command."""
 
     random_init: bool = setting(False, "build the architecture with random weights (no download)")
+    seed: int = setting(0, "seed of the --random-init weights (the same command, the same model; linear: also of "
+                           "the held-out split and the clip_benchmark probe)")
     model_kwargs: dict[str, Any] | None = setting(
         None, "extra architecture arguments (timm create_model kwargs, open_clip create_model kwargs, HF config "
               "overrides), e.g. '{\"img_size\": 64}'", metavar="JSON")

@@ -27,10 +27,10 @@ from ..core.dtypes import parse_dtype
 from ..core.errors import DgmrError
 from ..data.labeled import ImageFolderSplit, ImageListDataset, read_captions, read_named_lists
 from ..io.output import output_lock, refuse_overlap, write_json
-from ..models.artifact import read_config
+from ..models.artifact import read_config, saved_preprocess
 from ..models.cost import count_flops
 from ..models.families import Family, family_of
-from ..models.open import open_model
+from ..models.open import model_path, open_model_with_config
 from ..models.preprocess import EvalPreprocess, resolve_eval_preprocess
 from ..models.sources import Source, is_dgmr_dir
 from .features import FeatureCache, default_cache_dir, extract_features, pooled_features, weights_hash
@@ -77,16 +77,39 @@ def model_role(model: str | os.PathLike | nn.Module) -> str:
 
 def open_eval_model(model: str | os.PathLike | nn.Module, settings: ModelSettings | None = None, *,
                     label: str | None = None) -> tuple[nn.Module, Source | None, dict[str, Any]]:
-    """(model in eval mode, its source, {"model": label, "role", "family"}); ``settings``:
-    its ``random_init`` and ``model_kwargs`` open a spec."""
+    """(model in eval mode, its source, {"model": label, "role", "family"[, "random_init_seed"]});
+    ``settings``: its ``random_init``, ``seed`` and ``model_kwargs`` open a spec."""
+    net, src, info, _ = _open_eval_model(model, settings, label=label)
+    return net, src, info
+
+
+def _open_eval_model(model: Any, settings: ModelSettings | None, *, label: str | None = None
+                     ) -> tuple[nn.Module, Source | None, dict[str, Any], dict[str, Any] | None]:
+    """:func:`open_eval_model` and the dgmr record of a directory (None for specs and modules)."""
+    cfg, seed = None, None
     if isinstance(model, nn.Module):
         net, src = model.eval(), None
         name = label or type(model).__name__
     else:
         s = settings or ModelSettings()
-        net, src = open_model(model, random_init=s.random_init, model_kwargs=s.model_kwargs)
+        with torch.random.fork_rng(devices=[]):  # --random-init weights come from --seed: the same command, the same model
+            torch.manual_seed(s.seed)
+            net, src, cfg = open_model_with_config(model, random_init=s.random_init, model_kwargs=s.model_kwargs)
         name = label or str(model)
-    return net, src, {"model": name, "role": model_role(model), "family": family_of(net).name}
+        seed = s.seed if s.random_init else None
+    info = {"model": name, "role": model_role(model), "family": family_of(net).name}
+    return net, src, info if seed is None else {**info, "random_init_seed": seed}, cfg
+
+
+def eval_preprocess_of(model: Any, net: nn.Module, family: Family, src: Source | None, cfg: dict[str, Any] | None,
+                       s: FeatureSettings) -> EvalPreprocess:
+    """A dgmr directory's saved preprocessing, else the model's own from its source; a directory
+    that saved none is not preprocessed from files at its source's path (they may have moved
+    or changed): the library's defaults for the architecture, with a warning."""
+    saved = saved_preprocess(model, cfg) if cfg is not None else None
+    if cfg is not None and saved is None and src is not None and model_path(src.spec) is not None:
+        src = None
+    return resolve_eval_preprocess(net, family, source=src, crop=s.crop_pct, image_size=s.image_size, saved=saved)
 
 
 def _same_weights_on_all_ranks(net: nn.Module) -> None:
@@ -117,7 +140,7 @@ def _prepare(model: Any, s: FeatureSettings, device: torch.device
              ) -> tuple[nn.Module, Source | None, Family, dict[str, Any], EvalPreprocess]:
     """Open the model and resolve its eval preprocessing (the model's own, or the classic
     resize + center crop when ``s.crop_pct`` is given)."""
-    net, src, info = open_eval_model(model, s, label=s.label)
+    net, src, info, cfg = _open_eval_model(model, s, label=s.label)
     family = family_of(net)
     native = family.data_config(net)["image_size"]
     size = int(s.image_size or native)
@@ -126,7 +149,7 @@ def _prepare(model: Any, s: FeatureSettings, device: torch.device
         _same_weights_on_all_ranks(net)
     if size != native:
         check_image_size(net, family, size, label=info["model"])
-    pre = resolve_eval_preprocess(net, family, source=src, crop=s.crop_pct, image_size=s.image_size)
+    pre = eval_preprocess_of(model, net, family, src, cfg, s)
     info.update(_model_numbers(net, family, size))
     info["preprocess"] = pre.settings
     info["pretrained"] = (src.tag if src is not None and src.tag else "") or ("random-init" if s.random_init else "")
@@ -164,6 +187,9 @@ def _classification_features(model: Any, train: str | os.PathLike, val: str | os
         fva, yva = _split_features(fn, va, key, cache, s, dev, dt, "val features")
         if rank != 0:
             return None
+        skipped = tr.skipped + va.skipped  # named like images, not regular files: counted, never opened
+        if skipped:
+            info.update(skipped_files=len(skipped), skipped_examples=skipped[:5])
         info.update({"train": str(train), "val": str(val), "world_size": world, "device": str(dev),
                      "features": kind, "feature_dim": int(ftr.shape[1]), "feature_seconds": round(time.perf_counter() - t0, 3),
                      "cache": {"hits": cache.hits, "misses": cache.misses,

@@ -141,7 +141,7 @@ def clip_towers(model: nn.Module, src: Source | None = None, *, model_dir: str |
         return ClipTowers("open_clip", model, encode_image, enc_text_oc)
     candidates: list[str | Path] = []
     if model_dir is not None:
-        candidates += [Path(model_dir), Path(model_dir) / "hf"]
+        candidates += [Path(model_dir), Path(model_dir) / "hf"]  # hf/: the layout dgmr wrote before
     if src is not None:
         candidates.append(src.name)
     tokenize = _hf_tokenizer(model, candidates)

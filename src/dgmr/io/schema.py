@@ -4,7 +4,8 @@ the field, instead of a KeyError or TypeError deep inside.
 * :func:`model_config`: a dgmr directory's ``config.json``;
 * :func:`run_config`: a distill run's ``run_config.json``;
 * :func:`checkpoint`: the distill checkpoint dict (after ``torch.load(weights_only=True)``);
-* :func:`metrics_row`: one ``metrics.jsonl`` line.
+* :func:`metrics_row`: one ``metrics.jsonl`` line;
+* :func:`kept_indices`: a dgmr directory's ``kept_indices.safetensors``, against its widths.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..core.dtypes import parse_dtype
+from ..core.dtypes import WEIGHT_DTYPES, parse_dtype
 from ..core.errors import DgmrError
 from .files import read_json_file, read_small_file, read_text_file  # noqa: F401 - re-exported: schema.read_json_file
 
@@ -48,8 +49,8 @@ def _str(value: Any, where: str, field: str, optional: bool = False) -> str | No
 
 
 def model_config(cfg: Any, where: str) -> dict[str, Any]:
-    """A dgmr ``config.json``: family, widths and heads (name -> positive int), dtype (a float dtype
-    torch has), source (null, or an object with a known library and a name)."""
+    """A dgmr ``config.json``: family, widths and heads (name -> positive int), dtype (one of
+    :data:`~dgmr.core.dtypes.WEIGHT_DTYPES`), source (null, or an object with a known library and a name)."""
     cfg = _object(cfg, where)
     if cfg.get("format") != "dgmr":
         raise _fail(where, "format", f"must be 'dgmr', not {cfg.get('format')!r}")
@@ -64,10 +65,13 @@ def model_config(cfg: Any, where: str) -> dict[str, Any]:
         # a relative path inside the directory: a config must not point the loader at another model's weights
         if key == "weights" and value and (os.path.isabs(value) or ".." in Path(value).parts):
             raise _fail(where, key, f"must name a file inside the model directory, not {value!r}")
+    if not isinstance(cfg.get("dtype", "float32"), str):
+        raise _fail(where, "dtype", f"must be a string, not {cfg.get('dtype')!r}"[:200])
     try:
-        parse_dtype(cfg.get("dtype", "float32"), what="dtype", any_float=True)
-    except DgmrError as e:
-        raise _fail(where, "dtype", f"{cfg.get('dtype')!r} is not a float dtype torch has ({e})") from None
+        parse_dtype(cfg.get("dtype", "float32"), what="dtype", weights=True)
+    except DgmrError:
+        raise _fail(where, "dtype", f"{cfg.get('dtype')!r} is not a float dtype dgmr supports "
+                                    f"({', '.join(WEIGHT_DTYPES)})") from None
     src = cfg.get("source")
     if src is not None:
         _object(src, where, "source")
@@ -131,6 +135,37 @@ def metrics_row(raw: bytes | str, where: str) -> dict[str, Any]:
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         raise _fail(where, "loss", f"must be a finite number, not {loss!r}")
     return row
+
+
+def kept_indices(indices: dict[str, Any], cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``kept_indices.safetensors`` against its directory's checked ``config.json``: one
+    entry per MLP the config names (kept neurons) or attention layer (kept heads), each a 1-D
+    integer tensor of as many distinct indices as the layer's width or head count, each below
+    what it was cut from (the ``prune`` record's ``hidden_before``/``heads_before``)."""
+    import torch
+
+    record = cfg.get("prune") if isinstance(cfg.get("prune"), dict) else {}
+    sizes = {**{n: (w, "width") for n, w in cfg["widths"].items()},
+             **{n: (h, "head count") for n, h in cfg.get("heads", {}).items()}}
+    before = {layer.get("name"): layer.get(key) for rows, key in ((record.get("layers"), "hidden_before"),
+                                                                (record.get("attention"), "heads_before"))
+              for layer in (rows if isinstance(rows, list) else []) if isinstance(layer, dict)}
+    for name, t in indices.items():
+        if name not in sizes:
+            raise _fail(where, repr(name), "names no MLP or attention layer of the model (config.json widths, heads)")
+        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise _fail(where, repr(name), f"must be a 1-D integer tensor, not {getattr(t, 'dtype', type(t))} "
+                                           f"of shape {tuple(getattr(t, 'shape', ()))}")
+        size, what = sizes[name]
+        if len(t) != size:
+            raise _fail(where, repr(name), f"holds {len(t)} indices for a {what} of {size}")
+        top = before.get(name)
+        if len(t) and (int(t.min()) < 0 or (isinstance(top, int) and int(t.max()) >= top)):
+            raise _fail(where, repr(name), f"holds indices in [{int(t.min())}, {int(t.max())}], outside "
+                                           f"[0, {top if isinstance(top, int) else what})")
+        if len(torch.unique(t)) != len(t):
+            raise _fail(where, repr(name), "holds an index twice")
+    return indices
 
 
 def check_finite(name: str, t: Any, where: str = "") -> None:

@@ -1,14 +1,29 @@
-"""The dgmr artifact: ``model.safetensors`` + ``config.json`` (+ the source library's own format).
+"""The dgmr directory: a model repository of the source library, with dgmr's record beside it.
+
+::
+
+    model.safetensors          the weights, once (or HF-style shards + model.safetensors.index.json)
+    dgmr.json                  dgmr's record: source, family, widths, what was cut and how, sizes
+    dgmr/kept_indices.safetensors   the kept neurons per MLP (when known); in a sub-folder because
+                               timm's local-dir loader (up to at least 1.0.25) fails on a folder
+                               with two *.safetensors files at its top
+    README.md                  the model card (Hugging Face conventions, :mod:`.card`)
+    + the library's own files, where its config can describe the model:
+      timm: config.json (hub format)   open_clip: open_clip_config.json
+      transformers: config.json + preprocessor_config.json
 
 ``save`` writes everything into a temporary sibling directory and renames it into place,
 so a crash never leaves a half-written output. ``load`` rebuilds the architecture from the
 recorded source (no network), applies the recorded widths and loads the weights; nothing
-is ever unpickled.
+is ever unpickled. Directories dgmr wrote before (record in ``config.json``, transformers
+files in ``hf/``) still load.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +32,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from ..core.dtypes import dtype_name, parse_dtype
+from ..core.dtypes import dtype_name, parse_dtype, weight_dtype_name
 from ..core.errors import DgmrError, first_line
 from ..core.version import __version__
 from ..io import schema
 from ..io.checkpoints import SHARD_INDEX, WEIGHTS
-from ..io.output import atomic_dir, write_json
+from ..io.output import atomic_dir, seal_file, write_json
+from .card import CARD, render_card
+from .cost import count_flops
 from .families import Family, apply_heads, apply_widths, family_of, get_family
 from .record import PruneRecord
-from .sources import Source, build_model, is_dgmr_dir
+from .sources import LEGACY_RECORD, RECORD, Source, build_model, dgmr_record_file, is_dgmr_dir
 
-INDICES = "kept_indices.safetensors"
-CONFIG = "config.json"
+INDICES = "dgmr/kept_indices.safetensors"
+LEGACY_INDICES = "kept_indices.safetensors"  # at the top, in directories older dgmr versions wrote
+CONFIG = RECORD  # dgmr's record (written last: a directory with one is complete)
+LAYOUT = 2  # 1: the record in config.json, transformers files in hf/ (dgmr before the library-repo layout)
 NATIVE_OFF = {"skipped": "native export turned off"}
+PREPROCESS_ATTR = "dgmr_preprocess"  # what dgmr.load sets on a model: its directory's saved preprocessing
 
 
 def vision_params(model: nn.Module, family: Family | None = None) -> int:
@@ -39,11 +59,12 @@ def vision_params(model: nn.Module, family: Family | None = None) -> int:
 def build_config(*, family: Family, model_class: str, dtype: str, widths: dict[str, int], vision_params: int,
                  source: Source | None, record: "PruneRecord | None", native_export: dict[str, Any],
                  extra: dict[str, Any] | None = None, heads: dict[str, int] | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a dgmr directory: the one layout :func:`save` and the streaming
+    """dgmr's record of a dgmr directory (``dgmr.json``): the one layout :func:`save` and the streaming
     prune both write and :func:`load` reads. ``heads``: each attention layer's head count,
     written for models with attention dgmr knows."""
     return {
         "format": "dgmr",
+        "layout": LAYOUT,
         "dgmr_version": __version__,
         "spec": source.spec if source else None,
         "source": source.to_dict() if source else None,
@@ -63,14 +84,32 @@ def write_kept_indices(path: Path, record: "PruneRecord") -> None:
     """Kept hidden neurons per MLP and, where heads were cut, kept heads per attention layer
     (each under its module's name)."""
     kept = {layer["name"]: layer["kept"].contiguous() for layer in [*record.layers, *record.heads]}
+    (path / INDICES).parent.mkdir(exist_ok=True)
     save_file(kept, str(path / INDICES))
 
 
 def head_counts(model: nn.Module, family: Family) -> dict[str, int]:
-    """What ``config.json``'s ``heads`` records: every attention layer's head count ({} when
+    """What ``dgmr.json``'s ``heads`` records: every attention layer's head count ({} when
     the model has no attention dgmr knows), whether or not this save's record cut heads (a
     distilled student is saved without one)."""
     return {s.name: s.heads for s in family.attention(model)}
+
+
+def kept_indices_file(path: str | os.PathLike) -> Path | None:
+    """The kept-indices file of a dgmr directory (either layout), None when it has none (an import)."""
+    for name in (INDICES, LEGACY_INDICES):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
+
+
+def copy_kept_indices(src_dir: str | os.PathLike, dst_dir: Path) -> None:
+    """Carry a directory's kept indices into another one being written (a distilled student's)."""
+    file = kept_indices_file(src_dir)
+    if file is not None:
+        (dst_dir / INDICES).parent.mkdir(exist_ok=True)
+        shutil.copyfile(file, dst_dir / INDICES)
+        seal_file(dst_dir / INDICES)  # the mode and flush of every file dgmr writes
 
 
 def save(
@@ -87,28 +126,82 @@ def save(
     family = family_of(model)
     sites = family.mlps(model)
     dtype = next(model.parameters()).dtype
+    weight_dtype_name(dtype, str(out))  # a dtype load cannot read back is refused before anything is written
     for name, t in model.state_dict().items():  # before the output directory is touched
         schema.check_finite(name, t, str(out))
+    widths = {s.name: s.hidden for s in sites}
+    extra = dict(extra or {})
+    described = describe(model, family, source, widths, random_init=bool(extra.get("random_init")))
     with atomic_dir(out, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "dgmr_version": __version__})
         if record is not None:
             write_kept_indices(tmp, record)
         notes = family.export_native(model, tmp, source) if native else NATIVE_OFF
         config = build_config(family=family, model_class=type(model).__name__, dtype=dtype_name(dtype),
-                              widths={s.name: s.hidden for s in sites}, vision_params=family.vision_params(model),
-                              source=source, record=record, native_export=notes, extra=extra,
-                              heads=head_counts(model, family))
-        write_json(tmp / CONFIG, config)
+                              widths=widths, vision_params=family.vision_params(model), source=source, record=record,
+                              native_export=notes, extra={**described, **extra}, heads=head_counts(model, family))
+        write_record(tmp, config)
     return config
 
 
+def write_record(directory: Path, config: dict[str, Any]) -> None:
+    """The model card, then dgmr.json (last: a directory with a record is complete)."""
+    (directory / CARD).write_text(render_card(config))
+    write_json(directory / RECORD, config)
+
+
+def describe(model: nn.Module, family: Family, src: Source | None, widths: dict[str, int], *,
+             random_init: bool = False, params_before: int | None = None) -> dict[str, Any]:
+    """What the record keeps for the card and for ``dgmr eval``: the eval preprocessing, the
+    card's metadata, params and FLOPs before and after (shapes only, on the meta device)."""
+    out: dict[str, Any] = {"card": family.card_info(model, src, random_init=random_init)}
+    try:  # a model dgmr.load opened keeps the preprocessing its directory saved
+        out["preprocess"] = getattr(model, PREPROCESS_ATTR, None) or family.eval_preprocess(model, src).settings
+    except Exception as e:  # a processor the library cannot build offline: dgmr eval warns and falls back
+        out["preprocess"] = None
+        out["preprocess_missing"] = first_line(e)
+    out.update(_sizes(model, family, src, widths, params_before))
+    return out
+
+
+def _sizes(model: nn.Module, family: Family, src: Source | None, widths: dict[str, int],
+           params_before: int | None) -> dict[str, Any]:
+    """params and FLOPs (one image at the model's size) of the source and of the pruned widths
+    and head counts."""
+    size = family.image_size(model)
+    out: dict[str, Any] = {"image_size": size}
+    try:
+        if src is None:
+            out.update(params_after=family.vision_params(model), flops_after=count_flops(model, family, size))
+            return out
+        meta = build_model(src, meta=True)
+        out.update(params_before=params_before or family.vision_params(meta),
+                   flops_before=count_flops(meta, family, size))
+        apply_heads(meta, head_counts(model, family), family)
+        apply_widths(meta, widths, family)
+        out.update(params_after=family.vision_params(meta), flops_after=count_flops(meta, family, size))
+    except Exception:  # noqa: BLE001 - any model that cannot run on meta (torch asserts too): FLOPs unknown on the card
+        pass
+    return out
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """dgmr's record of the directory ``path``: dgmr.json, or config.json in the old layout."""
     path = Path(path)
     if not path.is_dir():
         raise DgmrError(f"{path} is not a directory")
-    if not is_dgmr_dir(path):
-        raise DgmrError(f"{path} is not a dgmr model directory (no config.json with format 'dgmr')")
-    return schema.model_config(schema.read_json_file(path / CONFIG, "model config"), str(path / CONFIG))
+    file = dgmr_record_file(path)
+    if file is None:
+        raise DgmrError(f"{path} is not a dgmr model directory (no {RECORD}, nor a {LEGACY_RECORD} with format 'dgmr')")
+    return schema.model_config(schema.read_json_file(file, "model config"), str(file))
+
+
+def record_file(path: str | os.PathLike) -> Path:
+    """The file holding dgmr's record in the dgmr directory ``path``."""
+    file = dgmr_record_file(path)
+    if file is None:
+        raise DgmrError(f"{path} is not a dgmr model directory")
+    return file
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -134,7 +227,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     apply_widths(model, {k: int(v) for k, v in cfg["widths"].items()}, family)
     if src is not None:
         family.update_config(model, None)
-    model.to(dtype=parse_dtype(cfg.get("dtype", "float32"), what=f"{path / CONFIG}: dtype", any_float=True))
+    model.to(dtype=parse_dtype(cfg.get("dtype", "float32"), what=f"{record_file(path)}: dtype", weights=True))
     weights = weights_file(path, cfg)
     scope = cfg.get("weights_scope")  # a checkpoint of the vision tower alone: return that tower
     if scope:
@@ -146,7 +239,22 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device: str
     except RuntimeError as e:
         first = first_line(e)
         raise DgmrError(f"checkpoint {weights} does not match the recorded architecture: {first}") from e
+    if isinstance(cfg.get("preprocess"), dict):  # travels on with the model into what is saved from it
+        setattr(model, PREPROCESS_ATTR, cfg["preprocess"])
     return model.to(device).eval()
+
+
+def saved_preprocess(path: str | os.PathLike, cfg: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
+    """(settings, directory) of the eval preprocessing the dgmr directory ``path`` saved, for
+    :func:`~dgmr.models.preprocess.resolve_eval_preprocess`; None, with a warning, when it saved
+    none (written by an older dgmr)."""
+    saved = cfg.get("preprocess")
+    if isinstance(saved, dict) and saved.get("library"):
+        return saved, Path(path)
+    warnings.warn(f"{path} records no preprocessing (a directory an older dgmr wrote, or one whose processor could "
+                  f"not be built): evaluating with the library's defaults for the architecture; re-save it to keep "
+                  "the source's preprocessing with the model", stacklevel=2)
+    return None
 
 
 def _build_empty(src: Source) -> nn.Module | None:
@@ -158,7 +266,7 @@ def _build_empty(src: Source) -> nn.Module | None:
 
 def weights_file(path: Path, cfg: dict[str, Any]) -> Path:
     """The checkpoint of a dgmr directory: ``model.safetensors`` or a shard index, at the
-    top or where ``config.json``'s ``weights`` says (streamed Hugging Face output keeps its
+    top or where the record's ``weights`` says (the old layout kept streamed Hugging Face
     shards in ``hf/``)."""
     names = [cfg["weights"]] if cfg.get("weights") else [WEIGHTS, SHARD_INDEX]
     for name in names:
@@ -220,13 +328,24 @@ def _init_meta_buffers(model: nn.Module) -> None:
 
 
 def load_kept_indices(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / INDICES))
+    """A dgmr directory's kept indices (empty when it has none: an imported checkpoint), from
+    either layout, checked against its widths and heads (:func:`dgmr.io.schema.kept_indices`):
+    one line naming the file and the layer otherwise."""
+    file = kept_indices_file(path)
+    if file is None:
+        return {}
+    cfg = read_config(path)
+    try:
+        indices = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise DgmrError(f"corrupt or unreadable {file}: {first_line(e)}") from None
+    return schema.kept_indices(indices, cfg, str(file))
 
 
 def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: Source, layout: str, scope: str | None,
                           record: PruneRecord, native: bool, dtypes: set[torch.dtype], params_before: int,
                           files: list[str], extra: dict[str, Any]) -> dict[str, Any]:
-    """The native export and config.json of weights written tensor by tensor (a streaming prune,
+    """The native export, card and record of weights written tensor by tensor (a streaming prune,
     ``dgmr import``), from the meta model cut to the output's widths; ``dtypes`` are the
     output's floating dtypes."""
     note = NATIVE_OFF
@@ -235,16 +354,17 @@ def write_streamed_config(tmp: Path, *, family: Family, meta: nn.Module, src: So
             note = family.export_streamed(meta, tmp, src, layout, scope)
         except (DgmrError, RuntimeError, ValueError, NotImplementedError) as e:
             note = {"skipped": f"native export failed on the meta model: {first_line(e)}"}
-    names = sorted(dtype_name(d) for d in dtypes)
+    names = sorted(weight_dtype_name(d, "the output") for d in dtypes)
     params_after = family.vision_params(meta)
-    extra = {"params_before": params_before, "params_after": params_after, "random_init": False,
-             "weights": files[-1], "files": files, **extra}
+    widths = {s.name: s.hidden for s in family.mlps(meta)}
+    extra = {**describe(meta, family, src, widths, params_before=params_before), "params_before": params_before,
+             "params_after": params_after, "random_init": False, "weights": files[-1], "files": files, **extra}
     if scope is not None:
         extra["weights_scope"] = scope
     config = build_config(family=family, model_class=type(meta).__name__,
                           dtype=names[0] if len(names) == 1 else "float32",
-                          widths={s.name: s.hidden for s in family.mlps(meta)}, vision_params=params_after,
+                          widths=widths, vision_params=params_after,
                           source=src, record=record, native_export=note, extra=extra,
                           heads=head_counts(meta, family))
-    write_json(tmp / CONFIG, config)
+    write_record(tmp, config)
     return config

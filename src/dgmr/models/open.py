@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.errors import DgmrError
 from .artifact import load, read_config
-from .sources import Source, build_model, is_dgmr_dir, parse_spec
+from .sources import Source, build_model, is_dgmr_dir, library_layout, parse_spec
 
 
 def model_source(model: str | os.PathLike, *, model_kwargs: dict[str, Any] | None = None,
@@ -21,7 +21,12 @@ def model_source(model: str | os.PathLike, *, model_kwargs: dict[str, Any] | Non
         return (Source.from_dict(cfg["source"]) if cfg.get("source") else None), cfg
     if os.path.isdir(str(model)):
         who = f"{role} " if role else ""
-        raise DgmrError(f"{who}{model} is not a dgmr model directory (use hf:{model} for a Hugging Face directory)")
+        spec = library_layout(model)
+        if spec is not None:
+            raise DgmrError(f"{who}{model} is not a dgmr model directory but a {spec.split(':')[0]} model folder: "
+                            f"open it as {spec}")
+        raise DgmrError(f"{who}{model} is not a dgmr model directory (a library's model folder opens as "
+                        f"timm:local-dir:{model}, open_clip:local-dir:{model} or hf:{model})")
     return parse_spec(str(model), model_kwargs), None
 
 
@@ -58,8 +63,8 @@ def open_model(model: str | os.PathLike, *, random_init: bool = False,
 
 
 def model_path(model: Any) -> str | None:
-    """The file-system path a model argument names: a dgmr directory, ``hf:DIR`` or
-    ``open_clip:local-dir:DIR`` when DIR exists, an open_clip TAG that is a file; ``None`` for
+    """The file-system path a model argument names: a dgmr directory, ``hf:DIR``,
+    ``timm:local-dir:DIR`` or ``open_clip:local-dir:DIR`` when DIR exists, an open_clip TAG that is a file; ``None`` for
     hub specs (``timm:NAME``), modules and :class:`~dgmr.models.sources.Source` objects."""
     if not isinstance(model, (str, os.PathLike)):
         return None

@@ -12,6 +12,10 @@ By default every family evaluates with the preprocessing its library ships for t
   of the model type with its defaults, resized to the model's input size);
 * anything else: resize to size/0.875, center crop, the family's mean/std.
 
+A dgmr directory carries its model's preprocessing (its record's ``preprocess``, and the
+library's own files: timm's pretrained config, open_clip's preprocess config, the HF image
+processor), and is evaluated with that, never with files at the original source's path.
+
 ``crop=0.875`` (or any fraction) asks for that classic resize + center crop instead, in the
 model's own normalisation (the kNN / linear-probe convention of DINO-style papers).
 """
@@ -29,14 +33,19 @@ __all__ = ["CROP_PCT", "EvalPreprocess", "Transform", "crop_preprocess", "eval_t
 
 
 def resolve_eval_preprocess(model: torch.nn.Module, family: Any = None, *, source: Any = None,
-                            crop: float | None = None, image_size: int | None = None) -> EvalPreprocess:
+                            crop: float | None = None, image_size: int | None = None,
+                            saved: tuple[dict[str, Any], Any] | None = None) -> EvalPreprocess:
     """The evaluation preprocessing of ``model`` (see the module docstring). ``source``: the
     :class:`~dgmr.models.sources.Source` it was built from (open_clip's pretrained tag lives
-    there); ``image_size`` overrides the model's input size."""
+    there); ``image_size`` overrides the model's input size; ``saved``: (settings, directory)
+    of the preprocessing a dgmr directory saved, used instead of the source's."""
     family = family or family_of(model)
     if image_size is not None and int(image_size) <= 0:
         raise DgmrError(f"image size must be a positive integer, got {image_size}")
-    own = family.eval_preprocess(model, source, image_size)
+    if saved is not None:
+        own = family.saved_preprocess(model, saved[0], saved[1], image_size)
+    else:
+        own = family.eval_preprocess(model, source, image_size)
     if crop is None:
         return own
     # the fixed crop in the model's own normalisation: the library's (an open_clip tag's

@@ -1,5 +1,5 @@
 """What a prune cut, as dgmr directories record it: per-layer widths and kept indices, and
-how they were chosen (``config.json``'s ``prune`` section and ``kept_indices.safetensors``);
+how they were chosen (``dgmr.json``'s ``prune`` section and ``dgmr/kept_indices.safetensors``);
 attention layers whose heads were cut too, with their head counts and kept heads."""
 from __future__ import annotations
 

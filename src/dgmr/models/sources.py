@@ -8,6 +8,7 @@ Hugging Face config.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -46,15 +47,45 @@ class Source:
         return cls(**{k: d.get(k) for k in ("library", "name", "tag", "model_cfg", "hf_class")}, kwargs=d.get("kwargs") or {})
 
 
-def is_dgmr_dir(path: str | os.PathLike) -> bool:
+RECORD = "dgmr.json"  # dgmr's record in a dgmr directory
+LEGACY_RECORD = "config.json"  # where dgmr kept it before the directory became the library's model repo
+
+
+def dgmr_record_file(path: str | os.PathLike) -> Path | None:
+    """The file holding dgmr's record in ``path`` (dgmr.json, or an old layout's config.json),
+    or None when ``path`` is not a dgmr directory."""
     p = Path(path)
-    if not (p / "config.json").is_file():
-        return False
+    for name in (RECORD, LEGACY_RECORD):
+        if not (p / name).is_file():
+            continue
+        try:
+            cfg = read_json_file(p / name, "config")
+        except DgmrError:  # unreadable, too large, not JSON: not a dgmr record
+            continue
+        if isinstance(cfg, dict) and cfg.get("format") == "dgmr":
+            return p / name
+    return None
+
+
+def is_dgmr_dir(path: str | os.PathLike) -> bool:
+    return dgmr_record_file(path) is not None
+
+
+def library_layout(path: str | os.PathLike) -> str | None:
+    """The spec that opens ``path`` when it is a model folder of a library rather than a dgmr
+    directory (``timm:local-dir:DIR``, ``open_clip:local-dir:DIR``, ``hf:DIR``), else None."""
+    p = Path(path)
+    if (p / "open_clip_config.json").is_file():
+        return f"open_clip:local-dir:{p}"
     try:
-        cfg = read_json_file(p / "config.json", "config")
-    except DgmrError:  # unreadable, too large, not JSON: not a dgmr directory
-        return False
-    return isinstance(cfg, dict) and cfg.get("format") == "dgmr"
+        cfg = read_json_file(p / "config.json", "config") if (p / "config.json").is_file() else None
+    except DgmrError:
+        return None
+    if isinstance(cfg, dict) and "architecture" in cfg and "model_type" not in cfg:
+        return f"timm:local-dir:{p}"
+    if isinstance(cfg, dict) and "model_type" in cfg:
+        return f"hf:{p}"
+    return None
 
 
 def parse_spec(spec: str, kwargs: dict[str, Any] | None = None) -> Source:
@@ -88,11 +119,45 @@ def _device_ctx(where: str):
         yield
 
 
+HUB_SCHEMES = ("local-dir:", "hf-hub:")  # timm's and open_clip's names of a model repository
+
+
+def _timm_hub_config(name: str) -> dict[str, Any]:
+    """A timm model repository's config.json (``local-dir:DIR``; ``hf-hub:ID`` through timm,
+    which downloads it), as {"architecture", "model_args", "pretrained_cfg"}."""
+    import timm.models
+
+    if name.startswith("local-dir:"):
+        path = Path(name.removeprefix("local-dir:")) / "config.json"
+        if not path.is_file():
+            raise DgmrError(f"timm:{name}: no {path} (a timm model folder holds config.json and its weights)")
+        cfg = read_json_file(path, "timm config")
+        if not isinstance(cfg, dict) or "architecture" not in cfg:
+            raise DgmrError(f"{path} is not a timm config.json (no 'architecture'; timm writes one with "
+                            "timm.models.push_to_hf_hub / save_for_hf)")
+        return {"architecture": cfg["architecture"], "model_args": cfg.get("model_args") or {},
+                "pretrained_cfg": {k: v for k, v in (cfg.get("pretrained_cfg") or {}).items()
+                                   if k not in ("file", "url", "hf_hub_id", "hf_hub_filename", "source")}}
+    pcfg, arch, args = timm.models.load_model_config_from_hf(name.removeprefix("hf-hub:"))
+    return {"architecture": arch, "model_args": dict(args or {}),
+            "pretrained_cfg": {k: v for k, v in dict(pcfg).items() if k not in ("file", "hf_hub_id", "source")}}
+
+
 def _build_timm(src: Source, pretrained: bool, where: str) -> nn.Module:
     import timm
 
+    if src.name.startswith(HUB_SCHEMES):
+        if src.model_cfg is None:
+            src.model_cfg = _timm_hub_config(src.name)
+        if pretrained:  # timm reads the folder (or hub repo) itself: its config and its weights
+            return timm.create_model(src.name, pretrained=True, **src.kwargs)
+        # the architecture from the recorded config: rebuilt without the folder
+        cfg = src.model_cfg
+        return timm.create_model(cfg["architecture"], pretrained=False, pretrained_cfg=dict(cfg["pretrained_cfg"]),
+                                 **{**cfg["model_args"], **src.kwargs})
     if not timm.is_model(src.name):
-        raise DgmrError(f"unknown timm model {src.name!r} (see timm.list_models())")
+        raise DgmrError(f"unknown timm model {src.name!r} (see timm.list_models(); a timm model folder is "
+                        "timm:local-dir:DIR)")
     return timm.create_model(src.name, pretrained=pretrained, **src.kwargs)
 
 
@@ -121,16 +186,43 @@ def _no_warnings():
         logging.disable(before)
 
 
+def _check_open_clip_tag(src: Source) -> None:
+    """A pretrained tag open_clip knows for the architecture, or a checkpoint file: a made-up tag
+    is refused even with --random-init (it would be recorded as the model's origin)."""
+    import open_clip
+
+    if open_clip.get_pretrained_cfg(src.name, src.tag) or os.path.isfile(src.tag):
+        return
+    known = open_clip.list_pretrained_tags_by_model(src.name)
+    raise DgmrError(f"unknown pretrained tag {src.tag!r} for open_clip:{src.name}: "
+                    + (f"open_clip knows {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}" if known else
+                       "open_clip has no pretrained weights for it (drop the tag with --random-init)")
+                    + " (or give a checkpoint file)")
+
+
 def _build_open_clip(src: Source, pretrained: bool, where: str) -> nn.Module:
     import open_clip
 
-    if src.model_cfg is not None:
+    if src.name.startswith(HUB_SCHEMES) and src.model_cfg is not None and not pretrained:
+        # a model repository's architecture, from the recorded config: rebuilt without the folder
+        digest = hashlib.sha1(json.dumps(src.model_cfg, sort_keys=True).encode()).hexdigest()[:12]
+        return _build_open_clip(Source("open_clip", f"dgmr-repo-{digest}", kwargs=src.kwargs,
+                                       model_cfg=src.model_cfg), False, where)
+    if src.name.startswith("local-dir:") and src.model_cfg is None:
+        path = Path(src.name.removeprefix("local-dir:")) / "open_clip_config.json"
+        if not path.is_file():
+            raise DgmrError(f"open_clip:{src.name}: no {path} (open_clip's local-dir folders hold one)")
+        cfg = read_json_file(path, "open_clip config")
+        src.model_cfg = cfg.get("model_cfg") if isinstance(cfg, dict) else None
+    if src.model_cfg is not None and not src.name.startswith(HUB_SCHEMES):
         register_open_clip_config(src.name, src.model_cfg)
     if not src.name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(src.name) is None:
         raise DgmrError(f"unknown open_clip architecture {src.name!r} (see open_clip.list_models())")
     if pretrained and not src.tag and not src.name.startswith(("hf-hub:", "local-dir:")):
         raise DgmrError(f"open_clip:{src.name} needs a pretrained tag (open_clip:{src.name}:TAG, see "
                         "open_clip.list_pretrained()) or --random-init")
+    if src.tag and where != "empty":  # not when dgmr.load rebuilds what an older dgmr recorded
+        _check_open_clip_tag(src)
     tag = src.tag if pretrained else None
     # open_clip warns "initialized randomly" without weights: untrue on meta / for dgmr.load
     quiet = contextlib.nullcontext() if where == "cpu" else _no_warnings()

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import DgmrError
+from ..core.memory import out_of_memory
 from ..models.families import Family, family_of
 from ..models.record import PruneRecord
 from ..models.sites.attention import ATTENTION_KINDS, AttentionSite, check_heads, shrink_heads
@@ -135,7 +136,7 @@ def _cut_mlps(sites: Sequence[MlpSite], ks: Sequence[int], record: PruneRecord, 
     for i, (site, k) in enumerate(bar):
         w1, w_gate = site.scoring_weights()
         h = site.hidden
-        with torch.no_grad():
+        with torch.no_grad(), out_of_memory(f"cutting it to {k}", 2 * w1.numel() * w1.element_size(), layer=site.name):
             keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed + i)
             shrink_mlp(site, keep)
         record.add(site, h, keep)
@@ -147,7 +148,9 @@ def _cut_heads(sites: Sequence[AttentionSite], ks: Sequence[int], record: PruneR
     bar = tqdm(list(zip(sites, ks)), desc=f"heads ({criterion})", unit="layer", disable=not progress, leave=False)
     for i, (site, k) in enumerate(bar):
         h = site.heads
-        with torch.no_grad():
+        # the head blocks, copied and scored in float64: about twice the q/k/v weights in 8-byte floats
+        scored = sum(t.numel() for t in (getattr(owner, name) for owner, name, _ in site.rows) if t.ndim == 2)
+        with torch.no_grad(), out_of_memory(f"cutting it to {k} heads", 2 * 8 * scored, layer=site.name):
             keep = torch.arange(h) if k == h else select_heads(site.scoring_blocks(), k, criterion, seed=seed + i)
             if k != h:
                 shrink_heads(site, keep)

@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..core.errors import DgmrError
+from ..core.memory import out_of_memory
 from ..core.registry import Registry
 from .pivot import greedy_order, selection_workspace_bytes
 
@@ -140,16 +141,20 @@ def select_neurons(
     if not 0 < k <= h:
         raise DgmrError(f"cannot keep {k} of {h} hidden neurons: need 0 < k <= {h}")
     fn = get_criterion(criterion)
-    if criterion_scores(criterion) == "activations":
-        if activations is None:
-            raise DgmrError(f"criterion {criterion!r} scores activations: it needs calibration images "
-                            "(--calibration DATA, or dgmr.prune(..., calibration=...))")
-        w = activations.detach().to(dtype)
-    else:
-        w = scoring_matrix(w1, w_gate, dtype)
-    if not torch.isfinite(w).all():
-        raise DgmrError("weights contain NaN or inf: refusing to score them")
-    idx = fn(w, k, seed=seed)
+    if criterion_scores(criterion) == "activations" and activations is None:
+        raise DgmrError(f"criterion {criterion!r} scores activations: it needs calibration images "
+                        "(--calibration DATA, or dgmr.prune(..., calibration=...))")
+    d = (activations if activations is not None else w1).shape[-1] * (2 if w_gate is not None else 1)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    with out_of_memory(f"selecting {k} of {h} neurons ({h} x {d} scores in {str(dtype).removeprefix('torch.')})",
+                       h * d * itemsize + selection_workspace_bytes(h, d, itemsize)):
+        if criterion_scores(criterion) == "activations":
+            w = activations.detach().to(dtype)
+        else:
+            w = scoring_matrix(w1, w_gate, dtype)
+        if not torch.isfinite(w).all():
+            raise DgmrError("weights contain NaN or inf: refusing to score them")
+        idx = fn(w, k, seed=seed)
     idx = torch.sort(idx.long().cpu()).values
     if idx.numel() != k or torch.unique(idx).numel() != k:
         raise DgmrError(f"criterion {criterion!r} returned {idx.numel()} indices ({torch.unique(idx).numel()} distinct), "

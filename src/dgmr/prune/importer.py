@@ -15,9 +15,9 @@ in the source library's naming or the original training code's, becomes a dgmr d
    head dim) are read from the tensor shapes, the architecture is built with them on
    ``meta`` and every name and shape is checked against it before any output exists.
 4. The tensors are copied one at a time into ``model.safetensors`` (or shards), beside the
-   ``config.json`` and native export a streaming prune writes: ``dgmr.load`` and every
+   library's config files, card and ``dgmr.json`` a streaming prune writes: ``dgmr.load`` and every
    command that takes a dgmr directory open it. Which neurons were kept is not known: there
-   is no ``kept_indices.safetensors`` and the ``prune`` record says ``"unknown"``.
+   are no kept indices and the ``prune`` record says ``"unknown"``.
 """
 from __future__ import annotations
 
@@ -395,11 +395,11 @@ def plan_import(spec: str | Source, checkpoint: str | os.PathLike, *, model_kwar
 
 
 def write_import(job: ImportJob, tmp: Path, native: bool) -> tuple[dict[str, Any], int]:
-    """Copy the tensors one at a time into ``tmp`` and write config.json + the native export."""
+    """Copy the tensors one at a time into ``tmp`` and write the native export, the card and dgmr.json."""
     if job.layout == "file":
         writer: FileWriter | ShardWriter = FileWriter(tmp / WEIGHTS, job.entries())
     else:
-        writer = ShardWriter(tmp, SHARD_BYTES, sub="hf" if job.layout == "hf" else "")
+        writer = ShardWriter(tmp, SHARD_BYTES)
     for name in job.names:
         writer.add(name, job.tensor(name))
     files = writer.finish()
@@ -425,7 +425,7 @@ def import_checkpoint(spec: str | Source, checkpoint: str | os.PathLike, out: st
     ``module.`` prefix; it holds the whole model or the vision tower alone, in the library's
     naming or one its checkpoint filter converts (original EVA-CLIP, DINOv2). ``dtype`` casts
     the floating weights. The output is what ``dgmr prune`` writes, without
-    ``kept_indices.safetensors`` (unknown). Returns a summary (the ``dgmr import`` output).
+    kept indices (unknown). Returns a summary (the ``dgmr import`` output).
     """
     t0 = time.perf_counter()
     inputs = [("model", model_path(spec)), *[("checkpoint", c) for c in checkpoint_paths(checkpoint)]]

@@ -76,5 +76,5 @@ class StreamSettings:
     max_memory: str | None = setting(None, "with --weights: resident-memory budget, e.g. 3GB (sizes output shards "
                                            "and parallel layers)", metavar="SIZE", group=STREAM)
     shard_size: str | None = setting(None, "with --weights: write HF-style shards of at most SIZE (e.g. 2GB) instead "
-                                           "of one model.safetensors (Hugging Face models are always sharded, into "
-                                           "DIR/hf/)", metavar="SIZE", group=STREAM)
+                                           "of one model.safetensors (Hugging Face models are always sharded, beside "
+                                           "their config.json)", metavar="SIZE", group=STREAM)

@@ -123,7 +123,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [row for _, row in read_lines(path)]
 
 
-def _load_json_results(path: Path) -> list[dict[str, Any]]:
+def load_json_results(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -134,7 +134,7 @@ def _load_json_results(path: Path) -> list[dict[str, Any]]:
     return items
 
 
-def _is_result(d: dict[str, Any]) -> bool:
+def is_result(d: dict[str, Any]) -> bool:
     return d.get("metric") in ("knn", "linear", "zeroshot", "retrieval", "speed") or is_clip_benchmark(d)
 
 
@@ -148,7 +148,7 @@ def collect(inputs: Sequence[str | os.PathLike | dict[str, Any]]) -> tuple[_Rows
             continue
         p = Path(item)
         if p.is_file():
-            for d in _load_json_results(p):
+            for d in load_json_results(p):
                 rows.add_result(d, str(p))
             continue
         if not p.is_dir():
@@ -167,14 +167,14 @@ def collect(inputs: Sequence[str | os.PathLike | dict[str, Any]]) -> tuple[_Rows
                 runs[-1]["model"] = row["model"]
             found = True
         for f in sorted(p.glob("*.json")) + sorted(p.glob("eval/*.json")):
-            if f.name == "config.json":
-                continue
+            if f.name in ("config.json", "dgmr.json", "open_clip_config.json", "preprocessor_config.json"):
+                continue  # a model directory's configs, not results
             try:
-                items = _load_json_results(f)
+                items = load_json_results(f)
             except DgmrError:
                 continue
             for d in items:
-                if _is_result(d):
+                if is_result(d):
                     rows.add_result(d, str(f))
                     found = True
         if not found:

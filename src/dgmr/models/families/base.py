@@ -152,6 +152,23 @@ class Family:
         dc = self.data_config(model)
         return crop_preprocess(int(image_size or dc["image_size"]), dc["mean"], dc["std"])
 
+    def saved_preprocess(self, model: nn.Module, saved: dict[str, Any], directory: Path | None,
+                         image_size: int | None = None) -> Any:
+        """The eval transform a dgmr directory saved (``saved``: the settings of
+        :meth:`eval_preprocess` at save time; ``directory``: where the library's own
+        preprocessing files are), at ``image_size`` if given. Families without library
+        preprocessing saved a resize + center crop."""
+        try:
+            crop = int(image_size or saved["crop"])
+            return crop_preprocess(crop, saved["mean"], saved["std"], float(saved["crop"]) / float(saved["resize"]))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a family's own settings: its own transform
+            return self.eval_preprocess(model, None, image_size)
+
+    def card_info(self, model: nn.Module, src: Source | None, random_init: bool = False) -> dict[str, Any]:
+        """The model card's ``library_name``, ``pipeline_tag``, ``base_model`` (a Hub repo id the
+        source names, not for random weights) and ``license`` (the source's, where known)."""
+        return {"library_name": "dgmr", "pipeline_tag": "image-feature-extraction", "base_model": None, "license": None}
+
     def features(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Final-layer features for distillation and evaluation:
         {"pooled": (B, D) CLS/pooled feature, "tokens": (B, N, D) patch tokens}."""
@@ -166,16 +183,19 @@ class Family:
         return {}
 
     def export_native(self, model: nn.Module, out: Path, src: Source | None) -> dict[str, Any]:
-        """Write the source library's own loadable format under ``out``; returns a note
-        ({"format", "files", "load"} or {"skipped": reason})."""
+        """Write the source library's own files beside ``out/model.safetensors`` (the weights,
+        already there: stored once), so that ``out`` is a model repository of that library;
+        returns a note ({"format", "files", "load"} or {"skipped": why the library's loader
+        cannot rebuild this model}). A place for what a library's config can say beyond MLP
+        widths (e.g. a head dimension) is the note's config fields, written here too."""
         return {"skipped": "no native format for generic models; use dgmr.load"}
 
     # -- streaming prune (dgmr.prune.stream) -------------------------------------------------
     def stream_layout(self, shaped: nn.Module, *, tower_only: bool, native: bool, sharded: bool) -> str:
         """Where a streaming prune writes the weights of ``shaped`` (the pruned model on meta):
         ``file`` (one ``model.safetensors``, written as tensors come: timm's and open_clip's
-        loaders read one file), ``shards`` (HF-style shards at the top) or ``hf`` (shards in
-        ``hf/`` beside the library's config, see :class:`~dgmr.models.families.hf.HFFamily`)."""
+        loaders read one file) or ``shards`` (HF-style shards at the top, beside transformers'
+        config.json for :class:`~dgmr.models.families.hf.HFFamily`)."""
         return "shards" if sharded else "file"
 
     def export_streamed(self, meta: nn.Module, out: Path, src: Source, layout: str,

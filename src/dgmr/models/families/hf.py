@@ -1,11 +1,15 @@
 """Hugging Face transformers models: ViT, CLIP (vision tower), DINOv2 (plain and SwiGLU), SigLIP.
 
-Exported with ``save_pretrained`` into ``hf/``, the config's ``intermediate_size`` or
-``mlp_ratio`` set to the pruned width where one value can describe it.
+Exported as a ``from_pretrained`` folder: config.json (its ``intermediate_size`` or
+``mlp_ratio`` set to the pruned width where one value can describe it, and
+``num_attention_heads``/``head_dim`` where cut heads can be said), the image processor and
+model.safetensors, all at the top of the dgmr directory.
 """
 from __future__ import annotations
 
+import copy
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,9 +72,13 @@ class HFFamily(Family):
 
     def eval_preprocess(self, model, src=None, image_size=None):
         proc = _image_processor(model, src)
-        size = int(image_size or self.image_size(model))
         if proc is None:  # a model type without an image processor: the generic transform
-            return super().eval_preprocess(model, src, size)
+            return super().eval_preprocess(model, src, int(image_size or self.image_size(model)))
+        return self.processor_preprocess(model, proc, image_size)
+
+    def processor_preprocess(self, model, proc, image_size=None):
+        """An image processor as the model's eval transform, at ``image_size`` (default: the model's)."""
+        size = int(image_size or self.image_size(model))
         # DINOv2 interpolates its position embeddings to any input: its config's 518 px is the
         # training size, the published processor's 224 crop is how it is evaluated
         any_size = str(getattr(model.config, "model_type", "")) in _ANY_SIZE and image_size is None
@@ -161,31 +169,61 @@ class HFFamily(Family):
             setattr(vc, k, v)
         return fields
 
-    def export_native(self, model, out, src):
+    def hub_files(self, model, out, src, *, weights: bool) -> dict[str, Any]:
+        """What ``save_pretrained`` would put beside the weights: config.json (when one config
+        can describe the widths), the image processor (preprocessor_config.json, at the model's
+        input size) and, for CLIP-style models, a tokenizer the source folder has."""
+        files = []
+        proc = _image_processor(model, src)
+        if proc is not None:
+            _sized_processor(model, proc).save_pretrained(out)
+            files.append("preprocessor_config.json")
+        if hasattr(model, "get_text_features") and src is not None and Path(src.name).is_dir():
+            files += _copy_tokenizer(src.name, out)
         fields, why = self.native_fields(model)
         if fields is None:
-            return {"skipped": why}
+            return {"skipped": why, "files": files}
         self.update_config(model, src)
-        model.save_pretrained(out / "hf", safe_serialization=True)
-        return {"format": "transformers save_pretrained", "files": ["hf/"],
-                "load": f"transformers.{type(model).__name__}.from_pretrained('DIR/hf')"}
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(out)
+        weights = ["model.safetensors"] if weights else []
+        return {"format": "transformers (from_pretrained / hub)", "files": ["config.json", *weights, *files],
+                "load": f"transformers.{type(model).__name__}.from_pretrained('DIR')",
+                **({"processor": "transformers.AutoImageProcessor.from_pretrained('DIR')"} if proc is not None else {})}
+
+    def export_native(self, model, out, src):
+        return self.hub_files(model, out, src, weights=True)
 
     def stream_layout(self, shaped, *, tower_only, native, sharded):
-        # from_pretrained reads HF-style shards beside its config: write them there when a
-        # config can describe the widths
-        if native and not tower_only and self.native_fields(shaped)[0] is not None:
-            return "hf"
+        # from_pretrained reads one model.safetensors or HF-style shards beside its config.json
         return "shards"
 
     def export_streamed(self, meta, out, src, layout, tower_only):
         if tower_only is not None:
             return super().export_streamed(meta, out, src, layout, tower_only)
-        if layout != "hf":
-            return {"skipped": self.native_fields(meta)[1]}
-        meta.config.save_pretrained(out / "hf")
-        return {"format": "transformers from_pretrained", "files": ["hf/"],
-                "load": f"transformers.{type(meta).__name__}.from_pretrained('DIR/hf')"}
+        return self.hub_files(meta, out, src, weights=False)
 
+    def card_info(self, model, src, random_init=False):
+        name = src.name if src is not None else ""
+        hub = bool(name) and not Path(name).exists() and name.count("/") == 1 and not random_init
+        clip = hasattr(model, "get_text_features")
+        return {"library_name": "transformers",
+                "pipeline_tag": "zero-shot-image-classification" if clip else "image-feature-extraction",
+                "base_model": name if hub else None, "license": None}
+
+    def saved_preprocess(self, model, saved, directory, image_size=None):
+        import transformers
+
+        proc = None
+        if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
+            proc = transformers.AutoImageProcessor.from_pretrained(str(directory))
+        elif saved.get("processor") and hasattr(transformers, saved["processor"]):
+            keep = {k: v for k, v in saved.items() if k not in ("library", "processor")}
+            proc = getattr(transformers, saved["processor"]).from_dict(keep)
+        if proc is None:
+            return super().saved_preprocess(model, saved, directory, image_size)
+        return self.processor_preprocess(model, proc, image_size)
 
 class _ProcessorTransform:
     """An image processor as a PIL image -> (3, H, W) tensor transform (a class, not a
@@ -206,12 +244,16 @@ _PUBLISHED = {"dinov2": {"size": {"shortest_edge": 256}, "crop_size": {"height":
 
 
 def _image_processor(model, src) -> Any:
-    """The model's image processor: a local one (a directory, or the hub cache; never a
-    download), else the processor class of the model type with its defaults; None if the
+    """The model's image processor: the one its dgmr directory saved, a local one (a directory,
+    or the hub cache; never a download), else the processor class of the model type with its defaults; None if the
     model type has none."""
     import transformers
     from transformers.models.auto import image_processing_auto as auto
 
+    saved = getattr(model, "dgmr_preprocess", None)  # what the dgmr directory it came from saved
+    if isinstance(saved, dict) and saved.get("library") == "hf" and hasattr(transformers, str(saved.get("processor"))):
+        keep = {k: v for k, v in saved.items() if k not in ("library", "processor")}
+        return getattr(transformers, saved["processor"]).from_dict(keep)
     if src is not None and src.name:
         try:
             return transformers.AutoImageProcessor.from_pretrained(src.name, local_files_only=True)
@@ -258,3 +300,30 @@ def _resized(proc: Any, size: int) -> dict[str, Any]:
     if resize.get("shortest_edge"):
         return {"size": {"shortest_edge": size}}
     return {"size": {"height": size, "width": size}}
+
+
+def _sized_processor(model, proc: Any) -> Any:
+    """``proc`` set to output the model's input size (what :func:`_resized` passes per call), so
+    that a pipeline built on the saved processor feeds the model what it takes."""
+    if str(getattr(model.config, "model_type", "")) in _ANY_SIZE:
+        return proc
+    kwargs = _resized(proc, int(HFFamily().image_size(model)))
+    if not kwargs:
+        return proc
+    return type(proc).from_dict({**{k: v for k, v in proc.to_dict().items() if not k.startswith("_")}, **kwargs})
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "spiece.model", "tokenizer.model")
+
+
+def _copy_tokenizer(src_dir: str, out: Path) -> list[str]:
+    """The tokenizer files of a CLIP-style source folder (zero-shot needs them beside the model)."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copyfile(Path(src_dir) / name, out / name)
+            copied.append(name)
+    return copied

@@ -1,8 +1,9 @@
 """open_clip models: ``VisionTransformer`` towers (ViT-B/L/H/g/bigG) and ``TimmModel`` towers
 (EVA-CLIP). Only ``model.visual`` is pruned; the text tower is kept as is.
 
-Exported as open_clip's ``local-dir:`` format (``open_clip_config.json``); timm towers take
-no MLP width in open_clip's JSON, so their trunk is exported for timm in ``timm_trunk/``.
+Exported in open_clip's hub layout (``open_clip_config.json`` beside ``model.safetensors``:
+``local-dir:``, ``hf-hub:``); timm towers take no MLP width in open_clip's JSON, so their
+trunk is described for timm in ``timm_trunk/``.
 """
 from __future__ import annotations
 
@@ -99,11 +100,10 @@ class OpenClipFamily(Family):
     def _is_timm_tower(model) -> bool:
         return hasattr(model.visual, "trunk")
 
-    def export_trunk(self, model, out: Path, src: Source, separate_weights: bool) -> dict[str, Any]:
-        """open_clip's timm towers take no MLP width in their JSON: export the trunk for timm,
-        built the way open_clip's TimmModel builds it, in ``out/timm_trunk``. Its weights are
-        a copy of the trunk's (``separate_weights``), or ``out/model.safetensors`` itself:
-        timm's ViT and EVA checkpoint filters strip open_clip's ``visual.trunk.`` prefix."""
+    def export_trunk(self, model, out: Path, src: Source) -> dict[str, Any]:
+        """open_clip's timm towers take no MLP width in their JSON: the trunk, built the way
+        open_clip's TimmModel builds it, is described for timm in ``out/timm_trunk`` and reads
+        its weights from ``out/model.safetensors``."""
         vc = src.model_cfg["vision_cfg"]
         pool, proj = vc.get("timm_pool", "avg"), vc.get("timm_proj", "linear")
         trunk = model.visual.trunk
@@ -112,13 +112,22 @@ class OpenClipFamily(Family):
             reset = {"num_classes": 0, "global_pool": "" if pool in ("abs_attn", "rot_attn") else pool} if pool else None
         else:
             kwargs, reset = {"num_classes": trunk.num_classes, "global_pool": pool}, None
-        note = TimmFamily().export_timm(trunk, out / "timm_trunk", Source("timm", vc["timm_model_name"], kwargs=kwargs),
-                                         separate_weights=separate_weights, reset=reset,
-                                         weights=None if separate_weights else "model.safetensors")
-        if "skipped" not in note:
-            note["load"] += ("; then m = open_clip.create_model(ARCH) and m.visual.trunk = that trunk; "
-                             "visual.head weights are in DIR/model.safetensors (or use dgmr.load(DIR))")
+        note = TimmFamily().export_trunk(trunk, out / "timm_trunk", Source("timm", vc["timm_model_name"], kwargs=kwargs),
+                                         reset)
+        why = ("open_clip's model config has no MLP width for timm towers, so open_clip.create_model cannot "
+               "rebuild the pruned tower")
+        if "skipped" in note:
+            return {"skipped": f"{why}; nor can timm: {note['skipped']}"}
+        note["then"] = ("assign it to the unpruned open_clip model's visual.trunk (its visual.head weights are in "
+                        "DIR/model.safetensors too), or use dgmr.load(DIR)")
+        note["library_loader"] = why
         return note
+
+    def local_dir_config(self, model, src: Source) -> dict[str, Any]:
+        """open_clip_config.json as open_clip's own hub export writes it: the model config and
+        the full preprocess config (size, mean, std, interpolation, resize mode)."""
+        pp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.preprocess_cfg(model, src).items()}
+        return {"model_cfg": src.model_cfg, "preprocess_cfg": pp}
 
     def export_native(self, model, out, src):
         if src is None or src.model_cfg is None:
@@ -127,7 +136,7 @@ class OpenClipFamily(Family):
             return {"skipped": f"open_clip's local-dir config cannot record the create_model arguments "
                                f"{sorted(src.kwargs)}; use dgmr.load"}
         if self._is_timm_tower(model):
-            return self.export_trunk(model, out, src, separate_weights=True)
+            return self.export_trunk(model, out, src)
         cut = [s.name for s in self.attention(model) if not isinstance(s.module, nn.MultiheadAttention)]
         if cut:
             return {"skipped": f"attention heads were cut ({cut[0]}...): open_clip's config sets heads = width / "
@@ -143,17 +152,36 @@ class OpenClipFamily(Family):
         if r is None:
             return {"skipped": "no single open_clip mlp_ratio rebuilds these shapes (per-layer MLP widths differ); "
                                "use dgmr.load"}
-        cfg = json.loads(json.dumps(src.model_cfg))
-        cfg["vision_cfg"]["mlp_ratio"] = r
-        preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-        (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
-        return {"format": "open_clip local-dir", "files": ["open_clip_config.json", "model.safetensors"],
-                "load": "open_clip.create_model('local-dir:DIR')"}
+        config = self.local_dir_config(model, src)
+        config["model_cfg"] = json.loads(json.dumps(config["model_cfg"]))
+        config["model_cfg"]["vision_cfg"]["mlp_ratio"] = r
+        (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return {"format": "open_clip hub (local-dir / hf-hub)", "files": ["open_clip_config.json", "model.safetensors"],
+                "mlp_ratio": r, "load": "open_clip.create_model_and_transforms('local-dir:DIR')"}
 
     def export_streamed(self, meta, out, src, layout, tower_only):
-        if not self._is_timm_tower(meta):
+        if not self._is_timm_tower(meta) or layout != "file":
             return super().export_streamed(meta, out, src, layout, tower_only)
-        if layout != "file":
-            return super().export_streamed(meta, out, src, layout, None)
         # timm reads the trunk straight from model.safetensors (its filters strip visual.trunk.)
-        return self.export_trunk(meta, out, src, separate_weights=False)
+        return self.export_trunk(meta, out, src)
+
+    def card_info(self, model, src, random_init=False):
+        base = None
+        if src is not None and not random_init:
+            if src.name.startswith("hf-hub:"):
+                base = src.name.removeprefix("hf-hub:")
+            elif src.tag:
+                import open_clip
+
+                base = (open_clip.get_pretrained_cfg(src.name, src.tag) or {}).get("hf_hub")
+        return {"library_name": "open_clip", "pipeline_tag": "zero-shot-image-classification",
+                "base_model": base.strip("/") if base else None, "license": None}
+
+    def saved_preprocess(self, model, saved, directory, image_size=None):
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        pp = {k: v for k, v in saved.items() if k != "library"}
+        if image_size:
+            pp["size"] = (int(image_size), int(image_size))
+        pp["size"] = tuple(pp["size"]) if isinstance(pp.get("size"), list) else pp.get("size")
+        return EvalPreprocess(image_transform_v2(PreprocessCfg(**pp), is_train=False), {"library": "open_clip", **pp})

@@ -1,8 +1,10 @@
 """timm models: VisionTransformer (ViT, DeiT, DINOv2), Eva (EVA02, EVA-CLIP trunks), Swin,
 ConvNeXt, MetaFormer (PoolFormer, ConvFormer, CAFormer), ...
 
-Exported the timm way: ``timm_config.json`` (model name + ``create_model`` kwargs with the
-new ``mlp_ratio``) beside a state dict that ``pretrained_cfg_overlay=dict(file=...)`` loads.
+Exported in timm's hub layout: ``config.json`` (architecture, ``model_args`` with the new
+``mlp_ratio``, ``pretrained_cfg``) beside ``model.safetensors``, what
+``timm.create_model('local-dir:DIR')`` and ``hf-hub:`` read; a Swin whose heads were cut
+stage by stage has ``num_heads`` and ``head_dim`` per stage there too.
 """
 from __future__ import annotations
 
@@ -47,14 +49,17 @@ def _channels_last(model: nn.Module, feats: torch.Tensor) -> bool:
 
 
 def _takes_mlp_ratio(build) -> bool:
-    """Whether the timm model builds at all with an ``mlp_ratio`` kwarg (on meta: no memory)."""
+    """Whether the timm model's MLP widths follow an ``mlp_ratio`` kwarg (built on meta: no
+    memory): some timm versions refuse the argument (ConvNeXt, MetaFormer), others take it
+    through ``**kwargs`` and ignore it."""
     try:
-        build(4.0)
+        a, b = build(4.0), build(2.0)
     except TypeError as e:  # "unexpected keyword argument 'mlp_ratio'" (ConvNeXt, MetaFormer)
         return "mlp_ratio" not in str(e)
     except Exception:  # anything else is not about the argument: let the caller's message stand
         return True
-    return True
+    shapes = lambda m: [tuple(t.shape) for t in m.state_dict().values()]  # noqa: E731
+    return shapes(a) != shapes(b)
 
 
 def shared_head_tables(model: nn.Module) -> str | None:
@@ -154,51 +159,123 @@ class TimmFamily(Family):
         pooled = model.forward_head(tokens, pre_logits=True)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
-    def export_timm(self, model, out: Path, src: Source, separate_weights: bool = False,
-                     reset: dict[str, Any] | None = None, weights: str | None = None) -> dict[str, Any]:
-        """timm's convention: ``timm_config.json`` (name + create_model kwargs incl. mlp_ratio) beside
-        a state dict that ``pretrained_cfg_overlay=dict(file=...)`` loads; ``separate_weights`` writes
-        the state dict of ``model`` (a sub-module, e.g. an open_clip trunk) into ``out`` too;
-        ``weights`` names the file to load instead, relative to the dgmr directory."""
+    # create_model arguments that are not architecture: never recorded as a hub config's model_args
+    NOT_ARCHITECTURE = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                        "device", "dtype", "pretrained_strict")
+
+    @classmethod
+    def architecture(cls, model: nn.Module, src: Source | None) -> tuple[str, dict[str, Any]]:
+        """(timm registry name, create_model architecture arguments) of ``model``: a timm name's
+        kwargs, or a hub-layout folder's (``timm:local-dir:DIR``) ``architecture`` and
+        ``model_args`` with the user's kwargs on top."""
+        hub = (src.model_cfg or {}) if src is not None else {}
+        name = hub.get("architecture") or (src.name if src is not None else None)
+        name = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        kwargs = {**(hub.get("model_args") or {}), **(src.kwargs if src is not None else {})}
+        return name, {k: v for k, v in kwargs.items() if k not in cls.NOT_ARCHITECTURE}
+
+    def model_args_for(self, model, name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """(the create_model arguments whose architecture has ``model``'s shapes: ``kwargs`` with
+        the cut heads where timm can say them (Swin) and the mlp_ratio, or None with the reason)."""
         import timm
 
         with torch.device("meta"):
-            original = timm.create_model(src.name, pretrained=False, **src.kwargs)
+            original = timm.create_model(name, pretrained=False, **kwargs)
         heads, why = head_kwargs(model, self, original)
         if heads is None:
-            return {"skipped": why}
+            return None, why
+        kwargs = {**kwargs, **heads}
 
         def build(r: float):
             with torch.device("meta"):
-                return timm.create_model(src.name, pretrained=False, **{**src.kwargs, **heads, "mlp_ratio": r})
+                return timm.create_model(name, pretrained=False, **{**kwargs, "mlp_ratio": r})
 
         r = uniform_ratio(model, build, self)
         if r is None and not _takes_mlp_ratio(build):
-            return {"skipped": f"timm {src.name} takes no mlp_ratio argument (timm's ConvNeXt and MetaFormer fix "
-                               "their MLP widths), so no timm config rebuilds the pruned widths; use dgmr.load"}
+            return None, (f"timm {name} takes no mlp_ratio argument (timm's ConvNeXt and MetaFormer fix their MLP "
+                          "widths), so no timm config rebuilds the pruned widths; use dgmr.load")
         if r is None:
-            return {"skipped": "no single timm mlp_ratio rebuilds these shapes (per-layer MLP widths, or a head MLP "
-                               "timm sizes from the same ratio, e.g. attn_pool); use dgmr.load"}
-        out.mkdir(parents=True, exist_ok=True)
-        kwargs = {**src.kwargs, **heads, "mlp_ratio": r}
-        files = ["timm_config.json"]
-        if separate_weights:
-            from safetensors.torch import save_file
+            return None, ("no single timm mlp_ratio rebuilds these shapes (per-layer MLP widths, or a head MLP timm "
+                          "sizes from the same ratio, e.g. attn_pool); use dgmr.load")
+        return {**kwargs, "mlp_ratio": r}, ""
 
-            sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-            save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-            files.append("model.safetensors")
-        (out / "timm_config.json").write_text(json.dumps(
-            {"model_name": src.name, "kwargs": kwargs, **({"reset_classifier": reset} if reset else {})}, indent=2))
-        where = f"DIR/{weights}" if weights else "DIR/timm_trunk/model.safetensors" if separate_weights else "DIR/model.safetensors"
-        load = (f"timm.create_model({src.name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='{where}'), "
-                + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
-        if reset:
-            load += ".reset_classifier(" + ", ".join(f"{k}={v!r}" for k, v in reset.items()) + ")"
-        return {"format": "timm pretrained_cfg_overlay", "files": files, "mlp_ratio": r, "load": load,
-                "weights": where.removeprefix("DIR/")}
+    def hub_config(self, model, name: str, model_args: dict[str, Any]) -> dict[str, Any]:
+        """config.json in the format timm's own hub export writes (``save_config_for_hf``):
+        the architecture, class count, feature width, global pool, the ``create_model``
+        arguments that rebuild the pruned shapes, and the pretrained config (preprocessing,
+        label names, license) without its source fields. ``custom_load`` is off: the weights
+        are a plain timm state dict, never the original JAX checkpoint some configs expect."""
+        import timm.data
+        import timm.models
+
+        pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        pcfg = timm.models.filter_pretrained_cfg({k: v for k, v in pcfg.items() if k != "state_dict"},
+                                                 remove_source=True, remove_null=True)
+        data = timm.data.resolve_data_config({}, model=model)
+        pcfg.update({k: data[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+                     if k in data})
+        pcfg.update(architecture=name, custom_load=False, num_classes=model.num_classes)
+        if pcfg.get("label_names") is not None and len(pcfg["label_names"]) != model.num_classes:
+            pcfg.pop("label_names", None)
+            pcfg.pop("label_descriptions", None)
+        config = {"architecture": name, "num_classes": model.num_classes,
+                  "num_features": getattr(model, "num_features", None)}
+        pool = getattr(model, "global_pool", None)
+        if isinstance(pool, str) and pool:
+            config["global_pool"] = pool
+        return {**config, "model_args": model_args, "pretrained_cfg": pcfg}
 
     def export_native(self, model, out, src):
+        """timm's hub layout: config.json beside model.safetensors, so that
+        ``timm.create_model('local-dir:DIR', pretrained=True)`` (and ``hf-hub:`` once uploaded)
+        rebuilds and loads the pruned model."""
         if src is None:
             return {"skipped": "no timm model name recorded"}
-        return self.export_timm(model, out, src)
+        name, kwargs = self.architecture(model, src)
+        model_args, why = self.model_args_for(model, name, kwargs)
+        if model_args is None:
+            return {"skipped": why}
+        try:
+            text = json.dumps(self.hub_config(model, name, model_args), indent=2)
+        except TypeError as e:  # a create_model argument given from Python that JSON cannot hold
+            return {"skipped": f"timm's config.json cannot hold these create_model arguments ({e}); use dgmr.load"}
+        (out / "config.json").write_text(text + "\n")
+        return {"format": "timm hub (local-dir / hf-hub)", "files": ["config.json", "model.safetensors"],
+                "mlp_ratio": model_args["mlp_ratio"], "load": "timm.create_model('local-dir:DIR', pretrained=True)"}
+
+    def export_trunk(self, model, out: Path, src: Source, reset: dict[str, Any] | None) -> dict[str, Any]:
+        """An open_clip timm tower's trunk, for timm: ``timm_config.json`` (name + kwargs) in
+        ``out``, its weights read from the dgmr directory's model.safetensors (timm's ViT and EVA
+        checkpoint filters strip open_clip's ``visual.trunk.`` prefix): the weights stay stored once."""
+        name, kwargs = self.architecture(model, src)
+        kwargs, why = self.model_args_for(model, name, kwargs)
+        if kwargs is None:
+            return {"skipped": why}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "timm_config.json").write_text(json.dumps(
+            {"model_name": name, "kwargs": kwargs, **({"reset_classifier": reset} if reset else {})}, indent=2))
+        # custom_load=False: some timm versions read a configured JAX .npz loader for a plain file
+        load = (f"timm.create_model({name!r}, pretrained=True, "
+                "pretrained_cfg_overlay=dict(file='DIR/model.safetensors', custom_load=False), "
+                + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
+        if reset:
+            load += "; trunk.reset_classifier(" + ", ".join(f"{k}={v!r}" for k, v in reset.items()) + ")"
+        return {"format": "timm pretrained_cfg_overlay", "files": [f"{out.name}/timm_config.json"], "mlp_ratio": kwargs["mlp_ratio"],
+                "load": "trunk = " + load, "weights": "model.safetensors"}
+
+    def card_info(self, model, src, random_init=False):
+        pcfg = getattr(model, "pretrained_cfg", None) or {}
+        hub = pcfg.get("hf_hub_id")
+        return {"library_name": "timm",
+                "pipeline_tag": "image-classification" if getattr(model, "num_classes", 0) else "image-feature-extraction",
+                "base_model": hub.rstrip("/") if hub and not random_init else None,
+                "license": pcfg.get("license") if not random_init else None}
+
+    def saved_preprocess(self, model, saved, directory, image_size=None):
+        import timm.data
+
+        cfg = {k: v for k, v in saved.items() if k != "library"}
+        if image_size:
+            cfg["input_size"] = (3, int(image_size), int(image_size))
+        tf = timm.data.create_transform(**cfg, is_training=False)
+        return EvalPreprocess(tf, {"library": "timm", **cfg})

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...core import dist as D
+from ...core.memory import out_of_memory
 from ...models.preprocess import resolve_eval_preprocess
 from ...models.sites.mlp import MlpSite, check_width, matrix, shrink_mlp
 from ..criteria import criterion_scores, get_criterion, scoring_matrix, select_neurons
@@ -136,7 +137,9 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
         done: dict[int, tuple[int, torch.Tensor, dict[str, Any]]] = {}
         for i in tqdm(order, desc=f"prune ({criterion}, calibrated)", unit="layer", disable=not progress, leave=False):
             h = sites[i].hidden
-            keep, info = _cut_one(runner, sites[i], ks[i], criterion, seed + i, settings)
+            with out_of_memory("calibrating it (its statistics, the cut and the refit)", 2 * _stat_bytes(sites[i]),
+                               layer=sites[i].name):
+                keep, info = _cut_one(runner, sites[i], ks[i], criterion, seed + i, settings)
             if estimates is not None:
                 info["rel_err_estimate"] = estimates[i]
             done[i] = (h, keep, info)

@@ -16,7 +16,8 @@ selection workspace) plus one output shard, whatever the checkpoint's size:
 4. :mod:`dgmr.io.writers`: every other tensor is copied through unchanged; the output is one
    streamed ``model.safetensors`` or HF-style shards (the family decides, see
    :meth:`dgmr.Family.stream_layout`), all inside a temporary directory renamed into place
-   only on success, next to the usual ``config.json`` and ``kept_indices.safetensors``,
+   only on success, next to the library's config files, ``dgmr.json``, the card and
+   the kept indices,
    so :func:`dgmr.load` opens it.
 
 Several MLPs are selected at once (threads) when the cores and ``max_memory`` allow it.

@@ -248,7 +248,7 @@ def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], in
     if job.layout == "file":
         writer: ShardWriter | FileWriter = FileWriter(tmp / WEIGHTS, job.out_entries())
     else:
-        writer = ShardWriter(tmp, job.plan.shard_bytes, sub="hf" if job.layout == "hf" else "")
+        writer = ShardWriter(tmp, job.plan.shard_bytes)
     owned = job.owned
     first_of = {ts[0][2]: i for i, ts in enumerate(job.site_tensors)}
     before = [s.hidden if isinstance(s, MlpSite) else s.heads for s in job.sites]
@@ -293,7 +293,7 @@ def run_stream(job: StreamJob, tmp: Path, progress: bool) -> tuple[list[str], in
 
 
 def write_stream_config(job: StreamJob, tmp: Path, files: list[str], native: bool) -> dict[str, Any]:
-    """kept_indices.safetensors, the native export and config.json, beside the weights in ``tmp``."""
+    """The kept indices, the native export, the card and dgmr.json, beside the weights in ``tmp``."""
     order_of = {s.name: i for i, s in enumerate(s for s in job.sites if isinstance(s, MlpSite))}
     job.record.layers.sort(key=lambda layer: order_of[layer["name"]])
     job.record.heads.sort(key=lambda layer: job.head_index[layer["name"]])
