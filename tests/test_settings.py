@@ -34,11 +34,12 @@ def test_prune_flags_default_to_the_dataclass(cls):
 def test_each_calibration_flag_sets_its_field():
     args = _namespace("timm:x", "--out", "o", "--calibration", "d", "--calibration-images", "8", "--no-compensation",
                       "--allocate", "global", "--ridge", "0.01", "--allocate-floor", "0.25", "--allocate-ceiling", "3",
-                      "--calibration-batch-size", "4", "--calibration-device", "cpu", "--calibration-precision", "fp32")
+                      "--calibration-batch-size", "4", "--calibration-device", "cpu", "--calibration-precision", "fp32",
+                      "--no-calibration-sweep")
     s = CalibrationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationSettings)})
     assert s == CalibrationSettings(calibration_images=8, compensation=False, allocate="global", ridge=0.01,
                                     allocate_floor=0.25, allocate_ceiling=3.0, calibration_batch_size=4,
-                                    calibration_device="cpu", calibration_precision="fp32")
+                                    calibration_device="cpu", calibration_precision="fp32", calibration_sweep=False)
 
 
 def test_python_keywords_are_the_flag_names(tmp_path):

@@ -8,6 +8,7 @@ from .base import (
                    HEAD_EXCLUDE,
                    IMAGENET_MEAN,
                    IMAGENET_STD,
+                   NoSequentialBlocks,
                    OPENAI_CLIP_MEAN,
                    OPENAI_CLIP_STD,
                    Family,
@@ -26,6 +27,6 @@ from .timm import TimmFamily
 
 __all__ = [
     "FAMILIES", "HEAD_EXCLUDE", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Family",
-    "GenericFamily", "HFFamily", "OpenClipFamily", "TimmFamily", "apply_heads", "apply_widths", "family_of", "get_family",
-    "ratio_for", "register_family", "site_widths",
+    "GenericFamily", "HFFamily", "NoSequentialBlocks", "OpenClipFamily", "TimmFamily", "apply_heads", "apply_widths",
+    "family_of", "get_family", "ratio_for", "register_family", "site_widths",
 ]

@@ -34,6 +34,12 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_EXCLUDE = re.compile(r"(^|\.)(attn_pool|head|pool|text|text_model|transformer_text)(\.|$)")
 
 FAMILIES: Registry[type["Family"]] = Registry("family")
+Blocks = list[tuple[str, nn.Module]]  # (path in the model, module) of each sequential block, in forward order
+
+
+class NoSequentialBlocks(Exception):
+    """A family's answer that a model's blocks cannot be run one by one; the message says why
+    (calibration then falls back to full forward passes, with that reason in its warning)."""
 
 
 def register_family(cls: type["Family"] | None = None, *, replace: bool = False, builtin: bool = False):
@@ -177,6 +183,21 @@ class Family:
             return {"pooled": out[:, 0], "tokens": out[:, 1:]}
         return {"pooled": out.flatten(1), "tokens": out.flatten(1)[:, None]}
 
+    # -- calibration (dgmr.prune.calibration.sweep) -------------------------------------------
+    def sequential_blocks(self, model: nn.Module) -> Blocks:
+        """The vision tower's sequential blocks, in forward order: modules the forward calls
+        once each, one after the other, each on the hidden state the one before returned (its
+        first positional argument; a tuple's first element), every other argument (rope,
+        masks, position embeddings) the same whatever the blocks did. Calibration catches the
+        first block's inputs once and then runs the blocks one at a time; it checks all of the
+        above on its first pass and falls back to full passes if the forward disagrees.
+
+        Raise :class:`NoSequentialBlocks` (saying why) for a model whose blocks cannot be
+        run so. The default takes the ModuleList or Sequential whose children, modules with a
+        forward of their own, hold the most MLPs."""
+        prefix, root = self.vision_root(model)
+        return blocks_holding(root, self.mlps(model), prefix)
+
     # -- config + export ----------------------------------------------------------------
     def update_config(self, model: nn.Module, src: Source | None) -> dict[str, Any]:
         """Make the model's own config agree with its MLP widths; returns what changed."""
@@ -207,6 +228,32 @@ class Family:
         if layout != "file":
             return {"skipped": "sharded output (--shard-size): timm/open_clip loaders read one file; use dgmr.load"}
         return self.export_native(meta, out, src)
+
+
+def _has_forward(m: nn.Module) -> bool:
+    return type(m).forward is not nn.Module.forward
+
+
+def blocks_holding(root: nn.Module, sites: list[MlpSite], prefix: str = "") -> Blocks:
+    """The children of the ModuleList/Sequential under ``root`` that hold the most of
+    ``sites`` (ties: the one with more children, the finer split), as :meth:`Family.sequential_blocks`
+    returns them; :class:`NoSequentialBlocks` if no container's children can be called."""
+    owner = {id(s.module): s.name for s in sites}
+    best: tuple[int, int, str, nn.Module] | None = None
+    for path, m in root.named_modules(prefix=prefix):
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or not len(m):
+            continue
+        held = sum(1 for child in m for sub in child.modules() if id(sub) in owner)
+        if held and (best is None or (held, len(m)) > best[:2]):
+            best = (held, len(m), path, m)
+    if best is None:
+        raise NoSequentialBlocks(f"no ModuleList or Sequential under {type(root).__name__} holds its MLPs")
+    _, _, path, container = best
+    lost = [type(c).__name__ for c in container if not _has_forward(c)]
+    if lost:
+        raise NoSequentialBlocks(f"the children of {path or type(root).__name__} ({lost[0]}) have no forward of "
+                                 "their own: the model's forward runs what is inside them")
+    return [(f"{path}.{i}" if path else str(i), child) for i, child in enumerate(container)]
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

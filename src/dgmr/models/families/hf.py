@@ -97,6 +97,17 @@ class HFFamily(Family):
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
 
+    def sequential_blocks(self, model):
+        # the encoder layers (ViT, CLIP, SigLIP, DINOv2; transformers 5's ViT holds them at the
+        # root); SigLIP's pooling-head MLP runs after them and is calibrated with a full pass
+        prefix, root = self.vision_root(model)
+        at = f"{prefix}." if prefix else ""
+        for path in ("encoder.layers", "encoder.layer", "layers", "layer"):
+            layers = root.get_submodule(path) if _has_submodule(root, path) else None
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):
+                return [(f"{at}{path}.{i}", m) for i, m in enumerate(layers)]
+        return super().sequential_blocks(model)
+
     def width_fields(self, model, sites, heads: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str]:
         """(config fields that rebuild these widths, or None with the reason why none do);
         ``heads``: the head fields the config will hold too (:meth:`head_fields`)."""
@@ -224,6 +235,14 @@ class HFFamily(Family):
         if proc is None:
             return super().saved_preprocess(model, saved, directory, image_size)
         return self.processor_preprocess(model, proc, image_size)
+
+def _has_submodule(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
 
 class _ProcessorTransform:
     """An image processor as a PIL image -> (3, H, W) tensor transform (a class, not a

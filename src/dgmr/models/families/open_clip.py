@@ -17,7 +17,7 @@ from torch import nn
 from ..sources import Source, build_model
 from ..transforms import EvalPreprocess
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Family, loaded_module, register_family, uniform_ratio
-from .timm import TimmFamily, final_block_tokens, is_eva, shared_head_tables
+from .timm import TimmFamily, final_block_tokens, is_eva, shared_head_tables, timm_blocks
 
 
 @register_family(builtin=True)
@@ -95,6 +95,14 @@ class OpenClipFamily(Family):
         finally:
             visual.output_tokens = old
         return {"pooled": pooled, "tokens": tokens}
+
+    def sequential_blocks(self, model):
+        if self._is_timm_tower(model):  # EVA-CLIP & co: the timm trunk's blocks
+            return timm_blocks(model.visual.trunk, "visual.trunk") or super().sequential_blocks(model)
+        blocks = getattr(getattr(model.visual, "transformer", None), "resblocks", None)
+        if blocks is None:
+            return super().sequential_blocks(model)
+        return [(f"visual.transformer.resblocks.{i}", b) for i, b in enumerate(blocks)]
 
     @staticmethod
     def _is_timm_tower(model) -> bool:

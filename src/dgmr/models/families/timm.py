@@ -17,7 +17,7 @@ from torch import nn
 
 from ..sources import Source
 from ..transforms import EvalPreprocess
-from .base import Family, loaded_module, register_family, uniform_ratio
+from .base import Blocks, Family, loaded_module, register_family, uniform_ratio
 
 
 def is_eva(model: nn.Module) -> bool:
@@ -46,6 +46,35 @@ def _channels_last(model: nn.Module, feats: torch.Tensor) -> bool:
         return fmt == "NHWC"
     c = getattr(model, "num_features", None)
     return not (feats.shape[1] == c and feats.shape[-1] != c)
+
+
+def _sequence(m: Any) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) > 0
+
+
+def timm_blocks(model: nn.Module, prefix: str = "") -> Blocks | None:
+    """The sequential blocks of a timm tower: its ``blocks`` (ViT, DeiT, DINOv2, EVA, BEiT...),
+    or, stage by stage, each stage's ``downsample`` and then its ``blocks`` (Swin, ConvNeXt,
+    MetaFormer: their stages run exactly that). A MetaFormer stage that is not NCHW reshapes
+    to tokens between the two, so it is one block. None: neither layout."""
+    at = f"{prefix}." if prefix else ""
+    if _sequence(getattr(model, "blocks", None)):
+        return [(f"{at}blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    for attr in ("stages", "layers"):
+        stages = getattr(model, attr, None)
+        if not (_sequence(stages) and all(_sequence(getattr(s, "blocks", None)) for s in stages)):
+            continue
+        out: Blocks = []
+        for i, stage in enumerate(stages):
+            path = f"{at}{attr}.{i}"
+            if getattr(stage, "use_nchw", True) is False:
+                out.append((path, stage))
+                continue
+            if isinstance(getattr(stage, "downsample", None), nn.Module):
+                out.append((f"{path}.downsample", stage.downsample))
+            out += [(f"{path}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
+        return out
+    return None
 
 
 def _takes_mlp_ratio(build) -> bool:
@@ -158,6 +187,9 @@ class TimmFamily(Family):
         prefix = getattr(model, "num_prefix_tokens", 0)
         pooled = model.forward_head(tokens, pre_logits=True)
         return {"pooled": pooled, "tokens": tokens[:, prefix:]}
+
+    def sequential_blocks(self, model):
+        return timm_blocks(model) or super().sequential_blocks(model)
 
     # create_model arguments that are not architecture: never recorded as a hub config's model_args
     NOT_ARCHITECTURE = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",

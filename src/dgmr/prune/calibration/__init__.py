@@ -16,8 +16,14 @@ kept neurons) the weights stay near the original instead of shrinking to zero.
 
 :mod:`.allocate` uses the same statistics to spend the parameter budget across layers.
 
+The passes run the tower's blocks one at a time on stored hidden states (:mod:`.sweep`), so
+a calibrated prune costs a few forward passes whatever the depth; a model whose blocks
+cannot run one by one gets full forward passes up to each MLP instead, with a warning.
+
 The modules, in the order a calibrated prune uses them: :mod:`.settings` (what the user
-asks for), :mod:`.images` (the calibration images), :mod:`.runner` (the model run over
-them), :mod:`.moments` (second moments gathered with hooks), :mod:`.refit` (the least-squares
-refit), :mod:`.cut` (the pass over every MLP).
+asks for), :mod:`.images` (the calibration images), :mod:`.runner` (full forward passes over
+them, and the first pass that refuses what calibration cannot handle), :mod:`.sweep` (the
+blocks one at a time, and the steps a block's sites take), :mod:`.moments` (second moments
+gathered with hooks), :mod:`.refit` (the least-squares refit), :mod:`.cut` (the MLP step and
+the calibrated prune).
 """

@@ -1,43 +1,84 @@
 """float64 second moments of what the MLPs read and write on the calibration tokens,
-gathered by hooks during the runner's passes (never all activations at once)."""
+gathered by hooks during the passes (never all activations at once)."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...core.errors import DgmrError
 from ...models.sites.mlp import MlpSite, Proj, matrix
-from .runner import Runner, tokens_of
+from .runner import Hook, Pass, tokens_of
 
 
 # ---------------------------------------------------------------------------------------------
 # statistics
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """A batch's activations as the moments multiply them: half precision as they are (their
+    products are exact in float32), anything else in float64 (the refit and its error
+    estimates read these sums where they cancel down to a small residual, which float32
+    rounding would drown)."""
+    return t if t.dtype in HALF else t.double()
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` into float64 ``out``: a float64 GEMM written in place, or for half
+    operands a GEMM with float32 output (on CUDA the tensor-core one) added in."""
+    if a.dtype == torch.float64:
+        out.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            out += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (RuntimeError, TypeError):  # a torch without the mixed-dtype GEMM: the float32 one
+            pass
+    out += a.float() @ b.float()
+
+
 class Moments:
     """float64 second moments of regressors X (tokens, k) [+ a ones column for a bias] and
-    targets Y (tokens, d): G = X^T X, C = X^T Y, and sum(Y^2)."""
+    targets Y (tokens, d): G = X^T X, C = X^T Y, and sum(Y^2).
+
+    Each batch adds one GEMM per product, at the fast matrix product rate and summed into
+    float64 across batches (:func:`_operand` says in which precision); the ones column is a
+    column sum, never a copy of X."""
 
     def __init__(self, name: str, bias: bool) -> None:
         self.name, self.bias = name, bias
         self.G: torch.Tensor | None = None
         self.C: torch.Tensor | None = None
-        self.yy = 0.0
+        self.yy: Any = 0.0
         self.tokens = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        x = x.double()
-        if self.bias:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        g = x.T @ x
-        self.G = g if self.G is None else self.G.add_(g)
-        if y is not None:
-            y = y.double()
-            c = x.T @ y
-            self.C = c if self.C is None else self.C.add_(c)
-            self.yy += (y * y).sum()
-        self.tokens += x.shape[0]
+        n, k = x.shape
+        b = int(self.bias)
+        f64 = torch.float64
+        with torch.autocast(x.device.type, enabled=False):
+            x = _operand(x)
+            if self.G is None:
+                self.G = torch.zeros(k + b, k + b, dtype=f64, device=x.device)
+            _add_product(self.G[:k, :k], x.T, x)
+            if b:
+                s = x.sum(0, dtype=f64)
+                self.G[:k, k] += s
+                self.G[k, :k] += s
+                self.G[k, k] += n
+            if y is not None:
+                y = _operand(y)
+                if self.C is None:
+                    self.C = torch.zeros(k + b, y.shape[1], dtype=f64, device=x.device)
+                _add_product(self.C[:k], x.T, y)
+                if b:
+                    self.C[k] += y.sum(0, dtype=f64)
+                self.yy = self.yy + torch.linalg.vector_norm(y, dtype=f64).square()
+        self.tokens += n
 
     def check(self) -> "Moments":
         """Refuse statistics that saw NaN or inf (any non-finite activation reaches the sums)."""
@@ -65,27 +106,38 @@ class Moments:
         return max(float((wt * (self.G @ wt)).sum() - 2 * (wt * self.C).sum()) + self.yy, 0.0)
 
 
-def hidden_moments(runner: Runner, sites: list[MlpSite], bias: bool | None = None) -> dict[str, Moments]:
-    """For each of ``sites``: moments of its hidden activations (what its down projection
-    reads) against, as targets, the down projection's output; one pass, to the last of them
-    in forward order. ``bias``: append a ones column (default: where the down projection has a bias)."""
-    moms = {s.name: Moments(s.name, s.down.bias is not None if bias is None else bias) for s in sites}
-    hooks: list[tuple[nn.Module, str, Callable]] = []
+def moment_hooks(sites: list[MlpSite], cols: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[list[Hook], dict[str, Moments]]:
+    """Hooks that gather, for each of ``sites``, the moments of its hidden activations (what
+    its down projection reads; only the columns ``cols[name]`` where given) against, as
+    targets, the down projection's output."""
+    moms = {s.name: Moments(s.name, s.down.bias is not None) for s in sites}
+    hooks: list[Hook] = []
     for site in sites:
         h_in: list[torch.Tensor] = []
+        take = None if cols is None or site.name not in cols else cols[site.name].to(site.down.weight.device)
 
-        def take_in(_m: nn.Module, args: tuple, h_in=h_in, site=site) -> None:
-            h_in.append(tokens_of(args[0], site.down))
+        def take_in(_m: nn.Module, args: tuple, h_in=h_in, site=site, take=take) -> None:
+            h = tokens_of(args[0], site.down)
+            h_in.append(h if take is None else h.index_select(1, take))
 
         def take_out(_m: nn.Module, _args: tuple, out: torch.Tensor, h_in=h_in, site=site) -> None:
             moms[site.name].add(h_in.pop(), tokens_of(out, site.down))
 
         hooks += [(site.down, "pre", take_in), (site.down, "post", take_out)]
-    runner.run_to(sites[-1], hooks)
+    return hooks, moms
+
+
+def hidden_moments(run: Pass, sites: list[MlpSite], cols: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, Moments]:
+    """:func:`moment_hooks`' moments, gathered in one pass ``run`` to the last of ``sites``
+    in forward order."""
+    hooks, moms = moment_hooks(sites, cols)
+    run(sites[-1].module, hooks, sites[-1].name)
     return {name: mom.check() for name, mom in moms.items()}
 
 
-def pruned_moments(runner: Runner, site: MlpSite, original: MlpSite) -> Moments:
+def pruned_moments(run: Pass, site: MlpSite, original: MlpSite) -> Moments:
     """Moments of the CUT ``site``'s hidden activations (after its own hidden norms) against the
     ORIGINAL MLP's down output on the same input: one pass to ``site``."""
     mom = Moments(site.name, site.down.bias is not None)
@@ -102,7 +154,7 @@ def pruned_moments(runner: Runner, site: MlpSite, original: MlpSite) -> Moments:
 
     handle = original.down.register_forward_hook(take_target)
     try:
-        runner.run_to(site, [(site.module, "pre", run_original), (site.down, "pre", take_hidden)])
+        run(site.module, [(site.module, "pre", run_original), (site.down, "pre", take_hidden)], site.name)
     finally:
         handle.remove()
     return mom.check()

@@ -44,6 +44,10 @@ class CalibrationSettings:
                                     metavar="F", group=GROUP)
     allocate_ceiling: float = setting(2.0, "with --allocate global: no MLP wider than this times the uniform width "
                                            "(nor its original width)", metavar="F", group=GROUP)
+    calibration_sweep: bool = setting(True, "run the tower's blocks one at a time on stored hidden states (a few "
+                                            "forward passes in all, whatever the depth)", group=GROUP,
+                                      off="run full forward passes up to every MLP instead (about depth/2 passes: "
+                                          "what models whose blocks cannot run one by one fall back to)")
     calibration_batch_size: int = setting(32, "images per calibration forward", metavar="B", group=GROUP)
     calibration_device: str = setting("auto", "where the calibration forward runs (auto: cuda when available)",
                                       group=GROUP)
