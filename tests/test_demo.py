@@ -29,6 +29,7 @@ def test_demo_writes_everything(demo_dir):
     report = (demo_dir / "report.md").read_text()
     assert "| teacher |" in report and "diversity r=1" in report and "random r=0.5" in report
     assert "diversity+comp r=1" in report and "diversity+comp+global r=0.5" in report
+    assert "kNN ≈ teacher at step (images)" in report and "val_loss max ÷ step 0" in report and "Checks:" in report
 
 
 def test_results_schema_and_numbers(demo_dir):
@@ -81,3 +82,54 @@ def test_rerun_reuses_teacher_and_is_deterministic(demo_dir, capsys):
     strip = lambda rows: [{k: v for k, v in row.items() if k not in TIMING} for row in rows]  # noqa: E731
     assert strip(second["students"]) == strip(first["students"])
     assert second["teacher"]["knn_top1"] == first["teacher"]["knn_top1"]
+
+
+def test_every_curve_starts_at_step_0_with_val_loss(demo_dir):
+    """val_loss from step 0 for every student, the best weights exported, the lr fitted to the start."""
+    r = json.loads((demo_dir / "results.json").read_text())
+    curves = json.loads((demo_dir / "curves.json").read_text())
+    for s in r["students"]:
+        name = f"{s['method']}-r{s['mlp_ratio']:g}-s{s['seed']}"
+        vals = [p for p in curves[name] if "val_loss" in p]
+        assert vals[0] == {"step": 0, "val_loss": s["val_loss_start"]} and s["val_loss_step0_logged"]
+        assert s["val_loss_max_ratio"] == pytest.approx(max(p["val_loss"] for p in vals) / vals[0]["val_loss"])
+        assert s["exported_step"] == s["best_step"] <= s["distill_steps"] <= r["settings"]["distill_steps"]
+        assert min(p["val_loss"] for p in vals) == pytest.approx(s["val_loss_best"])
+        exported = [p for p in curves[name] if p.get("exported")]
+        assert exported[0]["step"] == s["best_step"] and exported[0]["knn_top1"] == s["knn_top1_after"]
+        if s["knn_close_step"] is not None:
+            assert s["knn_close_images"] == s["knn_close_step"] * r["settings"]["distill_batch"]
+        # the paper's rate (1e-3 here) for weights-only prunes, a fraction of it for calibrated ones
+        if s["calibration"] is None:
+            assert s["peak_lr"] == pytest.approx(1e-3) and s["lr_factor"] == 1
+        else:
+            assert s["peak_lr"] < 1e-3 * 0.5 and s["relative_loss"] < 0.05
+    assert [c["check"].split(" ")[0] for c in r["checks"]] == ["every", "no", "every"]
+    assert all(isinstance(c["ok"], bool) and c["figure"] for c in r["checks"])
+
+
+def test_demo_checks_say_when_a_promise_is_broken():
+    from dgmr.demo import demo_checks
+
+    def row(method, cal, before, after, ratio):
+        return {"method": method, "mlp_ratio": 1.0, "seed": 0, "calibration": cal, "knn_top1_before": before,
+                "knn_top1_after": after, "val_loss_max_ratio": ratio, "val_loss_step0_logged": True}
+
+    good = [row("diversity+comp", {}, 0.97, 0.97, 1.05), row("diversity", None, 0.94, 0.96, 1.0)]
+    assert [c["ok"] for c in demo_checks({"students": good})] == [True, True, True]
+    bad = [row("diversity+comp", {}, 0.97, 0.965, 1.2), row("diversity", None, 0.94, 0.94, 1.0)]
+    checks = demo_checks({"students": bad})
+    assert [c["ok"] for c in checks] == [False, False, False]
+    assert "1.200" in checks[0]["figure"] and "-0.5 point" in checks[1]["figure"]
+
+
+def test_default_jobs_two_seeds_weights_only_three_calibrated():
+    """The full demo's students (what `make demo` trains; the 4-minute budget rests on it)."""
+    from dgmr.demo import DemoSettings, demo_jobs
+
+    jobs = demo_jobs(DemoSettings.make("unused"))
+    plain = [j for j in jobs if j.calibration is None]
+    cal = [j for j in jobs if j.calibration is not None]
+    assert len(plain) == 3 * 2 * 2 and {j.seed for j in plain} == {0, 1}
+    assert len(cal) == 3 * 3 and {j.seed for j in cal} == {0, 1, 2}
+    assert len({j.name for j in jobs}) == len(jobs)

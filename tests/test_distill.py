@@ -66,6 +66,11 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _losses(run: Path) -> list[float]:
+    """The training losses (the step-0 row holds only the val_loss)."""
+    return [r["loss"] for r in _metrics(run) if "loss" in r]
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model.safetensors"))
 
@@ -75,7 +80,9 @@ def test_loss_decreases_corrupt_counted_and_export_loads(tiny, tmp_path):
     r = distill(str(tiny["teacher"]), str(tiny["student"]), str(tiny["images"]), run, steps=12, batch_size=8,
                 lr=2e-3, log_every=1, workers=0, progress=False)
     rows = _metrics(run)
-    assert [row["step"] for row in rows] == list(range(1, 13))
+    assert [row["step"] for row in rows] == list(range(0, 13))  # step 0: the val_loss before any update
+    assert "val_loss" in rows[0] and "loss" not in rows[0]
+    rows = rows[1:]
     for key in ("step", "epoch", "loss", "loss_pooled", "loss_tokens", "lr", "images_per_s"):
         assert all(key in row for row in rows), key
     losses = [row["loss"] for row in rows]
@@ -142,15 +149,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert load_checkpoint(run)["step"] == 4  # checkpoints at 2 and 4; steps 5 ran and were lost
     assert not (run / "dgmr.json").exists()  # no export from a killed run
-    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in _metrics(run)] == [0, 1, 2, 3, 4, 5]
     # resume through the CLI (teacher/student/data come from the run), with a DataLoader worker this time
     assert main(["distill", "--out", str(run), "--resume", "--workers", "1", "--no-progress"]) == 0
     a, b = _weights(ref), _weights(run)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["step"] for r in _metrics(run)] == list(range(1, 9))
-    assert [r["loss"] for r in _metrics(run)] == pytest.approx([r["loss"] for r in _metrics(ref)], rel=1e-6)
+    assert [r["step"] for r in _metrics(run)] == list(range(0, 9))
+    assert _losses(run) == pytest.approx(_losses(ref), rel=1e-6)
 
 
 def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
@@ -163,7 +170,8 @@ def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProces
 def _gloo_args(tiny, run: Path) -> list[str]:
     return ["distill", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data",
             str(tiny["images"]), "--out", str(run), "--steps", "6", "--batch-size", "4", "--lr", "2e-3",
-            "--log-every", "1", "--save-every", "3", "--workers", "0", "--ema", "0.9", "--json", "--device", "cpu"]
+            "--log-every", "1", "--save-every", "3", "--workers", "0", "--ema", "0.9", "--json", "--device", "cpu",
+            "--val-fraction", "0.25", "--eval-every", "2"]  # 7 held-out images: 4 + 3 on the two ranks
 
 
 @pytest.fixture(scope="module")
@@ -172,29 +180,44 @@ def ddp_run(tiny) -> tuple[Path, subprocess.CompletedProcess]:
     return run, _torchrun(_gloo_args(tiny, run))
 
 
-def _check_gloo_run(run: Path, proc: subprocess.CompletedProcess) -> None:
+@pytest.fixture(scope="module")
+def one_process_val_loss(tiny) -> float:
+    """The step-0 val_loss of the gloo runs' student and held-out images, in one process."""
+    r = distill(str(tiny["teacher"]), str(tiny["student"]), str(tiny["images"]), tiny["root"] / "one", steps=1,
+                batch_size=4, val_fraction=0.25, workers=0, progress=False, device="cpu")
+    assert r["held_out"]["images"] == 7
+    return r["step0_val_loss"]
+
+
+def _check_gloo_run(run: Path, proc: subprocess.CompletedProcess, val0: float) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # rank 0 alone prints
     assert summary["world_size"] == 2 and summary["ranks_identical"] is True
     assert summary["global_batch"] == 8
     rows = _metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert [r["step"] for r in rows] == list(range(0, 7))
+    assert rows[-1]["loss"] < 0.8 * rows[1]["loss"]
+    # val_loss: each held-out image evaluated once over both ranks (one process gets the same value)
+    assert rows[0]["val_loss"] == summary["step0_val_loss"] == pytest.approx(val0, rel=1e-5)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4, 6] and summary["held_out"]["images"] == 7
     ckpt = load_checkpoint(run)
     assert ckpt["step"] == 6 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert dgmr.load(run) is not None
 
 
-def test_two_processes_gloo_ddp(ddp_run):
-    _check_gloo_run(*ddp_run)
+def test_two_processes_gloo_ddp(ddp_run, one_process_val_loss):
+    _check_gloo_run(*ddp_run, one_process_val_loss)
 
 
-def test_two_processes_gloo_fsdp(tiny, tmp_path, ddp_run):
+def test_two_processes_gloo_fsdp(tiny, tmp_path, ddp_run, one_process_val_loss):
     run = tmp_path / "fsdp"
-    _check_gloo_run(run, _torchrun(_gloo_args(tiny, run) + ["--fsdp"]))
-    # FSDP2 trains exactly what DDP trains (same data split, same math on CPU)
+    _check_gloo_run(run, _torchrun(_gloo_args(tiny, run) + ["--fsdp"]), one_process_val_loss)
+    # FSDP2 trains exactly what DDP trains (same data split, same math on CPU), evaluating the EMA
+    # swapped in and out between steps (the root's weights FSDP keeps gathered must not go stale)
     a, b = _weights(ddp_run[0]), _weights(run)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    vals = lambda rows: [r["val_loss"] for r in rows if "val_loss" in r]  # noqa: E731
+    assert vals(_metrics(run)) == pytest.approx(vals(_metrics(ddp_run[0])), rel=1e-5)
 
 
 def test_webdataset_shards_and_in_process_resume(tiny, tmp_path):
@@ -213,7 +236,7 @@ def test_webdataset_shards_and_in_process_resume(tiny, tmp_path):
     common = dict(steps=6, batch_size=5, lr=2e-3, log_every=1, save_every=3, workers=0, progress=False)
     ref = distill(str(tiny["teacher"]), str(tiny["student"]), spec, tmp_path / "ref", **common)
     assert ref["unreadable_images"] == 1 and ref["epochs"] == pytest.approx(6 / 4)  # 21 samples // 5
-    losses = [r["loss"] for r in _metrics(tmp_path / "ref")]
+    losses = _losses(tmp_path / "ref")
     assert losses[-1] < losses[0]
 
     _stopped_then_resumed([str(tiny["teacher"]), str(tiny["student"]), spec], tmp_path / "run", 4, **common)
@@ -332,10 +355,10 @@ def test_cli_config_file_with_flag_override_and_overwrite(tiny, tmp_path):
     assert main(argv) == 0
     saved = json.loads((run / "run_config.json").read_text())["settings"]
     assert (saved["steps"], saved["batch_size"], saved["loss"]) == (3, 4, "cosine")  # flag beats file
-    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    assert [r["step"] for r in _metrics(run)] == [0, 1, 2, 3]
     assert main(argv) == 2  # the run directory is not empty
     assert main(argv + ["--overwrite", "--steps", "1"]) == 0
-    assert [r["step"] for r in _metrics(run)] == [1]
+    assert [r["step"] for r in _metrics(run)] == [0, 1]
 
 
 def test_failed_compile_falls_back_to_eager_with_the_same_result(tiny, tmp_path, monkeypatch):
@@ -356,7 +379,8 @@ def test_failed_compile_falls_back_to_eager_with_the_same_result(tiny, tmp_path,
     assert r["steps"] == 3
     a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "fallback")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [row["loss"] for row in _metrics(tmp_path / "eager")] == [row["loss"] for row in _metrics(tmp_path / "fallback")]
+    assert _metrics(tmp_path / "eager")[0]["val_loss"] == _metrics(tmp_path / "fallback")[0]["val_loss"]
+    assert _losses(tmp_path / "eager") == _losses(tmp_path / "fallback")
 
 
 def test_compile_setting_is_checked_and_mutable_on_resume():
@@ -407,7 +431,8 @@ def test_resume_is_bit_identical_with_drop_path(tmp_path):
     _stopped_then_resumed(args, tmp_path / "run", 4, **kw)
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in _metrics(tmp_path / "ref")] == [r["loss"] for r in _metrics(tmp_path / "run")]
+    untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in rows]  # noqa: E731
+    assert untimed(_metrics(tmp_path / "ref")) == untimed(_metrics(tmp_path / "run"))  # losses and val_loss too
 
 
 def test_only_unreadable_images_fail_before_any_export(tmp_path, cli):

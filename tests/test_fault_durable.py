@@ -205,7 +205,8 @@ def tiny_demo(tmp_path_factory):
 
     def make(out, seed=0, quick=False):
         return DemoSettings(out=str(out), seed=seed, criteria=("l2",), ratios=(1.0,), seeds=1, teacher_epochs=1,
-                            distill_steps=3, distill_batch=32, curve_points=1, speed_batch=16, calibrated=())
+                            distill_steps=3, distill_batch=32, eval_every=1, knn_every=3, speed_batch=16,
+                            calibrated=())
 
     out = tmp_path_factory.mktemp("demo") / "run"
     with pytest.MonkeyPatch.context() as m:

@@ -228,7 +228,8 @@ def test_skipped_dataset_entries_are_counted_as_unreadable(tiny, tmp_path, cli):
     (images / "b" / "notes.txt").symlink_to(tmp_path / "nowhere.txt")  # not an image: an ignored file
     code, out, err = cli("distill", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data", images,
                          "--out", tmp_path / "run", "--steps", "2", "--batch-size", "11", "--workers", "0",
-                         "--device", "cpu", "--no-progress", "--no-tensorboard", "--json")
+                         "--device", "cpu", "--no-progress", "--no-tensorboard", "--json",
+                         "--val-fraction", "0")  # every entry goes through the training stream
     assert code == 0, err
     summary = json.loads(out)
     assert summary["ignored_files"] == 1 and summary["unreadable_images"] == 3, summary

@@ -254,7 +254,7 @@ def test_out_that_is_a_mount_point_is_refused_before_any_work(tmp_path, cli, mou
     runs = mounted(tmp_path / "runs", "64m")
     for extra in ((), ("--overwrite",)):  # a new run, then one replacing it (its files go, the mount stays)
         code, _, err = cli("distill", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data",
-                           tiny["images"], "--out", runs, "--steps", "1", "--batch-size", "4", "--workers", "0",
+                           tiny["images"], "--out", runs, "--steps", "1", "--batch-size", "3", "--workers", "0",
                            "--device", "cpu", "--no-progress", "--no-tensorboard", *extra)
         assert code == 0, err
         assert os.path.ismount(runs) and (runs / "checkpoint.pt").is_file() and (runs / RECORD).is_file()

@@ -114,8 +114,8 @@ def test_distill_checkpoint_export_and_resume_on_a_full_disk(tiny, tmp_path, cli
     assert code == 0, err
     summary = json.loads(out)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert summary["final_loss"] == rows[-1]["loss"] and summary["first_loss"] == rows[0]["loss"]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert summary["final_loss"] == rows[-1]["loss"] and summary["first_loss"] == rows[1]["loss"]
     assert json.loads((run / "dgmr.json").read_text())["distill"]["final_loss"] == rows[-1]["loss"]
 
 

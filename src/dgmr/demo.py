@@ -4,10 +4,11 @@ Data: the UCI handwritten digits scikit-learn ships (1,797 real 8x8 images, 10 c
 upsampled to 16x16, a fixed stratified train/test split. A small ViT (timm's real
 ``VisionTransformer``) is trained from scratch on the train split with labels; then for
 every criterion x mlp ratio x seed, the teacher is pruned with ``dgmr.prune``, distilled on
-the *unlabeled* train images with ``dgmr.distill.distill``, and teacher / pruned / distilled
-models are scored with the evaluation code (kNN on pooled features, the classifier head),
-plus params, FLOPs and measured CPU throughput. Outputs: a terminal table, ``report.md``,
-``results.json`` and PNG plots.
+the *unlabeled* train images with ``dgmr.distill.distill`` (its defaults: a held-out slice,
+val_loss from step 0, the lr fitted to the start, the best weights exported; early stopping
+on), and teacher / pruned / distilled models are scored with the evaluation code (kNN on
+pooled features, the classifier head), plus params, FLOPs and measured CPU throughput.
+Outputs: a terminal table, ``report.md``, ``results.json`` and PNG plots.
 """
 from __future__ import annotations
 
@@ -55,14 +56,29 @@ class DemoSettings:
     quick: bool = False
     criteria: tuple[str, ...] = ("diversity", "l2", "random")
     ratios: tuple[float, ...] = (1.0, 0.5)
-    seeds: int = 3
+    # weights-only students: 2 seeds (each distills all its steps, most of the demo's time);
+    # calibrated ones stop after 10-35 steps, so 3 seeds cost little
+    seeds: int = 2
+    calibrated_seeds: int = 3
     teacher_epochs: int = 20
     teacher_lr: float = 1e-3
     teacher_batch: int = 32
     distill_steps: int = 80
     distill_batch: int = 64
-    distill_lr: float = 1e-3
-    curve_points: int = 4
+    # the paper's rule gives base_lr x 64 / 256 = 1e-3, the lr this tiny model recovers with from a
+    # weights-only prune; the fit rule scales it down for students that start near the teacher
+    distill_base_lr: float = 4e-3
+    distill_lr: float | None = None  # an explicit peak lr (the rule is then not used)
+    lr_rule: str = "fit"
+    eval_every: int = 5  # val_loss every 5 steps
+    # stop after 2 evaluations (10 steps) that together gained less than 10% of val_loss: a
+    # calibrated student after 10-35 steps, a weights-only one in the cosine's tail
+    early_stop: int | None = 2
+    min_delta: float = 0.1
+    export: str = "best"
+    # kNN every 20 steps until the student is within 0.5 point of the teacher (the report's "kNN ≈
+    # teacher at step"), then at the exported step only: a kNN score costs about 5 training steps
+    knn_every: int = 20
     speed_batch: int = 256
     # calibrated students (docs/calibration.md): diversity + compensation at these (ratio, allocation)
     calibrated: tuple[tuple[float, str], ...] = ((1.0, "uniform"), (0.5, "uniform"), (0.5, "global"))
@@ -72,8 +88,8 @@ class DemoSettings:
     @classmethod
     def make(cls, out: str | os.PathLike = "runs/demo", seed: int = 0, quick: bool = False) -> "DemoSettings":
         if quick:  # the test suite runs this end to end: every criterion and ratio, one seed, short runs
-            return cls(out=str(out), seed=seed, quick=True, seeds=1, teacher_epochs=10, distill_steps=20,
-                       curve_points=2, speed_batch=128)
+            return cls(out=str(out), seed=seed, quick=True, seeds=1, calibrated_seeds=1, teacher_epochs=10,
+                       distill_steps=20, eval_every=2, knn_every=10, speed_batch=128)
         return cls(out=str(out), seed=seed)
 
 
@@ -234,7 +250,7 @@ def demo_jobs(s: DemoSettings) -> list[Job]:
     jobs = [Job(c, r, s.seed + k) for r in s.ratios for c in s.criteria for k in range(s.seeds)]
     for r, alloc in s.calibrated:
         cal = {"images": s.calibration_images, "compensate": True, "allocate": alloc, "criterion": "diversity"}
-        jobs += [Job("diversity", r, s.seed + k, cal) for k in range(s.seeds)]
+        jobs += [Job("diversity", r, s.seed + k, cal) for k in range(s.calibrated_seeds)]
     return jobs
 
 
@@ -252,7 +268,8 @@ def prune_student(teacher: nn.Module, job: Job, data: dict[str, torch.Tensor], s
 
 def first_close_step(curve: list[dict[str, Any]], teacher_knn: float) -> int | None:
     """The first evaluated distillation step (0: before distillation) with kNN within KNN_CLOSE of the teacher."""
-    return next((c["step"] for c in curve if c["knn_top1"] >= teacher_knn - KNN_CLOSE - 1e-9), None)
+    return next((c["step"] for c in curve if "knn_top1" in c and c["knn_top1"] >= teacher_knn - KNN_CLOSE - 1e-9),
+                None)
 
 
 def _cost(model: nn.Module) -> dict[str, int]:
@@ -292,40 +309,60 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: bool
         return _run(s, outp, progress)
 
 
+def distill_settings(s: DemoSettings, seed: int) -> dict[str, Any]:
+    """The ``distill`` settings of every demo student."""
+    return dict(steps=s.distill_steps, batch_size=s.distill_batch, base_lr=s.distill_base_lr, lr=s.distill_lr,
+                lr_rule=s.lr_rule, eval_every=s.eval_every, early_stop=s.early_stop, min_delta=s.min_delta,
+                export=s.export, seed=seed, log_every=1, save_every=0, workers=0, tensorboard=False, device="cpu")
+
+
 def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: Source, data: dict[str, torch.Tensor],
-                       s: DemoSettings, outp: Path, teacher_knn: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Distill one pruned ``student`` (in place), scoring it along the way: its results row and curve."""
+                       s: DemoSettings, outp: Path, teacher_knn: float, before: dict[str, float]
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Distill one pruned ``student`` (in place; it ends holding the exported weights), scoring
+    it every ``knn_every`` steps: its results row and curve (training loss, val_loss, kNN)."""
     from .distill import distill
     from .distill.rundir import METRICS, read_metrics
 
-    eval_every = max(1, s.distill_steps // s.curve_points)
-    before = score(student, data)
     curve = [{"step": 0, **before}]
 
     def on_step(info: dict[str, Any]) -> None:
-        if info["step"] % eval_every == 0 or info["step"] == info["total_steps"]:
+        if info["step"] % s.knn_every == 0 and first_close_step(curve, teacher_knn) is None:
             curve.append({"step": info["step"], **score(student, data)})
 
     run_dir = outp / "students" / job.name
     try:
         summary = distill(teacher, student, _Images(data["x_train"]), run_dir, overwrite=True, progress=False,
-                          on_step=on_step, student_source=src, steps=s.distill_steps, batch_size=s.distill_batch,
-                          lr=s.distill_lr, seed=job.seed, log_every=1, save_every=0, workers=0, tensorboard=False,
-                          device="cpu")
+                          on_step=on_step, student_source=src, **distill_settings(s, job.seed))
     except Preempted as e:  # its models are in memory: no --resume to offer; stopped like any other command
         raise Terminated(e.signum or signal.SIGTERM) from None
-    after = curve[-1] if curve[-1]["step"] == summary["steps"] else score(student, data)
-    losses = [row for _, row in read_metrics(run_dir / METRICS)]
+    exported = summary["exported"]["step"]
+    after = next((c for c in curve if c["step"] == exported), None)
+    if after is None:  # a step kNN was not scored at: the exported weights count as scored there too
+        after = {"step": exported, **score(student, data)}
+        curve = sorted(curve + [after], key=lambda c: c["step"])
+    rows = [row for _, row in read_metrics(run_dir / METRICS)]
+    losses = [r for r in rows if "loss" in r]
+    vals = [r for r in rows if "val_loss" in r]
+    close = first_close_step(curve, teacher_knn)
     row = {
         "criterion": job.criterion, "method": job.method, "mlp_ratio": job.ratio, "seed": job.seed,
         "calibration": job.calibration, "arch": job.arch, **_cost(student),
         "knn_top1_before": before["knn_top1"], "head_top1_before": before["head_top1"],
         "knn_top1_after": after["knn_top1"], "head_top1_after": after["head_top1"],
-        "knn_close_step": first_close_step(curve, teacher_knn),
+        "knn_close_step": close, "knn_close_images": None if close is None else close * summary["global_batch"],
         "loss_first": losses[0]["loss"], "loss_last": losses[-1]["loss"],
+        "val_loss_start": summary["step0_val_loss"], "val_loss_best": summary["best_val_loss"],
+        "val_loss_max_ratio": max(r["val_loss"] for r in vals) / vals[0]["val_loss"],
+        "val_loss_step0_logged": vals[0]["step"] == 0, "best_step": summary["best_step"],
+        "exported_step": exported, "stopped": summary["stopped"], "peak_lr": summary["peak_lr"],
+        "lr_factor": summary["lr"].get("factor"), "relative_loss": summary["lr"].get("relative_loss"),
         "distill_steps": summary["steps"], "distill_seconds": summary.get("seconds"),
     }
-    return row, [{"step": m["step"], "loss": m["loss"]} for m in losses] + [{**c, "acc": True} for c in curve]
+    curve_out = ([{"step": m["step"], "loss": m["loss"]} for m in losses]
+                 + [{"step": m["step"], "val_loss": m["val_loss"]} for m in vals]
+                 + [{**c, "acc": True} for c in curve] + [{**after, "acc": True, "exported": True}])
+    return row, curve_out
 
 
 def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
@@ -340,17 +377,19 @@ def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
     students: list[dict[str, Any]] = []
     curves: dict[str, list[dict[str, Any]]] = {}
     archs: dict[str, nn.Module] = {}
-    calibrated: dict[str, nn.Module] = {}  # a calibrated diversity prune does not depend on the seed: one per arch
+    # calibrated and weights-only diversity and l2 prunes do not depend on the seed: one prune (and
+    # one score before distillation) each
+    pruned: dict[str, tuple[nn.Module, dict[str, float]]] = {}
     bar = tqdm(demo_jobs(s), desc="prune + distill students", unit="student", disable=not progress)
     for job in bar:
         bar.set_postfix_str(job.name)
-        if job.calibration is None:
+        key = job.arch + job.method + (f"-s{job.seed}" if job.criterion == "random" else "")
+        if key not in pruned:
             student = prune_student(teacher, job, data, src)
-        else:
-            if job.arch + job.method not in calibrated:
-                calibrated[job.arch + job.method] = prune_student(teacher, job, data, src)
-            student = copy.deepcopy(calibrated[job.arch + job.method])
-        row, curves[job.name] = _distilled_student(job, student, teacher, src, data, s, outp, teacher_scores["knn_top1"])
+            pruned[key] = (student, score(student, data))
+        student, before = copy.deepcopy(pruned[key][0]), pruned[key][1]
+        row, curves[job.name] = _distilled_student(job, student, teacher, src, data, s, outp, teacher_scores["knn_top1"],
+                                                   before)
         students.append(row)
         archs.setdefault(job.arch, student)
     speed = measure_speed({"teacher": teacher, **archs},
@@ -363,6 +402,7 @@ def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
                "data": {"name": "sklearn digits (UCI)", "train": len(data["y_train"]), "test": len(data["y_test"]),
                         "image_size": IMAGE_SIZE}}
     results["summary"] = summarize(results)
+    results["checks"] = demo_checks(results)
     write_json(outp / "results.json", results)
     write_json(outp / "curves.json", curves)
     with atomic_path(outp / "recovery.png", "a plot") as tmp:  # the temporary name keeps .png: matplotlib's format
@@ -386,8 +426,12 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         agg: dict[str, Any] = {"criterion": rows[0]["criterion"], "method": method, "mlp_ratio": r,
                                "calibration": rows[0].get("calibration"), "seeds": len(rows),
                                "params": rows[0]["params"], "flops": rows[0]["flops"],
-                               "mlp_params": rows[0]["mlp_params"], "images_per_s": rows[0]["images_per_s"],
-                               "knn_close_steps": [row.get("knn_close_step") for row in rows]}
+                               "mlp_params": rows[0]["mlp_params"], "images_per_s": rows[0]["images_per_s"]}
+        for key, per_seed in (("knn_close_steps", "knn_close_step"), ("knn_close_images", "knn_close_images"),
+                              ("steps_run", "distill_steps"), ("best_steps", "best_step"), ("stopped", "stopped"),
+                              ("lr_factors", "lr_factor")):
+            agg[key] = [row.get(per_seed) for row in rows]
+        agg["val_loss_max_ratio"] = max(row["val_loss_max_ratio"] for row in rows)
         for key in ("knn_top1_before", "head_top1_before", "knn_top1_after", "head_top1_after"):
             vals = [row[key] for row in rows]
             agg[key] = statistics.fmean(vals)
@@ -398,3 +442,35 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         agg["mlp_param_reduction"] = 1 - agg["mlp_params"] / t["mlp_params"]
         out.append(agg)
     return out
+
+
+VAL_RISE = 1.1  # a calibrated student's val_loss stays within this factor of its step-0 value
+KNN_DROP = 0.002  # ... and it ends at most this far (0.2 point) below its kNN before distillation
+
+
+def demo_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the demo promises of distillation, checked on its own students: each check's
+    name, whether it held, and the figure behind it."""
+    cal = [r for r in results["students"] if r["calibration"] is not None]
+    plain = [r for r in results["students"] if r["calibration"] is None]
+    checks = []
+    if cal:
+        worst = max(cal, key=lambda r: r["val_loss_max_ratio"])
+        checks.append({"check": f"every calibrated student logs val_loss from step 0 and stays within "
+                                f"{VAL_RISE:g}x of it", "ok": all(r["val_loss_step0_logged"] for r in cal)
+                       and worst["val_loss_max_ratio"] <= VAL_RISE,
+                       "figure": f"highest val_loss / step-0 val_loss: {worst['val_loss_max_ratio']:.3f} "
+                                 f"({worst['method']} r={worst['mlp_ratio']:g} seed {worst['seed']})"})
+        drop = max(cal, key=lambda r: r["knn_top1_before"] - r["knn_top1_after"])
+        d = drop["knn_top1_before"] - drop["knn_top1_after"]
+        checks.append({"check": f"no calibrated student ends more than {100 * KNN_DROP:g} point kNN below its start",
+                       "ok": d <= KNN_DROP + 1e-9,
+                       "figure": f"worst kNN change: {-100 * d:+.1f} point ({drop['method']} r={drop['mlp_ratio']:g} "
+                                 f"seed {drop['seed']})"})
+    if plain:
+        gain = min(plain, key=lambda r: r["knn_top1_after"] - r["knn_top1_before"])
+        checks.append({"check": "every weights-only student improves with distillation",
+                       "ok": all(r["knn_top1_after"] > r["knn_top1_before"] for r in plain),
+                       "figure": f"smallest kNN gain: {100 * (gain['knn_top1_after'] - gain['knn_top1_before']):+.1f} "
+                                 f"point ({gain['method']} r={gain['mlp_ratio']:g} seed {gain['seed']})"})
+    return checks

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and write report.md, results.json and plots.")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo); a trained teacher "
                                                         "there is reused")
-    p.add_argument("--seed", type=int, default=0, help="base seed (students use seed, seed+1, seed+2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed (weights-only students use seed and seed+1, calibrated ones seed to seed+2)")
     p.add_argument("--quick", action="store_true", help="one seed and short runs (under a minute)")
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
     p.set_defaults(func=_demo)

@@ -9,14 +9,19 @@ DataLoader workers, and a resumed run sees exactly the images and crops it would
 
 Unreadable or corrupt images are not fatal: the loader drops them from their batch and
 reports them (see :func:`collate`), and the training loop counts them.
+
+:func:`split_held_out` sets a fixed, seeded slice of a source aside (distillation's held-out
+images, never trained on): listed items are taken out of the list; WebDataset samples are read
+from the first shards in a seeded order and skipped by the training stream (``exclude``).
 """
 from __future__ import annotations
 
+import math
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -56,12 +61,42 @@ class TrainTransform:
         size = [self.image_size, self.image_size]
         if isinstance(img, torch.Tensor):
             x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
-            x = TF.resized_crop(x, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+            # what TF.resized_crop does to a float tensor (the box lies inside the image), without
+            # its wrappers: small in-memory images are cropped thousands of times a second
+            x = torch.nn.functional.interpolate(x[None, :, top:top + h, left:left + w], size=size, mode="bicubic",
+                                                align_corners=False, antialias=True)[0].clamp_(0, 1)
         else:
             x = TF.to_tensor(TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BICUBIC))
         if flip:
-            x = TF.hflip(x)
-        return TF.normalize(x, list(self.mean), list(self.std))
+            x = x.flip(-1)
+        return x.sub_(self._mean).div_(self._std)  # TF.normalize's arithmetic, the tensors made once
+
+    def __post_init__(self) -> None:
+        self._mean = torch.tensor(list(self.mean), dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(list(self.std), dtype=torch.float32).view(-1, 1, 1)
+
+
+@dataclass
+class EvalTransform:
+    """A model's evaluation transform (a PIL image in, a normalised tensor out) called as
+    :class:`TrainTransform` is: an in-memory tensor becomes an 8-bit PIL image first, and the
+    generator is not used (nothing is random)."""
+
+    transform: Callable[[Image.Image], torch.Tensor]
+
+    def __call__(self, img: Image.Image | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if isinstance(img, torch.Tensor):
+            x = img if img.dtype == torch.uint8 else (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            img = TF.to_pil_image(x)
+        return self.transform(img)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes held in memory (a held-out WebDataset sample), with its name."""
+
+    name: str
+    data: bytes
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -89,6 +124,8 @@ class ImageDataset(Dataset):
             item = item[0]
         if isinstance(item, (str, os.PathLike)):
             return open_image(item)
+        if isinstance(item, EncodedImage):
+            return open_image(item.data, name=item.name)
         if isinstance(item, Image.Image):
             return to_rgb(item, f"{self.name}[{index}]")
         if isinstance(item, torch.Tensor) and item.ndim == 3 and item.shape[0] in (1, 3):
@@ -101,9 +138,14 @@ class ImageDataset(Dataset):
             img = self._load(index)
             return self.transform(img, sample_generator(self.seed, epoch, index)), None
         except (UnreadableImage, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            item = self.items[index]
-            where = printable(os.fspath(item)) if isinstance(item, (str, os.PathLike)) else f"{self.name}[{index}]"
-            return None, f"{where}: {_reason(e)}"
+            return None, f"{self.where(index)}: {_reason(e)}"
+
+    def where(self, index: int) -> str:
+        """Item ``index`` as the list of unreadable images names it."""
+        item = self.items[index]
+        if isinstance(item, (str, os.PathLike)):
+            return printable(os.fspath(item))
+        return printable(item.name) if isinstance(item, EncodedImage) else f"{self.name}[{index}]"
 
 
 def _identity(x: Any) -> Any:
@@ -138,13 +180,14 @@ class ShardImages(IterableDataset):
     (seed, p). Shards are split across (rank, worker) streams when there are enough of
     them, otherwise every stream reads all shards and keeps every n-th sample. The
     stream for DataLoader worker w starts ``skip_batches`` of its batches late, without
-    decoding them (resume)."""
+    decoding them (resume). Samples named in ``exclude`` (held out) are passed over."""
 
     def __init__(self, urls: Sequence[str], transform: TrainTransform, *, seed: int = 0, rank: int = 0,
-                 world: int = 1, batch_size: int = 1, skip_batches: int = 0, samples_per_pass: int | None = None):
+                 world: int = 1, batch_size: int = 1, skip_batches: int = 0, samples_per_pass: int | None = None,
+                 exclude: frozenset[str] = frozenset()):
         self.urls, self.transform, self.seed = list(urls), transform, seed
         self.rank, self.world, self.batch_size, self.skip_batches = rank, world, batch_size, skip_batches
-        self.samples_per_pass = samples_per_pass
+        self.samples_per_pass, self.exclude = samples_per_pass, exclude
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, str | None]]:
         import webdataset as wds
@@ -170,16 +213,13 @@ class ShardImages(IterableDataset):
             for n, sample in enumerate(pipe):
                 if not split_shards and n % streams != stream:
                     continue
-                key = sample.get("__key__", "")
-                data = next((v for k, v in sample.items() if "." + k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-                             and isinstance(v, bytes)), None)
-                if data is None:
+                where, data = sample_image(sample)
+                if data is None or where in self.exclude:
                     continue
                 if skip:
                     skip -= 1
                     skipped += 1
                     continue
-                where = printable(f"{sample.get('__url__', '?')}:{key}")
                 try:
                     img = open_image(data, name=where)
                 except (UnreadableImage, OSError, ValueError) as e:
@@ -190,6 +230,13 @@ class ShardImages(IterableDataset):
             if not decoded and not skipped:
                 return  # a whole pass without one readable image (none, or all corrupt): let the loader end
             p += 1
+
+
+def sample_image(sample: dict[str, Any]) -> tuple[str, bytes | None]:
+    """A WebDataset sample's name (``url:key``) and its image bytes (None: no image in it)."""
+    data = next((v for k, v in sample.items() if "." + k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+                 and isinstance(v, bytes)), None)
+    return printable(f"{sample.get('__url__', '?')}:{sample.get('__key__', '')}"), data
 
 
 def hash_str(s: str) -> int:
@@ -223,6 +270,7 @@ class DataSource:
     description: str
     num_samples: int | None  # None: unknown (remote shards)
     ignored_files: int = 0
+    exclude: frozenset[str] = frozenset()  # shards: the samples held out (:func:`split_held_out`)
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -306,6 +354,79 @@ def _shards(urls: list[str], description: str) -> DataSource:
     if n == 0:
         raise DgmrError(f"no images in the shards {description}")
     return DataSource("shards", urls, f"{len(urls)} shards ({description})", n)
+
+
+def held_out_count(n: int | None, fraction: float, cap: int) -> int:
+    """How many images a held-out slice of ``n`` takes: ``fraction`` of them rounded up, at
+    most ``cap`` (``cap`` when ``n`` is unknown); 0 when ``fraction`` is 0."""
+    if fraction <= 0 or cap <= 0:
+        return 0
+    return cap if n is None else min(cap, math.ceil(fraction * n))
+
+
+def pick_images(source: DataSource, count: int, seed: int) -> list[Any]:
+    """``count`` items of ``source`` (all of them when it holds fewer), chosen by ``seed``:
+    a seeded permutation's first, or the first image samples of the shards in a seeded order."""
+    if source.kind == "shards":
+        return _shard_images(source.items, count, seed)
+    n = source.num_samples
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [source.items[i] for i in sorted(order[:count])]
+
+
+def split_held_out(source: DataSource, count: int, seed: int) -> tuple[DataSource, list[Any]]:
+    """(the training source, ``count`` held-out items): a fixed slice of ``source`` chosen by
+    ``seed``, which the training source no longer holds. Listed items: a seeded permutation's
+    first ``count``; shards: the first ``count`` image samples of the shards in a seeded order."""
+    if count <= 0:
+        return source, []
+    if source.kind == "shards":
+        return _split_shards(source, count, seed)
+    n = source.num_samples
+    if count >= n:
+        raise DgmrError(f"holding out {count} of the {n} images of {source.description} leaves none to train on: "
+                        "lower --val-fraction or give --val-data")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(order[:count]), sorted(order[count:])
+    items = source.items
+    if isinstance(items, Dataset):
+        train_items: Any = torch.utils.data.Subset(items, kept)
+        val = [items[i] for i in held]
+    else:
+        train_items, val = [items[i] for i in kept], [items[i] for i in held]
+    train = DataSource(source.kind, train_items, f"{source.description} less {count} held out", n - count,
+                       source.ignored_files)
+    return train, val
+
+
+def _shard_images(urls: list[str], count: int, seed: int) -> list[EncodedImage]:
+    """The first ``count`` image samples of the shards in a seeded order, held in memory."""
+    import webdataset as wds
+
+    order = torch.randperm(len(urls), generator=torch.Generator().manual_seed(seed)).tolist()
+    held: list[EncodedImage] = []
+    for i in order:
+        pipe = wds.WebDataset([urls[i]], shardshuffle=False, nodesplitter=_identity, workersplitter=_identity,
+                              empty_check=False, handler=wds.warn_and_continue)
+        for sample in pipe:
+            where, data = sample_image(sample)
+            if data is not None:
+                held.append(EncodedImage(where, data))
+            if len(held) == count:
+                return held
+    return held
+
+
+def _split_shards(source: DataSource, count: int, seed: int) -> tuple[DataSource, list[Any]]:
+    held = _shard_images(source.items, count, seed)
+    n = source.num_samples
+    if n is not None and len(held) >= n:
+        raise DgmrError(f"holding out {len(held)} of the {n} images of {source.description} leaves none to train on: "
+                        "lower --val-fraction or give --val-data")
+    train = DataSource("shards", source.items, f"{source.description} less {len(held)} held out",
+                       None if n is None else n - len(held), source.ignored_files,
+                       frozenset(h.name for h in held))
+    return train, held
 
 
 class RunSampler(torch.utils.data.Sampler):

@@ -50,7 +50,7 @@ class Loader:
                       worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
         if self.source.kind == "shards":
             ds = ShardImages(self.source.items, self.transform, seed=s.seed, rank=info.rank, world=info.world,
-                             batch_size=s.batch_size, skip_batches=start_micro)
+                             batch_size=s.batch_size, skip_batches=start_micro, exclude=self.source.exclude)
             micro = start_micro
             for x, bad in DataLoader(ds, **common):
                 yield (micro // (steps_per_epoch * s.accum) if steps_per_epoch else 0), x, bad

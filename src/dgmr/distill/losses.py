@@ -1,10 +1,15 @@
-"""The distillation objective and its schedules: feature loss, lr and weight-decay curves."""
+"""The distillation objective and its schedules: feature loss, lr and weight-decay curves, and
+which parameters are decayed."""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+# parameters AdamW does not decay besides biases and norms (ndim < 2): tokens and position embeddings
+NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "reg_token", "class_embedding", "positional_embedding")
 
 
 def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], kind: str = "mse",
@@ -38,3 +43,13 @@ def wd_at(step: int, total: int, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+
+
+def decay_groups(trainable: list[tuple[str, nn.Parameter]]) -> list[dict]:
+    """AdamW parameter groups: weight decay (``wd_scale`` 1) on weights, none on biases, norms,
+    tokens and position embeddings."""
+    decay = [p for n, p in trainable if p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES)]
+    ids = {id(p) for p in decay}
+    no_decay = [p for _, p in trainable if id(p) not in ids]
+    groups = [{"params": decay, "wd_scale": 1.0}, {"params": no_decay, "wd_scale": 0.0}]
+    return [g for g in groups if g["params"]]

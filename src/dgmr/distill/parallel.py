@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core import dist as D
-from ..core.errors import first_line
+from ..core.errors import DgmrError, first_line
 from ..models.families import Family
 
 
@@ -190,3 +190,24 @@ def set_full_state_dicts(model: nn.Module, optim: torch.optim.Optimizer, model_s
 
     set_state_dict(model, optim, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(full_state_dict=True))
+
+
+def load_training_state(model: nn.Module, optim: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+                        ckpt: dict[str, Any], *, sharded: bool, where: str) -> None:
+    """A checkpoint's student, optimizer and EMA into a (possibly sharded) model, optimizer and
+    EMA; a checkpoint that does not fit is one error, ``where`` and torch's telling line."""
+    if sharded:
+        set_full_state_dicts(model, optim, ckpt["student"], ckpt["optimizer"])
+    else:
+        try:
+            model.load_state_dict(ckpt["student"])
+            optim.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                          first_line(e))  # torch's first line only says "Error(s) in loading state_dict"
+            raise DgmrError(f"{where}: {detail[:300]}") from None
+    if ema is not None:
+        with torch.no_grad():
+            for n, t in ema.items():
+                copy_full_(t, ckpt["ema"][n])

@@ -5,13 +5,15 @@ frozen, eval mode, no grad, never wrapped. The student (a pruned copy, same fami
 same augmented batch and learns to reproduce the teacher's final-layer features
 (``family.features``: pooled/CLS feature + patch tokens) with MSE (or cosine) losses, weighted
 1:1 by default. The optimiser and schedule default to the paper's recipe: AdamW betas
-(0.9, 0.95), lr = base_lr x global_batch / 256, linear warmup then cosine down to min_lr,
-weight decay cosine 0.04 -> 0.2, optional EMA.
+(0.9, 0.95), lr = base_lr x global_batch / 256 (scaled down for a student that starts near
+its teacher: :mod:`.lr_rule`), linear warmup then cosine down to min_lr, weight decay cosine
+0.04 -> 0.2, optional EMA. The same loss on held-out images (``val_loss``, from step 0), the
+best weights and early stopping are :mod:`.validation`'s.
 
-:func:`distill` is the entry point; it builds a :class:`DistillRecipe` and runs its phases
-(:meth:`DistillRecipe.run` lists them in order); the recipe owns the phase order and the
-training step and delegates the rest. It runs alone on a CPU or GPU or under ``torchrun``
-(DDP by default, FSDP2 ``fully_shard`` per transformer block with ``fsdp=True``:
+:func:`~dgmr.distill.distill` is the entry point; it builds a :class:`DistillRecipe` and runs
+its phases (:meth:`DistillRecipe.run` lists them in order); the recipe owns the phase order
+and the training step and delegates the rest. It runs alone on a CPU or GPU or under
+``torchrun`` (DDP by default, FSDP2 ``fully_shard`` per transformer block with ``fsdp=True``:
 :mod:`.parallel`). Only rank 0 writes: the run directory and its files are :mod:`.rundir`'s,
 the training state and the checkpoint format :mod:`.state`'s. :mod:`.pair` opens and pairs
 teacher and student; :mod:`.preemption` turns a stop signal into a checkpoint and a clean stop.
@@ -19,7 +21,6 @@ teacher and student; :mod:`.preemption` turns a stop signal into a checkpoint an
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import sys
@@ -31,28 +32,29 @@ import torch
 from torch import nn
 
 from ..core import dist as D
-from ..core.errors import DgmrError, Preempted, first_line
+from ..core.errors import DgmrError, Preempted
 from ..data.unlabeled import DataSource, TrainTransform, resolve_data
 from ..io.images import printable
 from ..io.output import write_json
 from ..models.artifact import load_kept_indices
 from ..models.families import Family
+from ..models.preprocess import eval_transform
 from ..models.sources import Source
 from .loader import Loader, default_workers
-from .losses import feature_loss, lr_at, wd_at
-from .pair import check_pair, module_state, open_model, probe_trainable, restore_module_state
+from .losses import decay_groups, feature_loss, lr_at, wd_at
+from .lr_rule import choose_peak_lr, paper_lr
+from .pair import check_pair, open_model, probe_trainable
 from .parallel import (
     FeatureCalls,
     FeatureNet,
     attention_backend,
     compile_mode,
-    copy_full_,
     fingerprint,
     full_model_state_dict,
     full_state_dicts,
     full_tensor,
+    load_training_state,
     local_tensor,
-    set_full_state_dicts,
     unsharded_copy,
     wrap_student,
 )
@@ -64,12 +66,14 @@ from .rundir import (
     SUMMARY,
     MetricsLog,
     RunDir,
+    check_resumed_held_out,
     export_student,
     first_logged_loss,
     last_logged_loss,
     load_checkpoint,
     resume_settings,
     resumed_inputs,
+    resumed_val_data,
     resumed_workers,
     run_config,
     run_summary,
@@ -77,11 +81,11 @@ from .rundir import (
 )
 from .settings import DEFAULT_EPOCHS, DistillSettings
 from .state import BackgroundWriter, TrainState, atomic_torch_save, checkpoint_dict, to_cpu
+from .validation import BestWeights, HeldOut, Tracker, ValLoss, evaluated_weights, held_out_images, progress_postfix
 
-__all__ = ["DistillRecipe", "distill"]
+__all__ = ["DistillRecipe"]
 
-# parameters AdamW does not decay besides biases and norms (ndim < 2): tokens and position embeddings
-NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "reg_token", "class_embedding", "positional_embedding")
+EVALUATIONS = 20  # evaluations over a run when eval_every is unset
 
 
 class DistillRecipe:
@@ -90,11 +94,13 @@ class DistillRecipe:
     Each ``setup_*`` phase owns the attributes it sets: :meth:`resolve_settings` ``settings``
     (and ``saved``, the run_config of a resumed run); :meth:`setup_models` the models, their
     family, device and precision, and ``trainable`` (the probe's verdict); :meth:`setup_data`
-    the loader and the run's numbers (``total`` steps, ``peak_lr`` ...); :meth:`wrap` ``net``
-    (the student's feature call, inside DDP/FSDP) and ``calls`` (what a step runs, compiled or
-    not); :meth:`setup_optimizer` ``optim`` and the EMA; :meth:`setup_logging` the metrics log
-    (metrics.jsonl, TensorBoard) and progress bar. What changes while training is in ``state``
-    (a :class:`~.state.TrainState`).
+    the loader, the held-out images and the run's numbers (``total`` steps, ``eval_every`` ...);
+    :meth:`wrap` ``net`` (the student's feature call, inside DDP/FSDP) and ``calls`` (what a
+    step runs, compiled or not); :meth:`setup_optimizer` ``optim`` and the EMA;
+    :meth:`evaluate_start` the step-0 ``val_loss`` and ``peak_lr`` (:meth:`load_checkpoint` on
+    resume); :meth:`setup_logging` the metrics log (metrics.jsonl, TensorBoard) and progress
+    bar. What changes while training is in ``state`` (a :class:`~.state.TrainState`),
+    ``tracker`` (val_loss so far: :class:`~.validation.Tracker`) and ``best`` (the best weights).
     """
 
     settings: DistillSettings
@@ -113,13 +119,19 @@ class DistillRecipe:
     metrics: MetricsLog
     total: int
     steps_per_epoch: int
+    held_out: HeldOut | None
+    eval_every: int
+    peak_lr: float
+    lr_choice: dict[str, Any]
 
     def __init__(self, teacher: nn.Module | str | os.PathLike | None, student: nn.Module | str | os.PathLike | None,
-                 data: Any, out: Path, *, info: D.DistInfo, config: str | os.PathLike | dict[str, Any] | None = None,
-                 overrides: dict[str, Any] | None = None, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None,
-                 student_source: Source | None = None, t_start: float | None = None):
+                 data: Any, out: Path, *, info: D.DistInfo, val_data: Any = None,
+                 config: str | os.PathLike | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 on_step: Callable[[dict[str, Any]], None] | None = None, student_source: Source | None = None,
+                 t_start: float | None = None):
         self.teacher, self.student, self.data, self.out = teacher, student, data, Path(out)
+        self.val_data = val_data
         self.info, self.config, self.overrides = info, config, dict(overrides or {})
         self.resume, self.progress = resume, progress
         self.on_step, self.student_source = on_step, student_source
@@ -127,6 +139,7 @@ class DistillRecipe:
         self.saved = None
         self.run_dir = RunDir(self.out, info, resume=resume, overwrite=overwrite)
         self.state = TrainState()
+        self.tracker, self.best = Tracker(), BestWeights(info)
         self.ckpt_writer = BackgroundWriter()
         self.signals = StopSignals()
 
@@ -156,6 +169,7 @@ class DistillRecipe:
                 self.load_checkpoint()
             else:
                 torch.manual_seed(self.settings.seed + self.info.rank)
+                self.evaluate_start()
                 self.check_run_dir(create=True)  # everything checked: only now does the run directory appear
             self.setup_logging()
             self.train()
@@ -165,7 +179,7 @@ class DistillRecipe:
 
     def check_run_dir(self, create: bool) -> None:
         """Rank 0 checks (and with ``create``, makes) the run directory: :meth:`.rundir.RunDir.check`."""
-        self.run_dir.check(create, self.teacher, self.student, self.data)
+        self.run_dir.check(create, self.teacher, self.student, self.data, self.val_data)
 
     def resolve_settings(self) -> None:
         """Settings (see :func:`~.rundir.resume_settings` on resume); a resumed run may take its
@@ -175,18 +189,25 @@ class DistillRecipe:
             self.settings = resume_settings(self.saved["settings"], self.config, self.overrides)
             self.teacher, self.student, self.data = resumed_inputs(self.out, self.saved, self.settings, self.teacher,
                                                                    self.student, self.data)
+            self.val_data = resumed_val_data(self.saved, self.val_data)
+            if "held_out" not in self.saved:  # a run of an older dgmr held nothing out: neither does its resume
+                self.settings.val_fraction = 0.0
             # the inputs may come from run_config.json
-            self.run_dir.check_overlap(self.teacher, self.student, self.data)
+            self.run_dir.check_overlap(self.teacher, self.student, self.data, self.val_data)
         else:
             self.settings = DistillSettings.resolve(self.config, **self.overrides)
         if self.teacher is None or self.student is None or self.data is None:
             raise DgmrError("distill needs a teacher, a student and data")
+        s = self.settings
+        if self.val_data is None and s.val_fraction == 0 and (s.early_stop or s.target_val_loss is not None):
+            raise DgmrError("early_stop and target_val_loss need evaluations: give --val-data, or a --val-fraction "
+                            "above 0")
 
     def setup_models(self) -> None:
         """Open and pair teacher and student; put them on the device (the teacher frozen, in bf16
         on GPU under autocast; the student in fp32); probe for the parameters to train."""
         s = self.settings
-        self.t_model, _, _ = open_model(self.teacher, "teacher", s)
+        self.t_model, self.t_src, _ = open_model(self.teacher, "teacher", s)
         self.s_model, s_src, self.s_cfg = open_model(self.student, "student", s)
         if self.t_model is self.s_model:
             raise DgmrError("teacher and student are the same module object: pass a pruned copy as the student")
@@ -220,8 +241,10 @@ class DistillRecipe:
         return attention_backend(self.settings.attention)
 
     def setup_data(self) -> None:
-        """The augmentation and this rank's loader; the run's length and peak lr follow from the data size."""
+        """The held-out images, the augmentation and this rank's loader; the run's length and
+        evaluation interval follow from the data size."""
         s = self.settings
+        self.source, items, where = held_out_images(self.source, self.val_data, s)
         transform = TrainTransform(self.image_size, self.dcfg["mean"], self.dcfg["std"], scale=s.crop_scale)
         self.workers = self._workers()
         self.loader = Loader(self.source, transform, self.info, s, self.workers, pin=self.cuda)
@@ -234,8 +257,16 @@ class DistillRecipe:
         else:
             raise DgmrError("the number of images in these shards is unknown: give --steps")
         self.global_batch = s.batch_size * self.info.world * s.accum
-        self.peak_lr = s.lr if s.lr is not None else s.base_lr * self.global_batch / 256
         self.warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_fraction * self.total)
+        self.eval_every = s.eval_every or max(1, math.ceil(self.total / EVALUATIONS))
+        self.held_out = None
+        if items:
+            tf = eval_transform(self.t_model, self.family, source=self.t_src, image_size=self.image_size)
+            self.held_out = HeldOut(items, tf, self.info, batch_size=s.batch_size, image_size=self.image_size,
+                                    description=where)
+            self.state.unreadable.update(self.held_out.unreadable)
+        if self.resume:
+            check_resumed_held_out(self.saved, self.held_out)
 
     def _workers(self) -> int:
         """DataLoader workers; a resumed run keeps the number it started with unless given one."""
@@ -258,47 +289,53 @@ class DistillRecipe:
     def setup_optimizer(self) -> None:
         """AdamW over the trainable parameters (no weight decay on biases, norms, tokens,
         position embeddings), and the EMA when asked for."""
-        s = self.settings
-        decay = [p for n, p in self.trainable if p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES)]
-        ids = {id(p) for p in decay}
-        no_decay = [p for _, p in self.trainable if id(p) not in ids]
-        groups = [{"params": decay, "wd_scale": 1.0}, {"params": no_decay, "wd_scale": 0.0}]
-        self.optim = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.peak_lr, betas=s.betas,
+        s = self.settings  # the lr is set at every step (the peak is chosen at step 0)
+        self.optim = torch.optim.AdamW(decay_groups(self.trainable), lr=paper_lr(s, self.global_batch), betas=s.betas,
                                        weight_decay=s.weight_decay, fused=True if self.cuda else None)
         self.params = [p for _, p in self.trainable]
         self.state.ema = {n: p.detach().clone() for n, p in self.trainable} if s.ema else None
 
+    def evaluate_start(self) -> None:
+        """val_loss before any update (step 0), and the peak lr fitted to it (:func:`~.lr_rule.choose_peak_lr`)."""
+        self.start = self.evaluate(scale=True)
+        self.peak_lr, self.lr_choice = choose_peak_lr(self.settings, self.global_batch, self.start)
+
+    def evaluate(self, scale: bool = False) -> ValLoss | None:
+        """val_loss of the weights the run would export (the EMA's with ``ema``) on the held-out
+        images; tracked, and the best weights kept. None without held-out images."""
+        if self.held_out is None:
+            return None
+        st = self.state
+        ema = list(st.ema.values()) if st.ema is not None else None
+        with evaluated_weights(self.s_model, self.params, ema), self.attention_backend():
+            val = self.held_out.evaluate(self.calls.student_net, self.calls.teacher_net, self.settings, self.autocast,
+                                         scale=scale)
+            if self.sharded:  # FSDP keeps the root's gathered weights after a forward: the EMA's, here
+                self.net.reshard()
+            if self.tracker.update(st.step, val.loss, self.settings, final=st.step == self.total):
+                self.best.take(self.trainable, self.s_model)
+        return val
+
     def load_checkpoint(self) -> None:
-        """Continue from the run's checkpoint: weights, optimizer, EMA, counters, and this rank's RNG."""
+        """Continue from the run's checkpoint: weights, optimizer, EMA, counters, val_loss so far,
+        the best weights, and this rank's RNG; the peak lr is the one the run chose."""
         ckpt = load_checkpoint(self.out, self.total)
         self.state.restore_counters(ckpt)
-        self._load_weights(ckpt)
+        load_training_state(self.s_model, self.optim, self.state.ema, ckpt, sharded=self.sharded,
+                            where=f"the checkpoint {self.out / CHECKPOINT} does not fit the student {self.student}")
+        self.tracker = Tracker.from_state(ckpt.get("held_out"), str(self.out / CHECKPOINT))
+        self.best.resume(ckpt, self.tracker, self.trainable, self.s_model)
+        self.peak_lr = float(self.saved["peak_lr"])
+        self.lr_choice = self.saved.get("lr_choice") or {"rule": "recorded", "peak_lr": self.peak_lr}
         rng = ckpt["rng"]
         torch.set_rng_state(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
         if self.cuda and ckpt.get("cuda_rng"):
             torch.cuda.set_rng_state(ckpt["cuda_rng"][min(self.info.rank, len(ckpt["cuda_rng"]) - 1)])
 
-    def _load_weights(self, ckpt: dict[str, Any]) -> None:
-        if self.sharded:
-            set_full_state_dicts(self.s_model, self.optim, ckpt["student"], ckpt["optimizer"])
-        else:
-            try:
-                self.s_model.load_state_dict(ckpt["student"])
-                self.optim.load_state_dict(ckpt["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
-                              first_line(e))  # torch's first line only says "Error(s) in loading state_dict"
-                raise DgmrError(f"the checkpoint {self.out / CHECKPOINT} does not fit the student "
-                                f"{self.student}: {detail[:300]}") from None
-        if self.state.ema is not None:
-            with torch.no_grad():
-                for n, t in self.state.ema.items():
-                    copy_full_(t, ckpt["ema"][n])
-
     def setup_logging(self) -> None:
-        """Rank 0: run_config.json for a new run, or metrics.jsonl cut back to the checkpoint on
-        resume (so the file reads as one uninterrupted run); TensorBoard; the progress bar."""
+        """Rank 0: run_config.json and the step-0 metrics line (val_loss) for a new run, or
+        metrics.jsonl cut back to the checkpoint on resume (so the file reads as one
+        uninterrupted run); TensorBoard; the progress bar."""
         from tqdm.auto import tqdm
 
         st, main = self.state, self.info.is_main
@@ -310,6 +347,10 @@ class DistillRecipe:
         self.metrics = MetricsLog(self.out, enabled=main, tensorboard=self.settings.tensorboard, step=st.step)
         self.bar = tqdm(total=self.total, initial=st.step, desc="distill", unit="step",
                         disable=not (self.progress and main), dynamic_ncols=True)
+        if not self.resume and self.start is not None:
+            self.metrics.write({"step": 0, "epoch": 0, **self.start.row(), "peak_lr": self.peak_lr, "images": 0,
+                                "time": round(time.time(), 3)})
+            self.show()
 
     def run_config(self) -> dict[str, Any]:
         """run_config.json: :func:`.rundir.run_config` of this run."""
@@ -317,7 +358,9 @@ class DistillRecipe:
                           global_batch=self.global_batch, peak_lr=self.peak_lr, warmup_steps=self.warmup,
                           total_steps=self.total, steps_per_epoch=self.steps_per_epoch, image_size=self.image_size,
                           data_config=self.dcfg, family=self.family.name, data_description=self.source.description,
-                          workers=self.workers, precision="bf16" if self.amp_dtype else "fp32")
+                          workers=self.workers, precision="bf16" if self.amp_dtype else "fp32",
+                          val_data=self.val_data, held_out=self.held_out.summary() if self.held_out else None,
+                          eval_every=self.eval_every, lr_choice=self.lr_choice)
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -330,18 +373,22 @@ class DistillRecipe:
         batches = self.loader.batches(st.step * s.accum, self.steps_per_epoch)
         st.epoch = st.step // self.steps_per_epoch if self.steps_per_epoch else 0
         with self.signals.catching(), self.closing_outputs():
-            while st.step < self.total:
+            while st.step < self.total and self.tracker.stopped is None:
                 lr, wd, grad_norm = self.train_step(batches)
                 st.step += 1
                 self.bar.update(1)
-                checkpoint_now = st.step == self.total or (s.save_every and st.step % s.save_every == 0)
+                due = self.held_out is not None and (st.step % self.eval_every == 0 or st.step == self.total)
+                val = self.evaluate() if due else None
+                checkpoint_now = (st.step == self.total or self.tracker.stopped is not None
+                                  or (s.save_every and st.step % s.save_every == 0))
                 row = None
-                if st.step % s.log_every == 0 or checkpoint_now:  # a checkpoint's step is always logged
-                    row = self.log(lr, wd, grad_norm)
+                if st.step % s.log_every == 0 or checkpoint_now or val:  # checkpoints and evaluations are logged
+                    row = self.log(lr, wd, grad_norm, val)
                 if checkpoint_now:
                     self.save_checkpoint()
                 if self.on_step is not None:
-                    self.on_step({"step": st.step, "total_steps": self.total, "epoch": st.epoch, "metrics": row})
+                    self.on_step({"step": st.step, "total_steps": self.total, "epoch": st.epoch, "metrics": row,
+                                  "stopped": self.tracker.stopped})
                 if self.signals.requested(self.info):
                     self.stop_on_signal(row is None, (lr, wd, grad_norm), checkpoint_now)
 
@@ -429,9 +476,10 @@ class DistillRecipe:
                 torch._foreach_lerp_(list(st.ema.values()), self.params, 1 - s.ema)
         return lr, wd, grad_norm
 
-    def log(self, lr: float, wd: float, grad_norm: torch.Tensor | None) -> dict[str, Any]:
-        """The metrics row since the last log (summed over ranks; the one host sync of a step);
-        stops the run on a non-finite loss. Rank 0 writes it."""
+    def log(self, lr: float, wd: float, grad_norm: torch.Tensor | None, val: ValLoss | None = None) -> dict[str, Any]:
+        """The metrics row since the last log (summed over ranks; the one host sync of a step),
+        with the step's val_loss when it was evaluated; stops the run on a non-finite loss.
+        Rank 0 writes it."""
         st = self.state
         tot = D.all_reduce_sum(st.sums.clone(), self.info).tolist()
         now = time.perf_counter()
@@ -450,14 +498,20 @@ class DistillRecipe:
                "time": round(time.time(), 3)}
         if grad_norm is not None:
             row["grad_norm"] = float(full_tensor(grad_norm))
+        if val is not None:
+            row.update(val.row())
         st.first_loss = row["loss"] if st.first_loss is None else st.first_loss
         st.last_loss = row["loss"]
         st.sums.zero_()
         st.last_log_t = now
         self.metrics.write(row)
-        if self.info.is_main:
-            self.bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
+        self.show(row)
         return row
+
+    def show(self, row: dict[str, Any] | None = None) -> None:
+        """Rank 0's progress bar: the latest loss, val_loss (and the best so far), lr, speed."""
+        if self.info.is_main:
+            self.bar.set_postfix(progress_postfix(row, self.tracker))
 
     def save_checkpoint(self) -> None:
         """Every rank's state gathered, rank 0 writes it atomically. Non-finite weights are never
@@ -474,10 +528,13 @@ class DistillRecipe:
         bad = D.all_gather_objects(sorted(st.unreadable), info)
         if info.is_main:
             unreadable = sorted(set().union(*map(set, bad)))
+            # the best weights, unless they are this checkpoint's own (then a resume takes them from it)
+            own = self.tracker.best_step == st.step and st.ema is None
             ckpt = checkpoint_dict(step=st.step, epoch=st.epoch, images_seen=st.images_seen, unreadable=unreadable,
                                    unreadable_reads=st.unreadable_reads,
                                    student=msd, optimizer=osd, ema=ema_sd, rng=rngs, cuda_rng=cuda_rngs,
-                                   world_size=info.world)
+                                   world_size=info.world, held_out=self.tracker.state_dict(),
+                                   best_weights=None if own else self.best.tensors)
             if self.cuda:  # snapshot to host memory, then the disk write overlaps the next steps
                 self.ckpt_writer.write(to_cpu(ckpt), self.out / CHECKPOINT)
             else:
@@ -488,10 +545,10 @@ class DistillRecipe:
 
     def finish(self) -> dict[str, Any]:
         """The EMA becomes the student; ranks must hold identical weights; rank 0 exports the
-        student and writes summary.json. Returns the summary."""
+        student (the best weights with ``export best``) and writes summary.json. Returns the summary."""
         st, info = self.state, self.info
         self.ckpt_writer.wait()  # the last checkpoint is on disk before anything is exported
-        if st.images_seen == 0:  # summed over ranks: every rank stops here together
+        if st.images_seen == 0 and st.step > 0:  # summed over ranks: every rank stops here together
             raise DgmrError(f"no readable image in {self.source.description} ({len(st.unreadable)} unreadable on "
                             "this process): nothing was learned, nothing is exported")
         if st.ema is not None:
@@ -521,74 +578,23 @@ class DistillRecipe:
                               global_batch=self.global_batch, peak_lr=self.peak_lr, source=self.source,
                               world_size=self.info.world, ranks_identical=ranks_identical, resumed=bool(self.resume),
                               seconds=time.perf_counter() - self.t_start, unreadable=unreadable)
+        summary.update(self.tracker.summary(), lr=self.lr_choice, eval_every=self.eval_every if self.held_out else None,
+                       held_out=self.held_out.summary() if self.held_out else None,
+                       exported=self.tracker.exported(self.settings.export, self.state.step))
         if "warning" in summary and self.info.is_main:
             print(f"dgmr: WARNING: {printable(summary['warning'])}", file=sys.stderr, flush=True)
         return summary
 
     def export(self, summary: dict[str, Any], full_state: dict[str, torch.Tensor] | None) -> Any:
-        """Rank 0: the student into the run directory in ``dgmr prune``'s format; returns how
-        the library's own format loads it (or why it was skipped)."""
-        model = unsharded_copy(self.shell, full_state) if self.sharded else self.s_model
-        model = model.cpu()
-        info = {k: summary[k] for k in ("teacher", "steps", "final_loss", "images_seen", "global_batch", "ema")}
+        """Rank 0: the student (its best weights with ``export best``) into the run directory in
+        ``dgmr prune``'s format; returns how the library's own format loads it (or why it was skipped)."""
+        if summary["exported"]["weights"] == "best":
+            if self.sharded:
+                self.best.put_into(full_state)
+            else:  # a student module given in place ends holding what is exported
+                self.best.load_into(self.s_model)
+        model = (unsharded_copy(self.shell, full_state) if self.sharded else self.s_model).cpu()
+        info = {k: summary[k] for k in ("teacher", "steps", "final_loss", "images_seen", "global_batch", "ema",
+                                        "exported")}
         cfg = export_student(model, self.out, self.s_src, self.s_cfg, self.export_dtype, info, self.student_dir)
         return cfg["native_export"].get("load", cfg["native_export"].get("skipped"))
-
-
-# ---------------------------------------------------------------------------------------
-# the entry point
-
-
-def distill(
-    teacher: nn.Module | str | os.PathLike | None,
-    student: nn.Module | str | os.PathLike | None,
-    data: Any,
-    out: str | os.PathLike,
-    *,
-    config: str | os.PathLike | dict[str, Any] | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-    student_source: Source | None = None,
-    **settings: Any,
-) -> dict[str, Any]:
-    """Distill ``teacher`` into ``student`` on unlabeled images; write the run into ``out``.
-
-    ``teacher``/``student``: model specs (``timm:NAME`` ...), dgmr directories, or built
-    ``nn.Module`` s (a student module is trained in place). ``data``: a directory of images,
-    a text file of image paths, WebDataset shards, a list of PIL images/paths/image
-    tensors, or a torch Dataset of (3, H, W) image tensors in [0, 1]. ``settings``: the
-    fields of :class:`DistillSettings` (they override ``config``, a YAML/JSON file or dict).
-    ``resume``: continue the run in ``out`` from its checkpoint, with its saved settings
-    (teacher/student/data may then be None when they were given as paths).
-    ``on_step(info)`` is called on every rank after every optimizer step.
-
-    Returns a JSON-able summary (also written to ``out/summary.json``).
-    """
-    t_start = time.perf_counter()
-    out = Path(out)
-    device = settings.get("device")
-    if device is None and config is not None and not resume:
-        device = DistillSettings.resolve(config, **settings).device
-    info = D.init(device)
-    # modules passed in come back as they were (grad flags, train/eval mode; the teacher also dtype
-    # and device), except for the student's trained weights
-    states = [module_state(m, full=m is teacher) for m in (teacher, student) if isinstance(m, nn.Module)]
-    recipe = None
-    try:
-        recipe = DistillRecipe(teacher, student, data, out, info=info, config=config, overrides=settings, resume=resume,
-                               overwrite=overwrite, progress=progress, on_step=on_step, student_source=student_source,
-                               t_start=t_start)
-        return recipe.run()
-    finally:
-        for state in states:
-            restore_module_state(*state)
-        if info.started_here:
-            # FSDP's hooks form reference cycles that can outlive this call, holding gloo work;
-            # freed at interpreter exit they abort the process: free them while all is alive
-            del recipe
-            gc.collect()
-        D.cleanup(info)
-
-

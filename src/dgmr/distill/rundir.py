@@ -2,8 +2,8 @@
 
 A run directory holds::
 
-    run_config.json    resolved settings (what --resume continues with)
-    metrics.jsonl      one JSON line per logged step
+    run_config.json    resolved settings, the held-out images, the chosen peak lr (what --resume continues with)
+    metrics.jsonl      one JSON line per logged step (step 0: the val_loss before training)
     checkpoint.pt      latest checkpoint (atomic; loaded with torch.load(weights_only=True))
     summary.json       what :func:`~dgmr.distill.distill` returned
     model.safetensors + dgmr.json + README.md (+ the library's own files)   the final student, as ``dgmr prune`` writes it
@@ -64,13 +64,13 @@ class RunDir:
         self.out, self.info, self.resume, self.overwrite = out, info, resume, overwrite
         self.lock = contextlib.ExitStack()
 
-    def check(self, create: bool, teacher: Any, student: Any, data: Any) -> None:
+    def check(self, create: bool, teacher: Any, student: Any, data: Any, val_data: Any = None) -> None:
         """Rank 0 checks (and with ``create``, makes) the run directory; every rank raises the same error."""
         out, err = self.out, None
         if self.info.is_main:
             try:
                 if not create:  # before the emptiness check: no second process between it and the rmtree
-                    self.check_overlap(teacher, student, data)
+                    self.check_overlap(teacher, student, data, val_data)
                     self.lock.enter_context(output_lock(out))
                 if self.resume:
                     if not (out / CHECKPOINT).is_file():
@@ -90,11 +90,11 @@ class RunDir:
         if err:
             raise DgmrError(err)
 
-    def check_overlap(self, teacher: Any, student: Any, data: Any) -> None:
+    def check_overlap(self, teacher: Any, student: Any, data: Any, val_data: Any = None) -> None:
         """The run directory must not be, contain or lie inside the teacher, student or data:
         ``--overwrite`` (and the export) would delete or change them."""
         inputs = [("teacher", model_path(teacher)), ("student", model_path(student)),
-                  *[("data", d) for d in data_paths(data)]]
+                  *[("data", d) for d in data_paths(data)], *[("val data", d) for d in data_paths(val_data)]]
         refuse_overlap(self.out, inputs, "run directory")
 
     def read_run_config(self) -> dict[str, Any]:
@@ -159,6 +159,37 @@ def resumed_inputs(out: Path, saved: dict[str, Any], settings: DistillSettings, 
     return teacher, student, data
 
 
+def resumed_val_data(saved: dict[str, Any], val_data: Any) -> Any:
+    """The held-out images a resumed run evaluates on: the run's own. A run that held out a
+    slice of its data takes no --val-data; one given --val-data takes it from run_config (a path)
+    or again from the caller (in-memory images), and refuses a different path."""
+    held = saved.get("held_out") or {}
+    recorded = saved.get("val_data")
+    if not held.get("val_data"):
+        if val_data is not None:
+            raise DgmrError("--resume continues with the run's held-out images: it held out a slice of its data "
+                            "(or none), not --val-data")
+        return None
+    if val_data is None:
+        if recorded is None:
+            raise DgmrError("this run was started with in-memory held-out images: pass val_data again to resume")
+        return recorded
+    if recorded is not None and os.fspath(val_data) != recorded:
+        raise DgmrError(f"--resume continues with the run's held-out images; --val-data was {recorded}, now {val_data}")
+    return val_data
+
+
+def check_resumed_held_out(saved: dict[str, Any] | None, held_out: Any) -> None:
+    """A resumed run must hold out the very images it started with (the data may have changed)."""
+    recorded = (saved or {}).get("held_out")
+    now = held_out.summary() if held_out is not None else None
+    if (recorded or {}).get("digest") != (now or {}).get("digest"):
+        was = f"{recorded['images']} images ({recorded['source']})" if recorded else "none"
+        new = f"{now['images']} images ({now['source']})" if now else "none"
+        raise DgmrError(f"--resume: the held-out images differ from the run's (was {was}, now {new}): "
+                        "resume with the data and --val-data the run started with")
+
+
 def resumed_workers(saved: dict[str, Any] | None, setting: int | None, workers: int, shards: bool) -> int:
     """DataLoader workers of a resumed run: the number it started with unless ``setting``
     (--workers) gives one; ``workers`` is what a new run would use."""
@@ -221,14 +252,15 @@ def read_metrics(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
 
 
 def first_logged_loss(rows: list[dict[str, Any]]) -> float | None:
-    """The loss of a run's first metrics row (a resumed run reports it as its ``first_loss``)."""
-    return rows[0].get("loss") if rows else None
+    """The training loss of a run's first metrics row that has one (a resumed run reports it
+    as its ``first_loss``; the step-0 row holds only the val_loss)."""
+    return next((r["loss"] for r in rows if r.get("loss") is not None), None)
 
 
 def last_logged_loss(rows: list[dict[str, Any]]) -> float | None:
-    """The loss of the last row kept (the checkpoint's step is always logged): the final loss
-    of a run resumed after its last step, which trains no further step."""
-    return rows[-1].get("loss") if rows else None
+    """The training loss of the last row kept (the checkpoint's step is always logged): the
+    final loss of a run resumed after its last step, which trains no further step."""
+    return next((r["loss"] for r in reversed(rows) if r.get("loss") is not None), None)
 
 
 class MetricsLog:
@@ -236,7 +268,8 @@ class MetricsLog:
     and the package is installed, TensorBoard scalars under ``tensorboard/``. Only the
     ``enabled`` one (rank 0's) writes."""
 
-    SCALARS = ("loss", "loss_pooled", "loss_tokens", "lr", "images_per_s")
+    SCALARS = ("loss", "loss_pooled", "loss_tokens", "val_loss", "val_loss_pooled", "val_loss_tokens", "lr",
+               "images_per_s")
 
     def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, step: int):
         self.path, self.enabled, self.writer = out / METRICS, enabled, None
@@ -255,7 +288,8 @@ class MetricsLog:
         append_jsonl(self.path, row)
         if self.writer is not None:
             for k in self.SCALARS:
-                self.writer.add_scalar(f"distill/{k}", row[k], row["step"])
+                if k in row:
+                    self.writer.add_scalar(f"distill/{k}", row[k], row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
@@ -273,11 +307,16 @@ def _as_path(x: Any) -> str | None:
 def run_config(teacher: Any, student: Any, data: Any, settings: DistillSettings, *, world_size: int,
                global_batch: int, peak_lr: float, warmup_steps: int, total_steps: int, steps_per_epoch: int,
                image_size: int, data_config: dict[str, Any], family: str, data_description: str, workers: int,
-               precision: str) -> dict[str, Any]:
-    """run_config.json: the resolved settings and the numbers derived from them."""
+               precision: str, val_data: Any = None, held_out: dict[str, Any] | None = None,
+               eval_every: int | None = None, lr_choice: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run_config.json: the resolved settings and the numbers derived from them: the held-out
+    images (``held_out``: how many, where from, a digest a resume checks) and the peak lr's choice."""
     return {
         "teacher": _as_path(teacher), "student": _as_path(student),
         "data": str(data) if isinstance(data, (str, os.PathLike)) else None,
+        "val_data": str(val_data) if isinstance(val_data, (str, os.PathLike)) else None,
+        "held_out": None if held_out is None else {**held_out, "val_data": val_data is not None},
+        "eval_every": eval_every if held_out else None, "lr_choice": lr_choice,
         "settings": settings.to_json(), "world_size": world_size, "global_batch": global_batch,
         "peak_lr": peak_lr, "warmup_steps": warmup_steps, "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "image_size": image_size, "mean": data_config["mean"],

@@ -20,14 +20,17 @@ from ..core.settings import coerce, setting
 from ..io.files import read_text_file
 
 LOSSES = ("mse", "cosine")
+EXPORTS = ("best", "last")
+LR_RULES = ("fit", "paper")
 COMPILE_MODES = ("auto", "on", "off", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 # settings that may change when resuming (they do not change what is trained)
 RESUME_MUTABLE = {"workers", "log_every", "save_every", "tensorboard", "device", "compile", "attention",
-                  "unreadable_warn"}
+                  "unreadable_warn", "export"}
 DEFAULT_EPOCHS = 10  # the paper's run length, when neither epochs nor steps is set
 
 SCHEDULE, LOSS_AND_DATA, HARDWARE = "schedule", "loss and data", "hardware and output"
+HELD_OUT = "held-out loss, export and stopping"
 
 
 @dataclass
@@ -39,8 +42,12 @@ class DistillSettings:
     steps: int | None = setting(None, "optimizer steps (overrides epochs)", group=SCHEDULE)
     batch_size: int = setting(64, "images per process per micro-batch", group=SCHEDULE)
     accum: int = setting(1, "gradient accumulation: micro-batches per optimizer step", group=SCHEDULE)
-    base_lr: float = setting(1e-4, "peak lr = base_lr x global_batch / 256", group=SCHEDULE)
-    lr: float | None = setting(None, "absolute peak lr (overrides base_lr)", group=SCHEDULE)
+    base_lr: float = setting(1e-4, "the paper's peak lr is base_lr x global_batch / 256", group=SCHEDULE)
+    lr: float | None = setting(None, "absolute peak lr (overrides base_lr and lr_rule)", group=SCHEDULE)
+    lr_rule: str = setting("fit", "peak lr without --lr: fit (the paper's, scaled down for a student whose step-0 "
+                                  "val_loss is already small next to the teacher's feature variance; "
+                                  "docs/distill.md) or paper (the paper's, unscaled)", choices=LR_RULES,
+                           group=SCHEDULE)
     min_lr: float = setting(1e-6, "final lr of the cosine", group=SCHEDULE)
     warmup_steps: int | None = setting(None, "linear warmup steps (unset: warmup_fraction of the run)", group=SCHEDULE)
     warmup_fraction: float = setting(0.1, "warmup as a fraction of the run, if warmup_steps is unset", group=SCHEDULE)
@@ -61,6 +68,20 @@ class DistillSettings:
                                           "image reads failed (corrupt or unreadable files)", group=LOSS_AND_DATA)
     workers: int | None = setting(None, "DataLoader workers per process (unset: from the CPU count; 0 for in-memory "
                                         "data)", group=LOSS_AND_DATA)
+    val_fraction: float = setting(0.02, "fraction of --data held out (a seeded slice, never trained on) for "
+                                        "val_loss when --val-data is not given; 0: no held-out images, no "
+                                        "evaluations", group=HELD_OUT)
+    val_images: int = setting(512, "at most this many held-out images (a seeded choice of --val-data when it "
+                                   "holds more)", group=HELD_OUT)
+    eval_every: int | None = setting(None, "val_loss every N steps, besides step 0 and the last step (unset: 20 "
+                                           "evaluations over the run)", group=HELD_OUT)
+    export: str = setting("best", "the weights exported: best (lowest val_loss) or last", choices=EXPORTS,
+                          group=HELD_OUT)
+    early_stop: int | None = setting(None, "stop after this many evaluations in a row without a relative val_loss "
+                                           "improvement of min_delta (off when unset)", metavar="PATIENCE",
+                                     group=HELD_OUT)
+    min_delta: float = setting(0.01, "the relative val_loss improvement early_stop waits for", group=HELD_OUT)
+    target_val_loss: float | None = setting(None, "stop once val_loss is at or below this", group=HELD_OUT)
     precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS, group=HARDWARE)
     device: str | None = setting(None, "cpu or cuda (unset: cuda when available)", group=HARDWARE)
     compile: str = setting("auto", "torch.compile the teacher forward and the student forward/backward (auto: on CUDA "
@@ -127,6 +148,23 @@ class DistillSettings:
             raise DgmrError(f"unreadable_warn must be a fraction in [0, 1], got {self.unreadable_warn}")
         if self.workers is not None and self.workers < 0:
             raise DgmrError(f"workers must be >= 0, got {self.workers}")
+        self._validate_held_out()
+
+    def _validate_held_out(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise DgmrError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("val_images", "eval_every", "early_stop"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DgmrError(f"{name} must be >= 1, got {value}")
+        if not 0 <= self.min_delta < 1:
+            raise DgmrError(f"min_delta must be in [0, 1), got {self.min_delta}")
+        if self.target_val_loss is not None and not self.target_val_loss >= 0:
+            raise DgmrError(f"target_val_loss must be >= 0, got {self.target_val_loss}")
+        if self.export not in EXPORTS:
+            raise DgmrError(f"unknown export {self.export!r}; choose {' or '.join(EXPORTS)}")
+        if self.lr_rule not in LR_RULES:
+            raise DgmrError(f"unknown lr_rule {self.lr_rule!r}; choose {' or '.join(LR_RULES)}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -49,12 +49,15 @@ class TrainState:
 
 def checkpoint_dict(*, step: int, epoch: int, images_seen: int, unreadable: list[str], student: dict, optimizer: dict,
                     ema: dict | None, rng: list, cuda_rng: list | None, world_size: int,
-                    unreadable_reads: int = 0) -> dict[str, Any]:
-    """The checkpoint as saved (its keys and their order are the file format; ``unreadable_reads``
-    is newer: older checkpoints lack it)."""
+                    unreadable_reads: int = 0, held_out: dict | None = None,
+                    best_weights: dict | None = None) -> dict[str, Any]:
+    """The checkpoint as saved (its keys and their order are the file format; ``unreadable_reads``,
+    ``held_out`` (val_loss so far: :class:`~.validation.Tracker`) and ``best_weights`` (None: the
+    best are the checkpoint's own, or there are none) are newer: older checkpoints lack them)."""
     return {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "images_seen": images_seen,
             "unreadable": unreadable, "student": student, "optimizer": optimizer, "ema": ema, "rng": rng,
-            "cuda_rng": cuda_rng, "world_size": world_size, "unreadable_reads": unreadable_reads}
+            "cuda_rng": cuda_rng, "world_size": world_size, "unreadable_reads": unreadable_reads,
+            "held_out": held_out, "best_weights": best_weights}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -122,14 +122,15 @@ def checkpoint(ckpt: Any, where: str, total_steps: int | None = None) -> dict[st
 
 
 def metrics_row(raw: bytes | str, where: str) -> dict[str, Any]:
-    """One metrics.jsonl line: a JSON object with a positive integer step and a number (or null) loss."""
+    """One metrics.jsonl line: a JSON object with an integer step >= 0 (0: the val_loss before
+    training) and a number (or null) loss."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         row = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
         raise DgmrError(f"{where}: not a JSON line ({type(e).__name__})") from None
     row = _object(row, where, "the line")
-    _int(row.get("step"), where, "step", lo=1)
+    _int(row.get("step"), where, "step", lo=0)
     loss = row.get("loss")
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         raise _fail(where, "loss", f"must be a finite number, not {loss!r}")

@@ -270,6 +270,11 @@ def _plot_sections(plt: Any, tmp: Path, runs: list[dict[str, Any]], rows: list[d
         if "loss" in last:
             first_loss = next((m["loss"] for m in run["metrics"] if "loss" in m), None)
             lines += ["", f"Distillation loss {first_loss:.4g} → {last['loss']:.4g} over {last.get('step')} steps."]
+        vals = [m for m in run["metrics"] if isinstance(m.get("val_loss"), (int, float))]
+        if vals:
+            best = min(vals, key=lambda m: m["val_loss"])
+            lines += ["", f"Held-out val_loss {vals[0]['val_loss']:.4g} at step {vals[0]['step']}, lowest "
+                          f"{best['val_loss']:.4g} at step {best['step']}, last {vals[-1]['val_loss']:.4g}."]
     pts = [r for r in rows if r.get("flops") and any(r.get(m) is not None for m in metrics)]
     if pts and metrics:
         name = "accuracy_vs_flops.png"

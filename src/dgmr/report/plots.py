@@ -18,10 +18,11 @@ def pyplot() -> Any:
 
 
 def plot_run_recovery(plt: Any, run: dict[str, Any], path: Path) -> bool:
-    """One distillation run's losses (log scale) and any logged accuracy against its step;
-    False (nothing drawn) when its metrics hold neither."""
+    """One distillation run's losses (training and held-out val_loss, log scale) and any logged
+    accuracy against its step; False (nothing drawn) when its metrics hold neither."""
     ms = [m for m in run["metrics"] if isinstance(m.get("step"), (int, float))]
-    loss_keys = [k for k in ("loss", "loss_pooled", "loss_tokens") if any(isinstance(m.get(k), (int, float)) for m in ms)]
+    loss_keys = [k for k in ("loss", "loss_pooled", "loss_tokens", "val_loss")
+                 if any(isinstance(m.get(k), (int, float)) for m in ms)]
     acc_keys = sorted({k for m in ms for k, v in m.items() if isinstance(v, (int, float))
                        and ("top1" in k or "top5" in k or k.endswith("acc") or "accuracy" in k)})
     if not loss_keys and not acc_keys:
@@ -29,7 +30,8 @@ def plot_run_recovery(plt: Any, run: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for k in loss_keys:
         pts = [(m["step"], m[k]) for m in ms if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.6 if k == "loss" else 1.0)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if k == "val_loss" else "-", ms=3, label=k,
+                lw=1.6 if k in ("loss", "val_loss") else 1.0)
     if loss_keys and all(m.get(k, 1) > 0 for m in ms for k in loss_keys if isinstance(m.get(k), (int, float))):
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -86,32 +88,53 @@ def plot_accuracy_vs_flops(plt: Any, rows: list[dict[str, Any]], metrics: list[s
     plt.close(fig)
 
 
+METHOD_COLORS = {"diversity": "tab:blue", "l2": "tab:orange", "random": "tab:green", "diversity+comp": "tab:purple",
+                 "diversity+comp+global": "tab:red"}
+METHOD_MARKERS = {"diversity": "o", "l2": "s", "random": "^", "diversity+comp": "D", "diversity+comp+global": "P"}
+
+
+def _method_color(method: str, i: int) -> str:
+    return METHOD_COLORS.get(method, f"C{(i + 5) % 10}")
+
+
 def plot_student_recovery(curves: dict[str, list[dict[str, Any]]], path: Path, teacher_knn: float | None = None,
-                          close: float = 0.005, knn_k: int = 20) -> None:
-    """The demo's students during distillation: loss (left) and kNN top-1 (right) against the
-    step, one colour per method, solid at r=1 and dashed below; a band ``close`` under the teacher."""
+                          close: float = 0.005, knn_k: int = 20, rise: float = 1.1) -> None:
+    """The demo's students during distillation, against the step (0: before any update): the
+    held-out val_loss (log scale), the val_loss over its step-0 value (a line at ``rise``) and
+    kNN top-1 (a band ``close`` under the teacher; a star: the exported weights). One colour
+    per method, solid at r=1 and dashed below."""
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"diversity": "tab:blue", "l2": "tab:orange", "random": "tab:green", "diversity+comp": "tab:purple",
-              "diversity+comp+global": "tab:red"}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
+    methods: list[str] = []
     for name, pts in curves.items():
-        crit, ratio = name.split("-")[0], name.split("-")[1]
-        style = "-" if ratio == "r1" else "--"
-        loss = [(p["step"], p["loss"]) for p in pts if "loss" in p]
-        acc = [(p["step"], 100 * p["knn_top1"]) for p in pts if "knn_top1" in p]
-        label = f"{crit} {ratio}"
-        ax1.plot(*zip(*loss), style, color=colors.get(crit, "gray"), alpha=0.6, label=label)
-        ax2.plot(*zip(*acc), style, marker="o", ms=3, color=colors.get(crit, "gray"), alpha=0.6, label=label)
-    ax1.set(xlabel="distillation step", ylabel="distillation loss (MSE)", yscale="log", title="distillation loss")
+        method, ratio = name.split("-r")[0], "r" + name.split("-r")[1].split("-")[0]
+        if method not in methods:
+            methods.append(method)
+        color, style = _method_color(method, methods.index(method)), "-" if ratio == "r1" else "--"
+        label = f"{method} {ratio}"
+        val = [(p["step"], p["val_loss"]) for p in pts if "val_loss" in p]
+        if val:
+            ax1.plot(*zip(*val), style, color=color, alpha=0.7, label=label)
+            ax2.plot([v[0] for v in val], [v[1] / val[0][1] for v in val], style, color=color, alpha=0.7, label=label)
+        acc = [(p["step"], 100 * p["knn_top1"]) for p in pts if "knn_top1" in p and not p.get("exported")]
+        ax3.plot(*zip(*acc), style, marker="o", ms=3, color=color, alpha=0.6, label=label)
+        for p in pts:
+            if p.get("exported"):
+                ax3.plot([p["step"]], [100 * p["knn_top1"]], marker="*", ms=9, color=color, alpha=0.9, ls="none")
+    ax1.set(xlabel="distillation step", ylabel="held-out val_loss (MSE)", yscale="log", title="val_loss")
+    ax2.axhline(rise, color="black", lw=0.8, ls=":", label=f"{rise:g} x step 0")
+    ax2.set(xlabel="distillation step", ylabel="val_loss / step-0 val_loss", yscale="log",
+            title="val_loss against its start")
     if teacher_knn is not None:
-        ax2.axhspan(100 * (teacher_knn - close), 100 * teacher_knn, color="gray", alpha=0.2,
-                    label="teacher kNN (-0.5 pt)")
-    ax2.set(xlabel="distillation step (0: pruned, before distillation)", ylabel=f"test kNN top-1 (%), k={knn_k}",
+        ax3.axhspan(100 * (teacher_knn - close), 100 * teacher_knn, color="gray", alpha=0.2,
+                    label=f"teacher kNN (-{100 * close:g} pt)")
+    ax3.plot([], [], marker="*", ms=9, color="gray", ls="none", label="exported (best val_loss)")
+    ax3.set(xlabel="distillation step (0: pruned, before distillation)", ylabel=f"test kNN top-1 (%), k={knn_k}",
             title="recovery")
-    for ax in (ax1, ax2):
+    for ax in (ax1, ax2, ax3):
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -119,23 +142,41 @@ def plot_student_recovery(curves: dict[str, list[dict[str, Any]]], path: Path, t
 
 
 def plot_demo_accuracy_vs_flops(results: dict[str, Any], path: Path) -> None:
-    """The demo's teacher and students (mean and range over seeds, after distillation; hollow
-    markers before it) at their FLOPs."""
+    """The demo's teacher and students at their FLOPs: each method in its colour and marker,
+    hollow before distillation and filled after (mean, bars: min..max over seeds), joined by a
+    line; methods of equal FLOPs are set side by side, the legend outside the axes."""
     plt = pyplot()
     t = results["teacher"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.scatter([t["flops"] / 1e6], [100 * t["knn_top1"]], marker="*", s=200, color="black", label="teacher", zorder=3)
-    markers = {"diversity": "o", "l2": "s", "random": "^", "diversity+comp": "D", "diversity+comp+global": "P"}
-    for a in results["summary"]:
-        m = markers.get(a.get("method", a["criterion"]), "x")
-        ax.errorbar([a["flops"] / 1e6], [100 * a["knn_top1_after"]], yerr=[[100 * (a["knn_top1_after"] - a["knn_top1_after_min"])],
-                    [100 * (a["knn_top1_after_max"] - a["knn_top1_after"])]], fmt=m, capsize=3,
-                    label=f"{a.get('method', a['criterion'])} r={a['mlp_ratio']:g} distilled")
-        ax.scatter([a["flops"] / 1e6], [100 * a["knn_top1_before"]], marker=m, facecolors="none", edgecolors="gray")
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    ax.scatter([t["flops"] / 1e6], [100 * t["knn_top1"]], marker="*", s=220, color="black", label="teacher", zorder=3)
+    rows = results["summary"]
+    span = max([a["flops"] for a in rows] + [t["flops"]]) / 1e6 - min(a["flops"] for a in rows) / 1e6 if rows else 1
+    methods = list(dict.fromkeys(a.get("method", a["criterion"]) for a in rows))
+    for a in rows:
+        method = a.get("method", a["criterion"])
+        i = methods.index(method)
+        color, marker = _method_color(method, i), METHOD_MARKERS.get(method, "x")
+        x = a["flops"] / 1e6 + (i - (len(methods) - 1) / 2) * 0.035 * span  # side by side at equal FLOPs
+        before, after = 100 * a["knn_top1_before"], 100 * a["knn_top1_after"]
+        ax.plot([x, x], [before, after], "-", color=color, lw=0.8, alpha=0.5)
+        ax.scatter([x], [before], marker=marker, s=36, facecolors="none", edgecolors=color, zorder=3)
+        spread = [[max(0.0, after - 100 * a["knn_top1_after_min"])], [max(0.0, 100 * a["knn_top1_after_max"] - after)]]
+        ax.errorbar([x], [after], yerr=spread, fmt=marker, ms=6, color=color, capsize=2,
+                    label=method, zorder=4)
+    groups: dict[float, list[dict[str, Any]]] = {}
+    for a in rows:
+        groups.setdefault(a["flops"] / 1e6, []).append(a)
+    for x, group in groups.items():  # one label per group of students of equal cost, above it
+        top = max(100 * a["knn_top1_after_max"] for a in group)
+        ratios = sorted({f"r={a['mlp_ratio']:g}" for a in group})
+        ax.annotate(", ".join(ratios), (x, top), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="hollow: before distillation")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
     ax.set(xlabel="MFLOPs per image", ylabel=f"kNN top-1 (%), k={results['knn_k']}",
-           title="accuracy vs FLOPs (hollow: pruned, before distillation)")
+           title="accuracy vs FLOPs (hollow: pruned; filled: distilled, exported)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
