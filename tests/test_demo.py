@@ -72,7 +72,9 @@ def test_calibrated_students_start_near_the_teacher(demo_dir):
         assert s["params"] <= 0.35 * t["params"] and s["calibration"]["compensate"]
     assert heads
     frontier = r["frontier"]
-    assert any(p["cut"] == "r=0.5, 2 heads" and p["heads_kept_fraction"] == 2 / 3 for p in frontier)
+    assert any(p["cut"] == "r=0.5, 2 heads" and p["heads_kept_fraction"] == 2 / 3 and p["kind"] == "MLP + heads"
+               for p in frontier)
+    assert all(p["heads_kept_fraction"] == 1 for p in frontier if p["kind"] == "MLP only")
     assert {p["kind"] for p in frontier} == {"MLP only", "MLP + heads"}
     for p in frontier:
         assert 0 < p["params_fraction"] < 1 and 0 <= p["knn_top1"] <= 1 and 0 < p["heads_kept_fraction"] <= 1

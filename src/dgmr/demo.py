@@ -469,8 +469,8 @@ def frontier(teacher: nn.Module, src: Source, data: dict[str, torch.Tensor], s: 
     for job in extra:
         student = prune_student(teacher, job, data, src)
         cost = _cost(student)
-        points[job.cut] = ("MLP only" if job.params_fraction is None else "MLP + heads", cost["params"],
-                           cost["heads"] / heads, score(student, data))
+        kind = "MLP only" if job.params_fraction is None and job.heads is None else "MLP + heads"
+        points[job.cut] = (kind, cost["params"], cost["heads"] / heads, score(student, data))
     rows = [{"kind": kind, "cut": cut, "params": p, "params_fraction": p / total, "heads_kept_fraction": h, **sc}
             for cut, (kind, p, h, sc) in points.items()]
     return sorted(rows, key=lambda r: (r["kind"], -r["params"]))
