@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure the docs quote (docs/gpu.md), in one run on a lent GPU machine:
 # the CUDA-only tests, selection on the GPU vs the textbook loop, distillation throughput,
-# the calibrated prune's cost (EVA02-L and EVA02-E: time in forward passes, peak memory).
+# the calibrated prune's cost (EVA02-L and EVA02-E: time in forward passes, peak memory),
+# EVA02-E throughput at MLP r=1 with and without half the heads (docs/heads.md).
 #   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh          # QUICK=1: tiny sizes, to try it on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ else
 fi
 $PY -c "import torch, timm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 [ "${SKIP_SELECTION:-0}" = 1 ] || {
-$PY -m pytest -q -p no:cacheprovider -m cuda tests/test_criteria.py tests/test_calibrate.py tests/test_sweep.py 2>&1 \
+$PY -m pytest -q -p no:cacheprovider -m cuda tests/test_criteria.py tests/test_calibrate.py tests/test_sweep.py tests/test_heads.py 2>&1 \
   | tee "$OUT/pytest_cuda.log"
 $PY benchmarks/selection.py --device "$DEV" --shapes "$SHAPES" --repeats 3 --json "$OUT/selection.json" 2>&1 \
   | tee "$OUT/selection.log"
@@ -30,3 +31,6 @@ $PY benchmarks/distill_throughput.py --device "$DEV" --model "$MODEL" --batch-si
 [ "${SKIP_CALIBRATION:-0}" = 1 ] || \
 $PY benchmarks/calibration.py --speed --device "$DEV" --models "$CAL_MODELS" $CAL_ARGS --json "$OUT/calibration.json" 2>&1 \
   | tee "$OUT/calibration.log"
+[ "${SKIP_HEADS:-0}" = 1 ] || \
+$PY benchmarks/heads.py --models none --eva $([ "$DEV" = cuda ] && echo --throughput) --json "$OUT/heads.json" 2>&1 \
+  | tee "$OUT/heads.log"

@@ -10,7 +10,7 @@ from torch import nn
 
 import dgmr
 from dgmr.models.families import family_of
-from dgmr.prune.calibration.allocate import compensated_curve, dropped_curve, spend
+from dgmr.prune.calibration.allocate import bounds, compensated_curve, dropped_curve, spend
 from dgmr.prune.calibration.moments import Moments
 from dgmr.prune.calibration.settings import CalibrationWarning
 from dgmr.models.sites.mlp import matrix
@@ -175,11 +175,11 @@ def test_spend_keeps_the_budget_and_bounds_and_follows_the_errors():
     # layer 0's error vanishes after 2 neurons, layer 1's falls slowly: layer 1 gets the neurons
     flat = torch.cat([torch.tensor([1.0, 0.5]), torch.zeros(15)])
     slow = torch.linspace(1.0, 0.0, 17)
-    widths = spend([flat, slow], costs=[3.0, 3.0], uniform=[8, 8], hidden=[16, 16], steps=[1, 1], floor=0.5,
-                   ceiling=1.5)
+    lo, hi = bounds([8, 8], [16, 16], [1, 1], floor=0.5, ceiling=1.5)
+    widths = spend([flat, slow], [3.0, 3.0], 3.0 * 8 + 3.0 * 8, lo, hi, [1, 1])
     assert widths == [4, 12]  # floor 4 for layer 0, ceiling 12 for layer 1, total 16 = the uniform budget
-    costly = spend([slow, slow], costs=[1.0, 3.0], uniform=[8, 8], hidden=[16, 16], steps=[1, 4], floor=0.5,
-                   ceiling=2.0)
+    lo, hi = bounds([8, 8], [16, 16], [1, 4], floor=0.5, ceiling=2.0)
+    costly = spend([slow, slow], [1.0, 3.0], 8 * 1.0 + 8 * 3.0, lo, hi, [1, 4])
     assert costly[1] % 4 == 0 and costly[0] * 1.0 + costly[1] * 3.0 <= 8 * 1.0 + 8 * 3.0
 
 

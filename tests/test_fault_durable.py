@@ -67,7 +67,7 @@ def test_every_file_gets_one_mode_under_the_umask(tmp_path, cli):
                            "--cache-dir", tmp_path / "cache", "--save", tmp_path / "knn.json", "--json")
         assert code == 0, err
         code, _, err = cli("distill", "--teacher", tiny["teacher"], "--student", tiny["student"], "--data",
-                           tiny["images"], "--out", tmp_path / "run", "--steps", "1", "--batch-size", "4", "--workers",
+                           tiny["images"], "--out", tmp_path / "run", "--steps", "1", "--batch-size", "3", "--workers",
                            "0", "--device", "cpu", "--no-progress", "--no-tensorboard", "--save-every", "1")
         assert code == 0, err
         code, _, err = cli("report", tmp_path / "run", tmp_path / "knn.json", "--out", tmp_path / "report")

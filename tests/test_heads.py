@@ -268,8 +268,10 @@ def test_l2_random_and_select_heads():
     assert 0 not in diversity(w2, 3).tolist() or 1 not in diversity(w2, 3).tolist()
     with pytest.raises(dgmr.DgmrError, match="cannot keep 8 of 7"):
         select_heads(w, 8)
-    with pytest.raises(dgmr.DgmrError, match="selects neurons only"):
+    with pytest.raises(dgmr.DgmrError, match="diversity-act' scores activations: it needs calibration images"):
         select_heads(w, 2, "diversity-act")
+    with pytest.raises(dgmr.DgmrError, match="selects neurons only"):
+        select_heads(w, 2, "no-such-head-criterion")
 
 
 def test_register_head_criterion_user_first():
@@ -332,8 +334,13 @@ def _state(model):
     (dict(heads=0), "cannot keep 0 of 3"),
     (dict(heads=4), "cannot keep 4 of 3"),
     (dict(head_fraction=0.1), r"keeps round\(0.1 x 3\) = 0"),
-    (dict(mlp_ratio=1, heads=2, calibration=[torch.zeros(2, 3, 32, 32)]), "cannot be cut with calibration"),
-    (dict(heads=2, criterion="diversity-act"), "selects neurons only"),
+    (dict(params_fraction=0.5), "give calibration images and allocate='global'"),
+    (dict(params_fraction=0.5, calibration=[torch.zeros(2, 3, 32, 32)]), "allocate='global'"),
+    (dict(params_fraction=1.5, calibration=[torch.zeros(2, 3, 32, 32)], allocate="global"), r"in \(0, 1\)"),
+    (dict(params_fraction=0.01, calibration=[torch.rand(4, 3, 32, 32)], allocate="global"), "smallest cut allowed"),
+    (dict(mlp_ratio=1, heads=2, params_fraction=0.5, calibration=[torch.zeros(2, 3, 32, 32)], allocate="global"),
+     "nothing to spend"),
+    (dict(heads=2, criterion="diversity-act"), "it needs calibration images"),
     (dict(mlp_ratio=99, heads=2), "cannot keep 19008 of 768"),
 ])
 def test_bad_head_requests_leave_the_model_whole(kwargs, match, cfgdir):

@@ -34,8 +34,8 @@ from .models.artifact import load, read_config, save, write_json
 from .models.families import family_of
 from .models.sources import Source, build_model, is_dgmr_dir
 from .prune import prune
-from .report.demo import render_markdown
-from .report.plots import plot_demo_accuracy_vs_flops, plot_student_recovery
+from .report.demo import cut_of, render_markdown
+from .report.plots import plot_demo_accuracy_vs_flops, plot_frontier, plot_student_recovery
 
 KNN_K = 20  # fixed k for the kNN score (not picked on the test set)
 IMAGE_SIZE = 16
@@ -82,6 +82,15 @@ class DemoSettings:
     speed_batch: int = 256
     # calibrated students (docs/calibration.md): diversity + compensation at these (ratio, allocation)
     calibrated: tuple[tuple[float, str], ...] = ((1.0, "uniform"), (0.5, "uniform"), (0.5, "global"))
+    # calibrated students cut with heads too (docs/heads.md), at most 35% of the teacher's params:
+    # (mlp ratio, heads per layer, params_fraction with global allocation). r=0.5 with 2 of 3 heads
+    # in every layer is on the frontier only: its val_loss rises in the warmup (relative step-0
+    # loss 0.08 gets the paper's lr), so early stopping keeps its step 0 (docs/heads.md)
+    head_students: tuple[tuple[float | None, int | None, float | None], ...] = ((None, None, 0.32),)
+    # the frontier's extra calibrated cuts, scored before distillation only (docs/heads.md)
+    frontier_ratios: tuple[float, ...] = (0.25, 0.125)
+    frontier_heads: tuple[tuple[float, int], ...] = ((0.5, 2),)
+    frontier_fractions: tuple[float, ...] = (0.28,)
     calibration_images: int = 256
     threads: int = 1  # intra-op threads (see _threads)
 
@@ -89,7 +98,8 @@ class DemoSettings:
     def make(cls, out: str | os.PathLike = "runs/demo", seed: int = 0, quick: bool = False) -> "DemoSettings":
         if quick:  # the test suite runs this end to end: every criterion and ratio, one seed, short runs
             return cls(out=str(out), seed=seed, quick=True, seeds=1, calibrated_seeds=1, teacher_epochs=10,
-                       distill_steps=20, eval_every=2, knn_every=10, speed_batch=128)
+                       distill_steps=20, eval_every=2, knn_every=10, speed_batch=128, frontier_ratios=(),
+                       frontier_fractions=())  # the frontier keeps r=0.5 with 2 heads: one calibrated prune
         return cls(out=str(out), seed=seed)
 
 
@@ -225,9 +235,11 @@ class Job:
     """One student: how it is pruned (``calibration`` None: weights only, the paper) and its seed."""
 
     criterion: str
-    ratio: float
+    ratio: float | None  # None: params_fraction sizes the MLPs
     seed: int
     calibration: dict[str, Any] | None = None
+    heads: int | None = None  # heads kept per attention layer (None: all, or params_fraction's choice)
+    params_fraction: float | None = None  # one budget across MLPs and heads (docs/heads.md)
 
     @property
     def method(self) -> str:
@@ -237,13 +249,23 @@ class Job:
             "+global" if self.calibration["allocate"] == "global" else "")
 
     @property
+    def cut(self) -> str:
+        """What was cut, for tables: "r=0.5", "r=0.5, 2 heads", "32% params"."""
+        if self.params_fraction is not None:
+            return f"{100 * self.params_fraction:g}% params"
+        return f"r={self.ratio:g}" + (f", {self.heads} heads" if self.heads is not None else "")
+
+    @property
     def name(self) -> str:
-        return f"{self.method}-r{self.ratio:g}-s{self.seed}"
+        tag = f"p{self.params_fraction:g}" if self.params_fraction is not None else f"r{self.ratio:g}"
+        return f"{self.method}-{tag}{f'-h{self.heads}' if self.heads else ''}-s{self.seed}"
 
     @property
     def arch(self) -> str:
         """Students of one arch share a throughput measurement."""
-        return f"r{self.ratio:g}" + ("-global" if self.calibration and self.calibration["allocate"] == "global" else "")
+        tag = f"p{self.params_fraction:g}" if self.params_fraction is not None else f"r{self.ratio:g}"
+        return tag + (f"-h{self.heads}" if self.heads else "") + (
+            "-global" if self.calibration and self.calibration["allocate"] == "global" else "")
 
 
 def demo_jobs(s: DemoSettings) -> list[Job]:
@@ -251,6 +273,10 @@ def demo_jobs(s: DemoSettings) -> list[Job]:
     for r, alloc in s.calibrated:
         cal = {"images": s.calibration_images, "compensate": True, "allocate": alloc, "criterion": "diversity"}
         jobs += [Job("diversity", r, s.seed + k, cal) for k in range(s.calibrated_seeds)]
+    for r, heads, fraction in s.head_students:
+        cal = {"images": s.calibration_images, "compensate": True, "allocate": "global" if fraction else "uniform",
+               "criterion": "diversity"}
+        jobs += [Job("diversity", r, s.seed + k, cal, heads, fraction) for k in range(s.calibrated_seeds)]
     return jobs
 
 
@@ -262,6 +288,7 @@ def prune_student(teacher: nn.Module, job: Job, data: dict[str, torch.Tensor], s
         return prune(student, mlp_ratio=job.ratio, criterion=job.criterion, seed=job.seed, progress=False, source=src)[0]
     cal = job.calibration
     return prune(student, mlp_ratio=job.ratio, criterion=cal["criterion"], seed=job.seed, progress=False, source=src,
+                 heads=job.heads, params_fraction=job.params_fraction,
                  calibration=_normalizer(teacher)(data["x_train"]), calibration_images=cal["images"],
                  compensation=cal["compensate"], allocate=cal["allocate"])[0]
 
@@ -277,7 +304,7 @@ def _cost(model: nn.Module) -> dict[str, int]:
 
     fam = family_of(model)
     return {"params": fam.vision_params(model), "flops": count_flops(model, fam, IMAGE_SIZE),
-            "mlp_params": mlp_params(fam, model)}
+            "mlp_params": mlp_params(fam, model), "heads": sum(s.heads for s in fam.attention(model))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +374,7 @@ def _distilled_student(job: Job, student: nn.Module, teacher: nn.Module, src: So
     close = first_close_step(curve, teacher_knn)
     row = {
         "criterion": job.criterion, "method": job.method, "mlp_ratio": job.ratio, "seed": job.seed,
+        "name": job.name, "cut": job.cut, "params_fraction": job.params_fraction,
         "calibration": job.calibration, "arch": job.arch, **_cost(student),
         "knn_top1_before": before["knn_top1"], "head_top1_before": before["head_top1"],
         "knn_top1_after": after["knn_top1"], "head_top1_after": after["head_top1"],
@@ -397,11 +425,13 @@ def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
     teacher_row["images_per_s"] = speed["models"]["teacher"]["throughput"]
     for row in students:
         row["images_per_s"] = speed["models"][row["arch"]]["throughput"]
+        row["heads_kept_fraction"] = row["heads"] / teacher_row["heads"]
     results = {"teacher": teacher_row, "students": students, "wall_seconds": round(time.perf_counter() - t0, 1),
                "settings": asdict(s), "knn_k": KNN_K,
                "data": {"name": "sklearn digits (UCI)", "train": len(data["y_train"]), "test": len(data["y_test"]),
                         "image_size": IMAGE_SIZE}}
     results["summary"] = summarize(results)
+    results["frontier"] = frontier(teacher, src, data, s, results)
     results["checks"] = demo_checks(results)
     write_json(outp / "results.json", results)
     write_json(outp / "curves.json", curves)
@@ -409,21 +439,55 @@ def _run(s: DemoSettings, outp: Path, progress: bool) -> dict[str, Any]:
         plot_student_recovery(curves, tmp, teacher_scores["knn_top1"], KNN_CLOSE, KNN_K)
     with atomic_path(outp / "accuracy_vs_flops.png", "a plot") as tmp:
         plot_demo_accuracy_vs_flops(results, tmp)
+    with atomic_path(outp / "accuracy_vs_params.png", "a plot") as tmp:
+        plot_frontier(results, tmp)
     write_text(outp / "report.md", render_markdown(results))
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(outp / "results.json", results)
     return results
 
 
+def frontier(teacher: nn.Module, src: Source, data: dict[str, torch.Tensor], s: DemoSettings,
+             results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy against parameters before distillation, every cut calibrated: "MLP only" (the
+    calibrated uniform students, and ``frontier_ratios``) against "MLP + heads" (the head
+    students, and ``frontier_fractions``): docs/heads.md. One point per cut."""
+    total, heads = results["teacher"]["params"], results["teacher"]["heads"]
+    points = {}
+    for a in results["summary"]:
+        if a["calibration"] is not None and a["calibration"]["allocate"] == "uniform" or a["heads_kept_fraction"] < 1 \
+                or a.get("params_fraction") is not None:
+            points[a["cut"]] = ("MLP only" if a["heads_kept_fraction"] == 1 and a.get("params_fraction") is None
+                                else "MLP + heads", a["params"], a["heads_kept_fraction"],
+                                {"knn_top1": a["knn_top1_before"], "head_top1": a["head_top1_before"]})
+    extra = [Job("diversity", r, s.seed, {"images": s.calibration_images, "compensate": True, "allocate": "uniform",
+                                           "criterion": "diversity"}) for r in s.frontier_ratios]
+    extra += [Job("diversity", r, s.seed, {"images": s.calibration_images, "compensate": True, "allocate": "uniform",
+                                           "criterion": "diversity"}, heads=h) for r, h in s.frontier_heads]
+    extra += [Job("diversity", None, s.seed, {"images": s.calibration_images, "compensate": True, "allocate": "global",
+                                              "criterion": "diversity"}, params_fraction=f) for f in s.frontier_fractions]
+    for job in extra:
+        student = prune_student(teacher, job, data, src)
+        cost = _cost(student)
+        kind = "MLP only" if job.params_fraction is None and job.heads is None else "MLP + heads"
+        points[job.cut] = (kind, cost["params"], cost["heads"] / heads, score(student, data))
+    rows = [{"kind": kind, "cut": cut, "params": p, "params_fraction": p / total, "heads_kept_fraction": h, **sc}
+            for cut, (kind, p, h, sc) in points.items()]
+    return sorted(rows, key=lambda r: (r["kind"], -r["params"]))
+
+
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (method, ratio): mean and spread (min..max, stdev) over seeds."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    """One row per (method, cut): mean and spread (min..max, stdev) over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in results["students"]:
-        groups.setdefault((row.get("method", row["criterion"]), row["mlp_ratio"]), []).append(row)
+        groups.setdefault((row.get("method", row["criterion"]), row.get("cut") or f"r={row['mlp_ratio']:g}"),
+                          []).append(row)
     out = []
     t = results["teacher"]
-    for (method, r), rows in groups.items():
-        agg: dict[str, Any] = {"criterion": rows[0]["criterion"], "method": method, "mlp_ratio": r,
+    for (method, cut), rows in groups.items():
+        agg: dict[str, Any] = {"criterion": rows[0]["criterion"], "method": method, "cut": cut,
+                               "mlp_ratio": rows[0]["mlp_ratio"], "params_fraction": rows[0].get("params_fraction"),
+                               "heads_kept_fraction": rows[0].get("heads_kept_fraction", 1.0),
                                "calibration": rows[0].get("calibration"), "seeds": len(rows),
                                "params": rows[0]["params"], "flops": rows[0]["flops"],
                                "mlp_params": rows[0]["mlp_params"], "images_per_s": rows[0]["images_per_s"]}
@@ -446,6 +510,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 VAL_RISE = 1.1  # a calibrated student's val_loss stays within this factor of its step-0 value
 KNN_DROP = 0.002  # ... and it ends at most this far (0.2 point) below its kNN before distillation
+HEADS_SIZE, HEADS_GAP = 0.35, 0.01  # a heads student of at most 35% of the params ends within 1 point kNN
 
 
 def demo_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -453,6 +518,7 @@ def demo_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     name, whether it held, and the figure behind it."""
     cal = [r for r in results["students"] if r["calibration"] is not None]
     plain = [r for r in results["students"] if r["calibration"] is None]
+    teacher = results.get("teacher")
     checks = []
     if cal:
         worst = max(cal, key=lambda r: r["val_loss_max_ratio"])
@@ -460,17 +526,31 @@ def demo_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                                 f"{VAL_RISE:g}x of it", "ok": all(r["val_loss_step0_logged"] for r in cal)
                        and worst["val_loss_max_ratio"] <= VAL_RISE,
                        "figure": f"highest val_loss / step-0 val_loss: {worst['val_loss_max_ratio']:.3f} "
-                                 f"({worst['method']} r={worst['mlp_ratio']:g} seed {worst['seed']})"})
-        drop = max(cal, key=lambda r: r["knn_top1_before"] - r["knn_top1_after"])
-        d = drop["knn_top1_before"] - drop["knn_top1_after"]
-        checks.append({"check": f"no calibrated student ends more than {100 * KNN_DROP:g} point kNN below its start",
+                                 f"({worst['method']} {cut_of(worst)} seed {worst['seed']})"})
+        # a student that starts above its teacher is distilled towards the teacher, not past it
+        ceiling = teacher["knn_top1"] if teacher else 1.0
+        drop = max(cal, key=lambda r: min(r["knn_top1_before"], ceiling) - r["knn_top1_after"])
+        d = min(drop["knn_top1_before"], ceiling) - drop["knn_top1_after"]
+        checks.append({"check": f"no calibrated student ends more than {100 * KNN_DROP:g} point kNN below its start "
+                                "(or the teacher's, where it starts above it)",
                        "ok": d <= KNN_DROP + 1e-9,
-                       "figure": f"worst kNN change: {-100 * d:+.1f} point ({drop['method']} r={drop['mlp_ratio']:g} "
+                       "figure": f"worst kNN change: {-100 * d:+.1f} point ({drop['method']} {cut_of(drop)} "
                                  f"seed {drop['seed']})"})
+    small = [r for r in cal if teacher and r.get("heads_kept_fraction", 1.0) < 1
+             and r["params"] <= HEADS_SIZE * teacher["params"]]
+    if small:
+        worst = min(small, key=lambda r: r["knn_top1_after"])
+        gap = results["teacher"]["knn_top1"] - worst["knn_top1_after"]
+        checks.append({"check": f"every calibrated student cut with heads to at most {100 * HEADS_SIZE:g}% of the "
+                                f"teacher's parameters ends within {100 * HEADS_GAP:g} point kNN of the teacher",
+                       "ok": gap <= HEADS_GAP + 1e-9,
+                       "figure": f"largest gap: {100 * gap:.1f} point ({worst['method']} {cut_of(worst)}, "
+                                 f"{100 * worst['params'] / results['teacher']['params']:.1f}% params, seed "
+                                 f"{worst['seed']})"})
     if plain:
         gain = min(plain, key=lambda r: r["knn_top1_after"] - r["knn_top1_before"])
         checks.append({"check": "every weights-only student improves with distillation",
                        "ok": all(r["knn_top1_after"] > r["knn_top1_before"] for r in plain),
                        "figure": f"smallest kNN gain: {100 * (gain['knn_top1_after'] - gain['knn_top1_before']):+.1f} "
-                                 f"point ({gain['method']} r={gain['mlp_ratio']:g} seed {gain['seed']})"})
+                                 f"point ({gain['method']} {cut_of(gain)} seed {gain['seed']})"})
     return checks

@@ -37,9 +37,10 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     from ..prune.to_dir import prune_to_dir
 
     settings = PruneSettings(**given(args, PruneSettings))
-    if not settings.width_given and not settings.heads_given:
+    if not settings.width_given and not settings.heads_given and settings.params_fraction is None:
         raise DgmrError("say how wide to keep the MLPs: --mlp-ratio R, --hidden N or --keep-fraction F (and/or how "
-                        "many attention heads: --heads N or --head-fraction F)")
+                        "many attention heads: --heads N or --head-fraction F), or how many parameters: "
+                        "--params-fraction F")
     calibration_settings = _check_calibration(args)
     if args.weights is not None:
         from ..prune.stream import stream_prune

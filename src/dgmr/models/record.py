@@ -42,12 +42,13 @@ class PruneRecord:
 
     @classmethod
     def start(cls, criterion: str, seed: int, *, mlp_ratio: float | None = None, hidden: int | None = None,
-              keep_fraction: float | None = None, heads: Any = None, head_fraction: float | None = None
-              ) -> "PruneRecord":
+              keep_fraction: float | None = None, heads: Any = None, head_fraction: float | None = None,
+              params_fraction: float | None = None) -> "PruneRecord":
         """An empty record of a uniform width request (the request keeps only what was given)."""
         request = {k: v for k, v in (("mlp_ratio", mlp_ratio), ("hidden", hidden), ("keep_fraction", keep_fraction),
                                      ("heads", heads if isinstance(heads, (int, type(None))) else "per layer"),
-                                     ("head_fraction", head_fraction)) if v is not None}
+                                     ("head_fraction", head_fraction), ("params_fraction", params_fraction))
+                   if v is not None}
         return cls(criterion, seed, request)
 
     def add(self, site: MlpSite, hidden_before: int, keep: torch.Tensor | None, **extra: Any) -> None:

@@ -27,7 +27,7 @@ from ..models.sources import Source
 from .calibration.cut import calibrated_prune
 from .calibration.settings import CalibrationSettings
 from .criteria import criterion_scores, select_neurons
-from .head_criteria import head_criterion_scores, select_heads
+from .head_criteria import get_head_criterion, head_criterion_scores, select_heads
 
 
 def resolve_widths(
@@ -117,15 +117,34 @@ def resolve_heads(
     return ks
 
 
-def _head_request(model: nn.Module, family: Family, criterion: str, heads: Any,
-                  head_fraction: float | None) -> tuple[list[AttentionSite], list[int]]:
-    """The attention layers and their head counts, every check done (counts, layouts, criterion)."""
+def _head_request(model: nn.Module, family: Family, criterion: str, heads: Any, head_fraction: float | None,
+                  calibrated: bool, free: bool = False) -> tuple[list[AttentionSite], list[Any]]:
+    """The attention layers and their head counts, every check done (counts, layouts, criterion).
+    ``free`` without counts: each is None, for params_fraction to decide (except where heads
+    cannot be cut: all kept)."""
     attention = family.attention(model)
-    hs = resolve_heads(attention, heads=heads, head_fraction=head_fraction, model=type(model).__name__)
-    if head_criterion_scores(criterion) == "activations":  # the hook for calibrated heads: issue 20, part B
-        raise DgmrError(f"head criterion {criterion!r} scores activations: calibrated head pruning is not available "
-                        "yet; cut heads with diversity, l2 or random")
+    if free and heads is None and head_fraction is None:
+        hs: list[Any] = [s.heads if s.refuse else None for s in attention]
+        if any(h is None for h in hs):
+            get_head_criterion(criterion)  # a neuron-only criterion cannot size heads: refused before any pass
+    else:
+        hs = resolve_heads(attention, heads=heads, head_fraction=head_fraction, model=type(model).__name__)
+    if head_criterion_scores(criterion) == "activations" and not calibrated:
+        raise DgmrError(f"head criterion {criterion!r} scores activations: it needs calibration images "
+                        "(calibration=...)")
     return attention, hs
+
+
+def _budget_request(model: nn.Module, family: Family, params_fraction: float, settings: CalibrationSettings,
+                    calibrated: bool) -> None:
+    """Refuse a ``params_fraction`` that cannot be spent, before anything is cut: it is spent by
+    measured error, which takes calibration images and global allocation."""
+    if not (math.isfinite(params_fraction) and 0 < params_fraction < 1):
+        raise DgmrError(f"params fraction must be in (0, 1), got {params_fraction}")
+    if not calibrated or settings.allocate != "global":
+        raise DgmrError("params_fraction spends the parameters across MLP neurons and attention heads by their "
+                        "measured error on calibration images: give calibration images and allocate='global' "
+                        "(dgmr prune --calibration DATA --allocate global)")
 
 
 def _cut_mlps(sites: Sequence[MlpSite], ks: Sequence[int], record: PruneRecord, criterion: str, seed: int,
@@ -172,6 +191,7 @@ def prune(
     calibration: Any = None,
     heads: int | Mapping[str, int] | Sequence[int] | None = None,
     head_fraction: float | None = None,
+    params_fraction: float | None = None,
     **calibration_settings: Any,
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune the hidden layer of every MLP of ``model``'s vision tower, and/or remove whole
@@ -188,10 +208,15 @@ def prune(
     :mod:`dgmr.prune.head_criteria`); the MLP width is then optional. Heads keep their head
     dim (docs/heads.md). Every MLP width and head count is checked before the first cut.
 
+    ``params_fraction`` F (with calibration and ``allocate="global"``) keeps fraction F of the
+    vision tower's parameters, spent on MLP neurons and heads by measured error per parameter;
+    widths or head counts given beside it stay as given (docs/heads.md, "One budget").
+
     ``calibration``: unlabeled images (a folder, a list file, WebDataset shards, a list of
     PIL images, a Dataset, or preprocessed (N, 3, H, W) batches / a DataLoader). With it the
     cut MLPs' down projections are refitted to the original outputs, and activation criteria
-    (``diversity-act``) can score; ``calibration_settings`` are the fields of
+    (``diversity-act``, for neurons and heads) can score; cut attention layers get their output
+    projections refitted the same way; ``calibration_settings`` are the fields of
     :class:`~dgmr.prune.calibration.settings.CalibrationSettings`, named as ``dgmr prune``'s
     flags (``calibration_images``, ``compensation``, ``allocate``, ``ridge``, ...; the older
     names ``images``, ``compensate``... still work). docs/calibration.md. Calibration runs every image once
@@ -200,24 +225,28 @@ def prune(
     """
     settings = CalibrationSettings.from_keywords("prune", **calibration_settings)
     family = family or family_of(model)
+    calibrated = calibration is not None
     cut_heads = heads is not None or head_fraction is not None
-    cut_mlps = not cut_heads or any(v is not None for v in (mlp_ratio, hidden, keep_fraction, widths))
-    sites = family.mlps(model) if cut_mlps else []
-    ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction,
-                        widths=widths) if cut_mlps else []
-    attention, hs = _head_request(model, family, criterion, heads, head_fraction) if cut_heads else ([], [])
+    width_given = any(v is not None for v in (mlp_ratio, hidden, keep_fraction, widths))
+    if params_fraction is not None:
+        _budget_request(model, family, params_fraction, settings, calibrated)
+    sites = family.mlps(model) if width_given or not cut_heads or params_fraction is not None else []
+    ks: list[Any] = [None] * len(sites)  # free: params_fraction sizes them
+    if width_given or not (cut_heads or params_fraction is not None):
+        ks = resolve_widths(sites, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction, widths=widths)
+    attention, hs = _head_request(model, family, criterion, heads, head_fraction, calibrated,
+                                  free=params_fraction is not None) if cut_heads or params_fraction is not None \
+        else ([], [])
     record = PruneRecord.start(criterion, seed, mlp_ratio=mlp_ratio, hidden=hidden, keep_fraction=keep_fraction,
-                               heads=heads, head_fraction=head_fraction)
-    if calibration is not None:
-        if cut_heads:  # the hook for calibrated heads (compensation, diversity-act): issue 20, part B
-            raise DgmrError("attention heads cannot be cut with calibration yet: prune heads without calibration "
-                            "images, or calibrate an MLP-only prune")
+                               heads=heads, head_fraction=head_fraction, params_fraction=params_fraction)
+    if calibrated:
         if not settings.compensation and settings.allocate == "uniform" and criterion_scores(criterion) == "weights":
             raise DgmrError(f"calibration changes nothing here: no compensation, uniform widths and {criterion!r} "
                             "scores weights; drop the calibration images, or compensate, allocate globally or "
                             "use an activation criterion")
         calibrated_prune(model, family, sites, ks, record, calibration, settings, criterion=criterion, seed=seed,
-                         progress=progress, source=source)
+                         progress=progress, source=source, attention=attention, hs=hs,
+                         params_fraction=params_fraction)
         record.config_updates = family.update_config(model, source)
         return model, record
     if calibration_settings:

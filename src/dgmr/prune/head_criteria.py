@@ -129,6 +129,16 @@ def random(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     return torch.randperm(w.shape[0], generator=g)[:k]
 
 
+@register_head_criterion("diversity-act", builtin=True, scores="activations")
+def diversity_act(w: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """:func:`diversity` on activation blocks (calibration): block j's rows span head j's
+    channels of the attention output over the calibration tokens, weighted so that a
+    residual's Frobenius norm is that of the head's contribution through the output
+    projection (:func:`dgmr.prune.calibration.heads.head_activations`). Picking the largest
+    residual next is the group-pivoted Cholesky of the Gram of the heads' contributions."""
+    return diversity(w, k, seed=seed)
+
+
 def select_heads(
     blocks: torch.Tensor,
     k: int,

@@ -49,9 +49,13 @@ class WidthSettings:
 class PruneSettings(WidthSettings):
     """``dgmr prune``'s settings (an in-memory prune; see :class:`StreamSettings` for ``--weights``)."""
 
+    params_fraction: float | None = setting(None, "keep this fraction of the vision tower's parameters, spent across "
+                                                  "MLP neurons and attention heads by measured error (needs "
+                                                  "--calibration and --allocate global; MLP width or head flags "
+                                                  "beside it stay as given)", metavar="F")
     criterion: str = setting("diversity", "neuron selection: diversity (DGMR), l2, random, or with --calibration "
                                           "diversity-act; with --heads, the head selection of the same name "
-                                          "(diversity, l2, random)", choices=lambda: sorted(CRITERIA))
+                                          "(diversity, l2, random, diversity-act)", choices=lambda: sorted(CRITERIA))
     seed: int = setting(0, "seed of the random criterion (and of --random-init weights)")
     random_init: bool = setting(False, "build the architecture with random weights (no download)")
     dtype: str | None = setting(None, "dtype of the saved weights (unset: as loaded)", choices=sorted(DTYPES))

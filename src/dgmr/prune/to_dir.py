@@ -60,7 +60,7 @@ def prune_to_dir(
     are :class:`~dgmr.prune.calibration.settings.CalibrationSettings` fields."""
     s = PruneSettings.from_keywords(settings, "prune_to_dir", **kwargs)
     get_criterion(s.criterion)
-    if s.heads_given:
+    if s.heads_given or s.params_fraction is not None:
         get_head_criterion(s.criterion)
     out_dtype = parse_dtype(s.dtype) if s.dtype is not None else None
     inputs = [("model", model_path(model)), *(("calibration data", p) for p in data_paths(calibration))]
@@ -71,7 +71,8 @@ def prune_to_dir(
             net, src = open_model(model, random_init=s.random_init, model_kwargs=model_kwargs)
         family = family_of(net)
         params_before = family.vision_params(net)
-        net, record = prune(net, **s.widths(), **s.head_counts(), criterion=s.criterion, seed=s.seed,
+        net, record = prune(net, **s.widths(), **s.head_counts(), params_fraction=s.params_fraction,
+                            criterion=s.criterion, seed=s.seed,
                             progress=progress, source=src,
                             family=family, calibration=calibration, **(calibration_settings or {}))
         if out_dtype is not None:
@@ -80,18 +81,24 @@ def prune_to_dir(
         cfg = save(net, out, source=src, record=record, overwrite=s.overwrite, native=s.native,
                    extra={"params_before": params_before, "params_after": params_after,
                           "random_init": bool(s.random_init), **({"random_init_seed": s.seed} if s.random_init else {})})
-        extra = {"calibration": _calibration_summary(record.calibration, record.layers)} if record.calibration else {}
+        extra = {"calibration": _calibration_summary(record.calibration, record.layers, record.heads)} if record.calibration else {}
         if record.heads:
             extra["heads_after"] = sorted(set(record.head_counts.values()))
         return prune_summary(out, src.spec if src else str(model), family, s.criterion, cfg["widths"], params_before,
                              params_after, cfg["native_export"], t0, **extra)
 
 
-def _calibration_summary(cal: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The printed gist of a calibrated prune: images, and the mean relative MLP-output error
-    over the layers before and after the refit."""
-    mean = lambda key: round(sum(layer.get(key, 0.0) for layer in layers) / max(len(layers), 1), 4)  # noqa: E731
-    out = {"images": cal["images"], "compensate": cal["compensate"], "allocate": cal["allocate"]}
-    if cal["compensate"]:
-        out.update(rel_err_before=mean("rel_err_before"), rel_err_after=mean("rel_err_after"))
+def _calibration_summary(cal: dict[str, Any], layers: list[dict[str, Any]],
+                         heads: list[dict[str, Any]]) -> dict[str, Any]:
+    """The printed gist of a calibrated prune: images, and the mean relative output error of
+    the MLPs (and of the attention layers whose heads were cut) before and after the refit."""
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return round(sum(row.get(key, 0.0) for row in rows) / max(len(rows), 1), 4)
+
+    out = {"images": cal["images"], "compensate": cal["compensate"], "allocate": cal["allocate"],
+           **({"params_target": cal["params_target"]} if "params_target" in cal else {})}
+    if cal["compensate"] and layers:
+        out.update(rel_err_before=mean(layers, "rel_err_before"), rel_err_after=mean(layers, "rel_err_after"))
+    if cal["compensate"] and heads:
+        out.update(heads_rel_err_before=mean(heads, "rel_err_before"), heads_rel_err_after=mean(heads, "rel_err_after"))
     return out

@@ -32,13 +32,31 @@ def steps_cell(row: dict[str, Any]) -> str:
     return ", ".join(out) or "-"
 
 
+def cut_of(row: dict[str, Any]) -> str:
+    """What a student's cut was: "r=0.5", "r=0.5, 2 heads", "32% params" (older results: r only)."""
+    return row.get("cut") or f"r={row['mlp_ratio']:g}"
+
+
+def frontier_lines(results: dict[str, Any]) -> list[str]:
+    """The accuracy-against-parameters table (before distillation, every cut calibrated)."""
+    rows = results.get("frontier") or []
+    if not rows:
+        return []
+    body = [[r["kind"], r["cut"], f"{100 * r['params_fraction']:.1f}%", f"{100 * r['heads_kept_fraction']:.0f}%",
+             pct(r["knn_top1"]), pct(r["head_top1"])] for r in rows]
+    return ["Accuracy against parameters, calibrated cuts before any distillation (MLP only: its floor is r=0.125; "
+            "MLP + heads: heads cut too, uniformly or by one params_fraction budget):", "",
+            *markdown_table(["cut kind", "cut", "params", "heads kept", "kNN before", "head before"], body), "",
+            "![accuracy vs params](accuracy_vs_params.png)", ""]
+
+
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     t = results["teacher"]
     rows = [["teacher", f"{t['params'] / 1e6:.3f}M", f"{t['flops'] / 1e6:.1f}M", f"{t['images_per_s']:.0f}",
              "-", "-", pct(t["knn_top1"]), pct(t["head_top1"]), "-", "-", "-", "-"]]
     for a in results["summary"]:
         ratio = a.get("val_loss_max_ratio")
-        rows.append([f"{a.get('method', a['criterion'])} r={a['mlp_ratio']:g} (n={a['seeds']})",
+        rows.append([f"{a.get('method', a['criterion'])} {cut_of(a)} (n={a['seeds']})",
                      f"{a['params'] / 1e6:.3f}M", f"{a['flops'] / 1e6:.1f}M", f"{a['images_per_s']:.0f}",
                      _spread(a, "knn_top1_before"), _spread(a, "head_top1_before"),
                      _spread(a, "knn_top1_after"), _spread(a, "head_top1_after"),
@@ -78,8 +96,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "within the run); 'steps / best' the steps trained (* stopped early) and the step exported; "
         "'val_loss max ÷ step 0' the highest val_loss over the run against the step-0 value (worst seed).", "",
         *markdown_table(HEADER, table_rows(results)), "",
-        "MLP parameter reduction: " + ", ".join(sorted({f"r={a['mlp_ratio']:g}: {100 * a['mlp_param_reduction']:.0f}%"
+        "MLP parameter reduction: " + ", ".join(sorted({f"{cut_of(a)}: {100 * a['mlp_param_reduction']:.0f}%"
                                                          for a in results["summary"]})) + ".", "",
+        *frontier_lines(results),
         "Checks:", "", *check_lines(results), "",
         "![recovery](recovery.png)", "", "![accuracy vs FLOPs](accuracy_vs_flops.png)", "",
         f"Wall time: {results['wall_seconds']:.0f} s.", "",

@@ -3,6 +3,7 @@ distillation steps, and accuracy against cost."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,20 +98,26 @@ def _method_color(method: str, i: int) -> str:
     return METHOD_COLORS.get(method, f"C{(i + 5) % 10}")
 
 
+# a demo student's name: METHOD-CUT-sSEED, CUT r<ratio>[-h<heads>] or p<params fraction>
+STUDENT_NAME = re.compile(r"^(?P<method>.+?)-(?P<cut>(?:r|p)[0-9.]+(?:-h\d+)?)-s\d+$")
+
+
 def plot_student_recovery(curves: dict[str, list[dict[str, Any]]], path: Path, teacher_knn: float | None = None,
                           close: float = 0.005, knn_k: int = 20, rise: float = 1.1) -> None:
     """The demo's students during distillation, against the step (0: before any update): the
     held-out val_loss (log scale), the val_loss over its step-0 value (a line at ``rise``) and
     kNN top-1 (a band ``close`` under the teacher; a star: the exported weights). One colour
-    per method, solid at r=1 and dashed below."""
+    per method, solid at r=1, dashed below, dotted for cuts with heads."""
     plt = pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
     methods: list[str] = []
     for name, pts in curves.items():
-        method, ratio = name.split("-r")[0], "r" + name.split("-r")[1].split("-")[0]
+        found = STUDENT_NAME.match(name)
+        method, ratio = (found["method"], found["cut"]) if found else (name, "")
         if method not in methods:
             methods.append(method)
-        color, style = _method_color(method, methods.index(method)), "-" if ratio == "r1" else "--"
+        style = "-" if ratio == "r1" else ":" if "-h" in ratio or ratio.startswith("p") else "--"
+        color = _method_color(method, methods.index(method))
         label = f"{method} {ratio}"
         val = [(p["step"], p["val_loss"]) for p in pts if "val_loss" in p]
         if val:
@@ -168,7 +175,7 @@ def plot_demo_accuracy_vs_flops(results: dict[str, Any], path: Path) -> None:
         groups.setdefault(a["flops"] / 1e6, []).append(a)
     for x, group in groups.items():  # one label per group of students of equal cost, above it
         top = max(100 * a["knn_top1_after_max"] for a in group)
-        ratios = sorted({f"r={a['mlp_ratio']:g}" for a in group})
+        ratios = sorted({a.get("cut") or f"r={a['mlp_ratio']:g}" for a in group})
         ax.annotate(", ".join(ratios), (x, top), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
     ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="hollow: before distillation")
     handles, labels = ax.get_legend_handles_labels()
@@ -177,6 +184,42 @@ def plot_demo_accuracy_vs_flops(results: dict[str, Any], path: Path) -> None:
            title="accuracy vs FLOPs (hollow: pruned; filled: distilled, exported)")
     ax.grid(alpha=0.3)
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against parameters: kNN of the calibrated cuts before distillation, "MLP only"
+    against "MLP + heads" (results["frontier"]), each a line by size; the students after
+    distillation as filled markers beside them; the teacher a star."""
+    plt = pyplot()
+    t = results["teacher"]
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    ax.scatter([100.0], [100 * t["knn_top1"]], marker="*", s=220, color="black", label="teacher", zorder=3)
+    styles = {"MLP only": ("tab:blue", "o"), "MLP + heads": ("tab:red", "s")}
+    for kind, (color, marker) in styles.items():
+        pts = sorted((r for r in results.get("frontier", []) if r["kind"] == kind), key=lambda r: r["params"])
+        if not pts:
+            continue
+        xs, ys = [100 * r["params_fraction"] for r in pts], [100 * r["knn_top1"] for r in pts]
+        ax.plot(xs, ys, "-", marker=marker, mfc="none", color=color, label=f"{kind}: before distillation")
+        for r, x, y in zip(pts, xs, ys):
+            ax.annotate(r["cut"], (x, y), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
+    for a in results["summary"]:
+        if a["calibration"] is None or a["calibration"]["allocate"] == "global" and a.get("params_fraction") is None:
+            continue
+        kind = "MLP only" if a.get("heads_kept_fraction", 1.0) == 1 and a.get("params_fraction") is None \
+            else "MLP + heads"
+        color, marker = styles[kind]
+        ax.scatter([100 * a["params"] / t["params"]], [100 * a["knn_top1_after"]], marker=marker, s=40, color=color,
+                   label=f"{kind}: after distillation", zorder=4)
+    ax.set(xlabel="vision tower parameters kept (% of the teacher)", ylabel="test kNN top-1 (%)",
+           title="accuracy against parameters (calibrated cuts)")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

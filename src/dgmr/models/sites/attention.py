@@ -67,6 +67,9 @@ class AttentionSite:
     width_attrs: tuple[str, ...] = ()
     rebuild: Callable[[nn.Module], nn.Module] | None = None
     refuse: str | None = None
+    # a module with the same forward whose output projection runs as a module, for layers whose
+    # library forward reads the projection's weights instead (calibration hooks must see it run)
+    hookable: Callable[[nn.Module], nn.Module] | None = None
     parent: nn.Module | None = field(default=None, repr=False)  # set by find_attention: where the module sits
     attr: str = ""
 
@@ -77,6 +80,12 @@ class AttentionSite:
     @property
     def in_features(self) -> int:
         return self.proj.out_features
+
+    @property
+    def down(self) -> nn.Linear:
+        """The output projection, under the name an MLP site gives the projection that reads its
+        hidden layer: what calibration refits, so its moments and refit serve both site kinds."""
+        return self.proj
 
     @property
     def parts(self) -> list[nn.Module]:
@@ -253,6 +262,7 @@ def _torch_mha(path: str, m: nn.Module) -> AttentionSite | None:
     if not isinstance(m, nn.MultiheadAttention):
         return None
     site = _packed(path, m, "torch_mha", head_attention_from)
+    site.hookable = head_attention_from  # its forward calls out_proj's weights, never the module
     if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         site.refuse = ("nn.MultiheadAttention with separate key/value dims, add_bias_kv or add_zero_attn: "
                        "dgmr cannot cut its heads")

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ...models.sites.attention import AttentionSite
 from ...models.sites.mlp import MlpSite
 from .moments import Moments
 
@@ -65,13 +66,28 @@ def width_step(site: MlpSite) -> int:
     return step
 
 
-def spend(curves: list[torch.Tensor], costs: list[float], uniform: list[int], hidden: list[int], steps: list[int],
-          floor: float, ceiling: float) -> list[int]:
-    """Widths with total cost at most the uniform widths' that greedily minimise the summed
-    relative errors, each within [floor, ceiling] x its uniform width (and its original width)."""
-    budget = sum(c * k for c, k in zip(costs, uniform))
-    lo = [max(s, math.ceil(floor * k / s) * s) for k, s in zip(uniform, steps)]
-    hi = [min(h // s * s, max(lo_, math.floor(ceiling * k / s) * s)) for k, h, s, lo_ in zip(uniform, hidden, steps, lo)]
+def head_cost(site: AttentionSite) -> float:
+    """Parameters one attention head of ``site`` holds (its q, k, v and gate rows and biases,
+    its output-projection columns, its channels of width norms, its entries of per-head tables)."""
+    total = sum(p.numel() for part in site.parts for p in part.parameters(recurse=False))
+    fixed = site.proj.bias.numel() if site.proj.bias is not None else 0
+    return (total - fixed) / site.heads
+
+
+def bounds(reference: list[float], hidden: list[int], steps: list[int], floor: float,
+           ceiling: float) -> tuple[list[int], list[int]]:
+    """Each layer's allowed widths: within [floor, ceiling] x its ``reference`` width (the
+    uniform one), multiples of its step, at least one step and at most its original width."""
+    lo = [max(s, math.ceil(floor * k / s) * s) for k, s in zip(reference, steps)]
+    hi = [min(h // s * s, max(lo_, math.floor(ceiling * k / s) * s)) for k, h, s, lo_ in zip(reference, hidden, steps, lo)]
+    return lo, hi
+
+
+def spend(curves: list[torch.Tensor], costs: list[float], budget: float, lo: list[int], hi: list[int],
+          steps: list[int]) -> list[int]:
+    """Widths within [lo, hi] with total cost at most ``budget`` that greedily minimise the
+    summed relative errors: from ``lo``, one step at a time to the layer whose error drops
+    most per parameter, while the next step fits."""
     widths = list(lo)
     spent = sum(c * k for c, k in zip(costs, widths))
     heap: list[tuple[float, int]] = []

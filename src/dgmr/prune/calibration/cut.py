@@ -1,143 +1,34 @@
-"""The calibrated pruning pass (``dgmr.prune(..., calibration=...)``): MLP by MLP in forward
-order, score (on weights or activations), cut, refit the down projection; optionally with
-widths allocated across layers first (:mod:`.allocate`). The passes run block by block over
-stored hidden states (:mod:`.sweep`), or, for a model whose blocks cannot run one by one,
-as full forward passes up to each MLP (:mod:`.runner`)."""
+"""The calibrated pruning pass (``dgmr.prune(..., calibration=...)``): layer by layer in
+forward order, score (on weights or activations), cut, and refit the projection that reads
+the cut width: an MLP's down projection here, an attention layer's output projection in
+:mod:`.heads`; optionally with widths and head counts allocated first (:mod:`.budget`). The
+passes run block by block over stored hidden states (:mod:`.sweep`), or, for a model whose
+blocks cannot run one by one, as full forward passes up to each layer (:mod:`.passes`)."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...core import dist as D
 from ...core.memory import out_of_memory
-from ...models.families import NoSequentialBlocks
 from ...models.preprocess import resolve_eval_preprocess
-from ...models.sites.mlp import MlpSite, check_width, matrix, shrink_mlp
+from ...models.sites.attention import AttentionSite
+from ...models.sites.mlp import MlpSite, check_width, shrink_mlp
 from ..criteria import criterion_scores, get_criterion, scoring_matrix, select_neurons
-from .allocate import compensated_curve, dropped_curve, neuron_cost, spend, width_step
+from .allocate import compensated_curve, dropped_curve, neuron_cost, width_step
+from .budget import allocate, fraction_budget, uniform_budget
+from .heads import HeadStep, hookable, restore_uncut
 from .images import calibration_data
-from .moments import Moments, activation_rows, hidden_moments, moment_hooks, pruned_moments
+from .moments import Moments, activation_rows, hidden_moments, moment_bytes, pruned_moments
+from .passes import first_pass
 from .refit import down_coefficients, keep_original, refit_down
 from .runner import Pass, Runner
-from .settings import CalibrationSettings, CalibrationWarning
-from .sweep import Chain, Probe, Step, Walker, walk
-
-STATS_BUDGET = 2 << 30  # bytes of float64 statistics one full allocation pass may hold (layers grouped to fit)
-
-
-@dataclass
-class Passes:
-    """How this prune runs its passes: the full-pass runner (``order``: the sites in forward
-    order), and the sweep's chain and walker when the model's blocks run one by one
-    (``fallback`` says why they do not, when they were asked to)."""
-
-    runner: Runner
-    order: list[int]
-    chain: Chain | None = None
-    walker: Walker | None = None
-    fallback: str | None = None
-
-
-def first_pass(runner: Runner, family: Any, model: nn.Module, steps: list[Step], sweep: bool) -> Passes:
-    """The pass over every image before any cut: refuses what calibration cannot handle and,
-    with ``sweep``, catches the first block's inputs and finds each step's block (or says
-    why the blocks cannot run one by one)."""
-    probe, why = None, None
-    if sweep:
-        try:
-            blocks = family.sequential_blocks(model)
-            if not blocks:
-                raise NoSequentialBlocks(f"the {family.name} family names no blocks")
-            probe = Probe(blocks, [(s.name, s.module) for s in steps])
-        except NoSequentialBlocks as e:
-            why = str(e)
-    order = runner.forward_order(steps, probe)
-    if probe is not None and probe.broken is None:
-        chain = probe.chain()
-        return Passes(runner, order, chain, Walker(chain, runner.autocast))
-    why = why or (probe.broken if probe is not None else None)
-    if why is not None:
-        warnings.warn(f"calibration runs full forward passes up to every MLP (about {len(steps)}/2 passes instead "
-                      f"of a few): the blocks of {type(model).__name__} cannot run one by one: {why}",
-                      CalibrationWarning, stacklevel=4)
-    return Passes(runner, order, fallback=why)
-
-
-# ---------------------------------------------------------------------------------------------
-# global allocation
-def _stat_bytes(site: MlpSite) -> int:
-    h = site.hidden + 1
-    return 8 * h * (h + matrix(site.down).shape[0])
-
-
-def _groups(sites: list[MlpSite], order: list[int]) -> list[list[int]]:
-    """Consecutive runs of ``order`` whose statistics fit STATS_BUDGET together (one pass each)."""
-    groups: list[list[int]] = []
-    size = 0
-    for i in order:
-        b = _stat_bytes(sites[i])
-        if not groups or size + b > STATS_BUDGET:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += b
-    return groups
-
-
-def _error_curve(site: MlpSite, mom: Moments, criterion: str, seed: int, settings: CalibrationSettings) -> torch.Tensor:
-    """Relative output error of ``site`` as a function of its width (index k = width k)."""
-    if criterion_scores(criterion) == "activations":
-        rows = activation_rows(mom, site.down, settings.ridge)
-    else:
-        rows = scoring_matrix(*site.scoring_weights())
-    rank = get_criterion(criterion)(rows, site.hidden, seed=seed).long()  # the full order: prefixes are picks
-    if settings.compensation:
-        return compensated_curve(mom, rank, settings.ridge)
-    return dropped_curve(mom, rank, down_coefficients(site.down)[: site.hidden].T)
-
-
-def _allocation_moments(passes: Passes, sites: list[MlpSite]) -> Iterator[tuple[int, Moments]]:
-    """Every site's moments on the original model: block by block (one run of each block
-    gathers its sites' statistics and makes the next block's inputs), then the sites after
-    the blocks; or, without a chain, in full passes grouped to fit STATS_BUDGET."""
-    chain, walker = passes.chain, passes.walker
-    if chain is None or walker is None:
-        groups = _groups(sites, passes.order)
-    else:
-        for j in range(chain.last + 1):
-            hooks, moms = moment_hooks([sites[i] for i in chain.members[j]])
-            walker.advance(j, hooks)
-            for i in chain.members[j]:
-                yield i, moms[sites[i].name].check()
-        # the walk starts again from the first block: catch its inputs again (the embedding only)
-        chain.states[:] = passes.runner.inputs_of(chain.blocks[0])
-        groups = _groups(sites, chain.tail) if chain.tail else []
-    for group in groups:
-        moms = hidden_moments(passes.runner.run_to, [sites[i] for i in group])
-        for i in group:
-            yield i, moms.pop(sites[i].name)
-
-
-def allocate_widths(passes: Passes, sites: list[MlpSite], ks: list[int], criterion: str, seed: int,
-                    settings: CalibrationSettings, progress: bool) -> tuple[list[int], list[float]]:
-    """Per-layer widths spending the uniform ``ks``' parameters by measured error (on the
-    original model), and each layer's estimated relative error at its new width."""
-    curves: list[torch.Tensor] = [torch.zeros(0)] * len(sites)
-    bar = tqdm(total=len(sites), desc="allocate", unit="layer", disable=not progress, leave=False)
-    for i, mom in _allocation_moments(passes, sites):
-        curves[i] = _error_curve(sites[i], mom, criterion, seed + i, settings)
-        bar.update()
-    bar.close()
-    widths = spend(curves, [neuron_cost(s) for s in sites], ks, [s.hidden for s in sites],
-                   [width_step(s) for s in sites], settings.allocate_floor, settings.allocate_ceiling)
-    return widths, [float(c[k]) for c, k in zip(curves, widths)]
-
+from .settings import CalibrationSettings
+from .sweep import walk
 
 # ---------------------------------------------------------------------------------------------
 # one MLP
@@ -160,8 +51,35 @@ class MlpStep:
     def module(self) -> nn.Module:
         return self.site.module
 
+    @property
+    def unit_cost(self) -> float:
+        return neuron_cost(self.site)
+
+    @property
+    def full(self) -> int:
+        return self.site.hidden
+
+    @property
+    def step(self) -> int:
+        return width_step(self.site)
+
+    bounded = True  # global allocation keeps it within the floor and ceiling times its uniform width
+
+    def curve(self, mom: Moments) -> torch.Tensor:
+        """Relative output error as a function of the width (index k = width k), from the
+        original MLP's statistics ``mom``."""
+        site, settings = self.site, self.settings
+        if criterion_scores(self.criterion) == "activations":
+            rows = activation_rows(mom, site.down, settings.ridge)
+        else:
+            rows = scoring_matrix(*site.scoring_weights())
+        rank = get_criterion(self.criterion)(rows, site.hidden, seed=self.seed).long()  # prefixes are picks
+        if settings.compensation:
+            return compensated_curve(mom, rank, settings.ridge)
+        return dropped_curve(mom, rank, down_coefficients(site.down)[: site.hidden].T)
+
     def cut(self, run: Pass) -> tuple[int, torch.Tensor, dict[str, Any]]:
-        with out_of_memory("calibrating it (its statistics, the cut and the refit)", 2 * _stat_bytes(self.site),
+        with out_of_memory("calibrating it (its statistics, the cut and the refit)", 2 * moment_bytes(self.site),
                            layer=self.name):
             return cut_mlp(run, self.site, self.k, self.criterion, self.seed, self.settings)
 
@@ -221,29 +139,48 @@ def _calibration_state(model: nn.Module, device: torch.device) -> Iterator[None]
             m.training = mode
 
 
-def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: list[int], record: Any, data: Any,
-                     settings: CalibrationSettings, *, criterion: str, seed: int, progress: bool,
-                     source: Any = None) -> None:
-    """Prune ``sites`` of ``model`` in place with calibration ``data``; fills ``record``."""
+def _steps(sites: list[MlpSite], ks: list[int | None], attention: list[AttentionSite], hs: list[int | None],
+           criterion: str, seed: int, settings: CalibrationSettings) -> tuple[list[Any], list[int]]:
+    """One step per MLP and per attention layer, and the indices of those whose width is
+    free (``None``: for ``params_fraction`` to decide; they start whole)."""
+    steps: list[Any] = [MlpStep(s, s.hidden if k is None else k, criterion, seed + i, settings)
+                        for i, (s, k) in enumerate(zip(sites, ks))]
+    steps += [HeadStep(s, s.heads if k is None else k, criterion, seed + i, settings)
+              for i, (s, k) in enumerate(zip(attention, hs))]
+    return steps, [i for i, k in enumerate([*ks, *hs]) if k is None]
+
+
+def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: list[int | None], record: Any,
+                     data: Any, settings: CalibrationSettings, *, criterion: str, seed: int, progress: bool,
+                     source: Any = None, attention: list[AttentionSite] = (), hs: list[int | None] = (),
+                     params_fraction: float | None = None) -> None:
+    """Prune the MLPs ``sites`` to widths ``ks`` and the attention layers ``attention`` to
+    ``hs`` heads, in place, with calibration ``data``; fills ``record``. With
+    ``params_fraction`` (and global allocation) the widths and head counts given as ``None``
+    spend that fraction of the vision tower's parameters (:mod:`.budget`)."""
     device = D.pick_device(settings.calibration_device)
     pre = resolve_eval_preprocess(model, family, source=source)
     cal = calibration_data(data, pre.transform, settings, seed=seed)
+    attention, swapped = hookable(model, family, list(attention)) if attention else ([], [])
     with _calibration_state(model, device):
         runner = Runner(model, family, cal, device, settings.calibration_precision)
-        steps = [MlpStep(s, k, criterion, seed + i, settings) for i, (s, k) in enumerate(zip(sites, ks))]
+        steps, free = _steps(sites, list(ks), attention, list(hs), criterion, seed, settings)
         passes = first_pass(runner, family, model, steps, settings.calibration_sweep)
-        estimates = None
+        estimates: dict[int, float] = {}
+        budget = None
         if settings.allocate == "global":
-            widths, estimates = allocate_widths(passes, sites, ks, criterion, seed, settings, progress)
-            for step, k in zip(steps, widths):
-                step.k = k
+            budget = (uniform_budget(steps) if params_fraction is None else
+                      fraction_budget(steps, free, family.vision_params(model), params_fraction))
+            estimates = allocate(passes, steps, budget, settings, progress)
+        whole = {id(s.module) for s in steps if isinstance(s, HeadStep) and s.k == s.full}  # before any cut
         done = walk(steps, passes.chain, passes.walker, runner.run_to, passes.order, progress,
                     f"prune ({criterion}, calibrated)")
-    for i, site in enumerate(sites):
+    restore_uncut(swapped, whole)
+    for i, step in enumerate(steps):
         h, keep, info = done[i]
-        if estimates is not None:
+        if i in estimates:
             info["rel_err_estimate"] = estimates[i]
-        record.add(site, h, keep, **info)
+        (record.add_heads if isinstance(step, HeadStep) else record.add)(step.site, h, keep, **info)
     record.calibration = {"images": cal.images, "unreadable": cal.unreadable, "data": cal.description,
                           "compensate": settings.compensation,
                           "allocate": settings.allocate, "criterion": criterion, "ridge": settings.ridge,
@@ -252,4 +189,6 @@ def calibrated_prune(model: nn.Module, family: Any, sites: list[MlpSite], ks: li
                           "passes": "sweep" if passes.chain is not None else "full",
                           **({"fallback": passes.fallback} if passes.fallback else {}),
                           **({"floor": settings.allocate_floor, "ceiling": settings.allocate_ceiling}
-                             if settings.allocate == "global" else {})}
+                             if settings.allocate == "global" else {}),
+                          **({"params_fraction": params_fraction, "params_target": budget.target}
+                             if budget is not None and budget.target is not None else {})}

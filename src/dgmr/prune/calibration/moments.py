@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...core.errors import DgmrError
+from ...models.sites.attention import AttentionSite
 from ...models.sites.mlp import MlpSite, Proj, matrix
 from .runner import Hook, Pass, tokens_of
 
@@ -16,6 +17,9 @@ from .runner import Hook, Pass, tokens_of
 # ---------------------------------------------------------------------------------------------
 # statistics
 HALF = (torch.float16, torch.bfloat16)
+# the sites whose output projection calibration refits: an MLP's down projection, an attention
+# layer's output projection (both named ``down``)
+Fitted = MlpSite | AttentionSite
 
 
 def _operand(t: torch.Tensor) -> torch.Tensor:
@@ -106,7 +110,13 @@ class Moments:
         return max(float((wt * (self.G @ wt)).sum() - 2 * (wt * self.C).sum()) + self.yy, 0.0)
 
 
-def moment_hooks(sites: list[MlpSite], cols: dict[str, torch.Tensor] | None = None
+def moment_bytes(site: Fitted) -> int:
+    """Bytes of the float64 moments of ``site`` over every input of its projection (with the bias column)."""
+    rows, cols = matrix(site.down).shape
+    return 8 * (cols + 1) * (cols + 1 + rows)
+
+
+def moment_hooks(sites: list[Fitted], cols: dict[str, torch.Tensor] | None = None
                  ) -> tuple[list[Hook], dict[str, Moments]]:
     """Hooks that gather, for each of ``sites``, the moments of its hidden activations (what
     its down projection reads; only the columns ``cols[name]`` where given) against, as
@@ -128,7 +138,7 @@ def moment_hooks(sites: list[MlpSite], cols: dict[str, torch.Tensor] | None = No
     return hooks, moms
 
 
-def hidden_moments(run: Pass, sites: list[MlpSite], cols: dict[str, torch.Tensor] | None = None
+def hidden_moments(run: Pass, sites: list[Fitted], cols: dict[str, torch.Tensor] | None = None
                    ) -> dict[str, Moments]:
     """:func:`moment_hooks`' moments, gathered in one pass ``run`` to the last of ``sites``
     in forward order."""
@@ -137,14 +147,14 @@ def hidden_moments(run: Pass, sites: list[MlpSite], cols: dict[str, torch.Tensor
     return {name: mom.check() for name, mom in moms.items()}
 
 
-def pruned_moments(run: Pass, site: MlpSite, original: MlpSite) -> Moments:
+def pruned_moments(run: Pass, site: Fitted, original: Fitted) -> Moments:
     """Moments of the CUT ``site``'s hidden activations (after its own hidden norms) against the
     ORIGINAL MLP's down output on the same input: one pass to ``site``."""
     mom = Moments(site.name, site.down.bias is not None)
     target: list[torch.Tensor] = []
 
-    def run_original(_m: nn.Module, args: tuple) -> None:
-        original.module(*args)  # its down hook below records the target
+    def run_original(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        original.module(*args, **kwargs)  # its down hook below records the target
 
     def take_target(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
         target.append(tokens_of(out, original.down))
@@ -154,7 +164,7 @@ def pruned_moments(run: Pass, site: MlpSite, original: MlpSite) -> Moments:
 
     handle = original.down.register_forward_hook(take_target)
     try:
-        run(site.module, [(site.module, "pre", run_original), (site.down, "pre", take_hidden)], site.name)
+        run(site.module, [(site.module, "pre_kw", run_original), (site.down, "pre", take_hidden)], site.name)
     finally:
         handle.remove()
     return mom.check()

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...models.sites.attention import AttentionSite
 from ...models.sites.mlp import MlpSite, Proj, matrix
-from .moments import Moments
+from .moments import Fitted, Moments
 from .settings import CalibrationWarning
 
 
@@ -34,7 +35,7 @@ def _set_down(down: Proj, wt: torch.Tensor) -> None:
             down.bias.copy_(wt[k].to(down.bias.dtype).to(down.bias.device))
 
 
-def refit_down(site: MlpSite, mom: Moments, ridge: float) -> dict[str, Any]:
+def refit_down(site: Fitted, mom: Moments, ridge: float) -> dict[str, Any]:
     """Least-squares refit of ``site.down`` (weight and bias) on ``mom``, ridge towards the
     current weights; keeps them (with a warning) when the solve is unusable. Returns the
     relative output errors before and after."""
@@ -45,7 +46,8 @@ def refit_down(site: MlpSite, mom: Moments, ridge: float) -> dict[str, Any]:
     before = mom.error(w0)
     info: dict[str, Any] = {"rel_err_before": before / yy, "tokens": mom.tokens}
     if mom.tokens < k:
-        warnings.warn(f"{site.name}: {mom.tokens} calibration tokens for {k} kept neurons: the refit is "
+        unit = "head channels" if isinstance(site, AttentionSite) else "neurons"
+        warnings.warn(f"{site.name}: {mom.tokens} calibration tokens for {k} kept {unit}: the refit is "
                       "underdetermined and the ridge decides the rest (use more --calibration-images)",
                       CalibrationWarning, stacklevel=3)
     lam = ridge * float(mom.G.diagonal()[:k].mean())

@@ -25,7 +25,9 @@ def stop(*_: Any) -> None:
     raise Stop
 
 
-Hook = tuple[nn.Module, str, Callable]  # (module, "pre" | "post", fn): a forward (pre-)hook to set for one pass
+# (module, "pre" | "pre_kw" | "post", fn): a forward hook, or a pre-hook (given the keyword
+# arguments too with "pre_kw"), to set for one pass
+Hook = tuple[nn.Module, str, Callable]
 
 
 class Site(Protocol):
@@ -45,7 +47,8 @@ class Pass(Protocol):
 
 
 def set_hooks(hooks: list[Hook]) -> list[Any]:
-    return [m.register_forward_pre_hook(fn) if when == "pre" else m.register_forward_hook(fn) for m, when, fn in hooks]
+    return [m.register_forward_pre_hook(fn, with_kwargs=when == "pre_kw") if when.startswith("pre")
+            else m.register_forward_hook(fn) for m, when, fn in hooks]
 
 
 def tokens_of(t: torch.Tensor, proj: Proj) -> torch.Tensor:

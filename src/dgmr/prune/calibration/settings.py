@@ -36,11 +36,13 @@ class CalibrationSettings:
                                  off="do not refit the cut MLPs' down projections (cut as the weights-only prune "
                                      "does; the images still serve --criterion diversity-act and --allocate global)")
     allocate: str = setting("uniform", "uniform: the requested width in every MLP; global: the same total MLP "
-                                       "parameters spread across layers by measured reconstruction error",
+                                       "parameters (and heads, with --heads or --params-fraction) spread across "
+                                       "layers by measured reconstruction error",
                             choices=ALLOCATIONS, group=GROUP)
     ridge: float = setting(1e-4, "ridge of the refit, relative to the mean diagonal of the activations' Gram "
                                  "matrix (pulls towards the original weights)", metavar="R", group=GROUP)
-    allocate_floor: float = setting(0.5, "with --allocate global: no MLP narrower than this times the uniform width",
+    allocate_floor: float = setting(0.5, "with --allocate global: no MLP narrower than this times the uniform width "
+                                          "(not with --params-fraction, which asks for no width)",
                                     metavar="F", group=GROUP)
     allocate_ceiling: float = setting(2.0, "with --allocate global: no MLP wider than this times the uniform width "
                                            "(nor its original width)", metavar="F", group=GROUP)

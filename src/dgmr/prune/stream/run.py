@@ -343,6 +343,9 @@ def stream_prune(
     s = PruneSettings.from_keywords(settings, "stream_prune", **kwargs)
     if s.random_init:
         raise DgmrError("--random-init and --weights exclude each other (the weights come from --weights)")
+    if s.params_fraction is not None:
+        raise DgmrError("--params-fraction spends the parameters by measured error on calibration images, which "
+                        "streaming prune never runs: prune in memory with --calibration DATA --allocate global")
     request = {k: v for k, v in {**s.widths(), "widths": widths}.items() if v is not None}
     heads = {k: v for k, v in s.head_counts().items() if v is not None}
     inputs = [("model", model_path(model)), *[("weights", w) for w in checkpoint_paths(weights)]]
