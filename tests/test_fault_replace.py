@@ -187,7 +187,7 @@ def test_leftovers_of_pid_1_or_a_reused_pid_are_removed(tmp_path):
     for p in stale:
         p.write_text("{\"partial")
     os.utime(stale[0], (old, old))
-    live = [tmp_path / f".r.json.tmp-1-0badc0de-1.json",  # pid 1 may have written this one (it is recent)
+    live = [tmp_path / ".r.json.tmp-1-0badc0de-1.json",  # pid 1 may have written this one (it is recent)
             tmp_path / f".r.json.tmp-{os.getpid()}-{run_token()}-9.json",  # this very process's
             tmp_path / f".other.json.tmp-{_dead_pid()}-0badc0de-0.json"]  # another output's
     for p in live:

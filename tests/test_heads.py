@@ -14,7 +14,7 @@ from dgmr.models import artifact
 from dgmr.models.cost import count_flops
 from dgmr.models.families import family_of
 from dgmr.models.sites.attention import AttentionSite, find_attention, head_channels, shrink_heads
-from dgmr.models.sites.head_modules import HeadAttention, head_attention_from
+from dgmr.models.sites.head_modules import head_attention_from
 from dgmr.prune.head_criteria import HEAD_CRITERIA, diversity, l2, random, register_head_criterion, select_heads
 
 from helpers import TINY_VIT_ARGV, TINY_VIT_KWARGS, TINY_VIT_SPEC

@@ -42,7 +42,7 @@ from .card import CARD, render_card
 from .cost import count_flops
 from .families import Family, apply_heads, apply_widths, family_of, get_family
 from .record import PruneRecord
-from .sources import LEGACY_RECORD, RECORD, Source, build_model, dgmr_record_file, is_dgmr_dir
+from .sources import LEGACY_RECORD, RECORD, Source, build_model, dgmr_record_file
 
 INDICES = "dgmr/kept_indices.safetensors"
 LEGACY_INDICES = "kept_indices.safetensors"  # at the top, in directories older dgmr versions wrote

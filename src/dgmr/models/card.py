@@ -128,7 +128,7 @@ def _sizes(record: dict[str, Any]) -> list[str]:
 def _loading(record: dict[str, Any]) -> list[str]:
     note = record.get("native_export") or {}
     library = LIBRARY_NAMES.get(record.get("family"), "")
-    out = [f"`DIR` is this repository's folder; after an upload, timm and open_clip also read "
+    out = ["`DIR` is this repository's folder; after an upload, timm and open_clip also read "
            "`hf-hub:USER/REPO` where `local-dir:DIR` stands, and transformers `USER/REPO`.", ""]
     if "skipped" in note:
         out += [f"**The {library} loader cannot load this model:** {note['skipped']}." if library else

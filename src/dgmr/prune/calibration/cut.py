@@ -7,7 +7,6 @@ blocks cannot run one by one, as full forward passes up to each layer (:mod:`.pa
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -23,33 +22,19 @@ from .allocate import compensated_curve, dropped_curve, neuron_cost, width_step
 from .budget import allocate, fraction_budget, uniform_budget
 from .heads import HeadStep, hookable, restore_uncut
 from .images import calibration_data
-from .moments import Moments, activation_rows, hidden_moments, moment_bytes, pruned_moments
+from .moments import Moments, activation_rows, hidden_moments, moment_bytes
 from .passes import first_pass
-from .refit import down_coefficients, keep_original, refit_down
+from .refit import cut_and_refit, down_coefficients, keep_original
 from .runner import Pass, Runner
 from .settings import CalibrationSettings
-from .sweep import walk
+from .sweep import SiteStep, walk
 
 # ---------------------------------------------------------------------------------------------
 # one MLP
-@dataclass
-class MlpStep:
-    """An MLP site as a :class:`~dgmr.prune.calibration.sweep.Step` (``k``: its width, set
-    again by global allocation)."""
+class MlpStep(SiteStep):
+    """An MLP site as a :class:`~dgmr.prune.calibration.sweep.Step` (``k``: its width)."""
 
     site: MlpSite
-    k: int
-    criterion: str
-    seed: int
-    settings: CalibrationSettings
-
-    @property
-    def name(self) -> str:
-        return self.site.name
-
-    @property
-    def module(self) -> nn.Module:
-        return self.site.module
 
     @property
     def unit_cost(self) -> float:
@@ -110,15 +95,7 @@ def cut_mlp(run: Pass, site: MlpSite, k: int, criterion: str, seed: int,
         keep = select_neurons(w1, k, criterion, w_gate=w_gate, seed=seed)
         if settings.compensation and sliceable:
             mom = hidden_moments(run, [site], cols={site.name: keep})[site.name]
-    if not settings.compensation:
-        shrink_mlp(site, keep)
-        return h, keep, {}
-    if mom is not None:
-        shrink_mlp(site, keep)
-        return h, keep, refit_down(site, mom, settings.ridge)
-    original = keep_original(site)
-    shrink_mlp(site, keep)
-    return h, keep, refit_down(site, pruned_moments(run, site, original), settings.ridge)
+    return h, keep, cut_and_refit(run, site, keep, mom, settings, shrink_mlp, keep_original)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,10 +28,11 @@ from ...core.memory import out_of_memory
 from ...models.sites.attention import AttentionSite, head_channels, shrink_heads
 from ..head_criteria import get_head_criterion, head_criterion_scores, select_heads
 from .allocate import compensated_curve, dropped_curve, head_cost
-from .moments import Moments, hidden_moments, moment_bytes, pruned_moments
-from .refit import down_coefficients, refit_down
+from .moments import Moments, hidden_moments, moment_bytes
+from .refit import cut_and_refit, down_coefficients
 from .runner import Pass
 from .settings import CalibrationSettings
+from .sweep import SiteStep
 
 
 def head_activations(mom: Moments, site: AttentionSite, ridge: float) -> torch.Tensor:
@@ -87,36 +87,13 @@ def cut_heads(run: Pass, site: AttentionSite, k: int, criterion: str, seed: int,
         keep = select_heads(site.scoring_blocks(), k, criterion, seed=seed)
         if settings.compensation and sliceable:
             mom = hidden_moments(run, [site], cols={site.name: head_channels(keep, hd)})[site.name]
-    with torch.no_grad():
-        if not settings.compensation:
-            shrink_heads(site, keep)
-            return h, keep, {}
-        if mom is not None:
-            shrink_heads(site, keep)
-            return h, keep, refit_down(site, mom, settings.ridge)
-        original = _original(site)
-        shrink_heads(site, keep)
-    return h, keep, refit_down(site, pruned_moments(run, site, original), settings.ridge)
+    return h, keep, cut_and_refit(run, site, keep, mom, settings, shrink_heads, _original)
 
 
-@dataclass
-class HeadStep:
-    """An attention layer as a :class:`~dgmr.prune.calibration.sweep.Step` (``k``: the heads
-    it keeps, set again by global allocation)."""
+class HeadStep(SiteStep):
+    """An attention layer as a :class:`~dgmr.prune.calibration.sweep.Step` (``k``: the heads it keeps)."""
 
     site: AttentionSite
-    k: int
-    criterion: str
-    seed: int
-    settings: CalibrationSettings
-
-    @property
-    def name(self) -> str:
-        return self.site.name
-
-    @property
-    def module(self) -> nn.Module:
-        return self.site.module
 
     @property
     def unit_cost(self) -> float:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ...models.sites.attention import AttentionSite
 from ...models.sites.mlp import MlpSite, Proj, matrix
-from .moments import Fitted, Moments
+from .moments import Fitted, Moments, pruned_moments
+from .runner import Pass
 from .settings import CalibrationWarning
 
 
@@ -77,3 +78,20 @@ def keep_original(site: MlpSite) -> MlpSite:
 
     return MlpSite(site.name, module, site.kind, twin(site.up), twin(site.down), twin(site.gate), site.packed,
                    [twin(n) for n in site.norms])
+
+
+def cut_and_refit(run: Pass, site: Any, keep: torch.Tensor, mom: Moments | None, settings: Any,
+                  shrink: Callable[[Any, torch.Tensor], Any], original_of: Callable[[Any], Any]) -> dict[str, Any]:
+    """Cut ``site`` to ``keep`` with its kind's ``shrink`` and, with compensation, refit its
+    projection: on ``mom`` (the kept inputs' moments, from a pass before the cut), or, where
+    the cut changes what the kept inputs are (a norm over the cut width renormalises), on a
+    pass that runs the cut layer beside ``original_of(site)``, a copy made before the cut.
+    Returns what the refit did ({} without compensation)."""
+    if not settings.compensation or mom is not None:
+        with torch.no_grad():
+            shrink(site, keep)
+        return refit_down(site, mom, settings.ridge) if settings.compensation else {}
+    original = original_of(site)
+    with torch.no_grad():
+        shrink(site, keep)
+    return refit_down(site, pruned_moments(run, site, original), settings.ridge)

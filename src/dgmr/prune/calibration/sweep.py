@@ -315,6 +315,26 @@ class Step(Protocol):
     def cut(self, run: Pass) -> Any: ...
 
 
+@dataclass
+class SiteStep:
+    """What every site kind's step holds: its site, the width it keeps (``k``: neurons or
+    heads, set again by global allocation), the criterion, its seed and the settings."""
+
+    site: Any
+    k: int
+    criterion: str
+    seed: int
+    settings: Any
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.site.module
+
+
 def walk(steps: list[Step], chain: Chain | None, walker: Walker | None, full: Pass, order: list[int],
          progress: bool, desc: str) -> list[Any]:
     """Run every step, in forward order; their results, in ``steps``' order.
