@@ -57,10 +57,10 @@ OOM_CHILD = textwrap.dedent("""
                 resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         return wrapper
 
-    prune, cut = importlib.import_module("dgmr.prune"), importlib.import_module("dgmr.prune.calibration.cut")
+    prune, refit = importlib.import_module("dgmr.prune"), importlib.import_module("dgmr.prune.calibration.refit")
     prune.select_neurons = capped(prune.select_neurons)  # the weights-only selection
     prune.select_heads = capped(prune.select_heads)  # the head selection (--heads)
-    cut.refit_down = capped(cut.refit_down)  # the calibrated refit
+    refit.refit_down = capped(refit.refit_down)  # the calibrated refit (of every site kind)
     sys.exit(main(sys.argv[1:]))
 """)
 
