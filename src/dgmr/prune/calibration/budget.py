@@ -12,7 +12,7 @@ parameter until the budget is spent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -53,23 +53,23 @@ class Spendable(Protocol):
 class Budget:
     """What global allocation spends: the steps whose widths it picks (``free``, indices into
     the steps), the parameters their units may hold together (``total``), and the uniform
-    width of each (``reference``), which the floor and ceiling scale."""
+    width of each (``reference``), which the floor and ceiling scale; None with
+    ``params_fraction`` (``target``: the tower's parameters asked for), which asks for no width."""
 
     free: list[int]
     total: float
-    reference: list[float]
-    target: int | None = None  # with params_fraction: the tower's parameters asked for
+    reference: list[float] | None
+    target: int | None = None
 
 
-def uniform_budget(steps: list[Any]) -> Budget:
+def uniform_budget(steps: list[Spendable]) -> Budget:
     """The uniform request's own budget: every step free, its requested width the reference."""
     return Budget(list(range(len(steps))), sum(s.unit_cost * s.k for s in steps), [float(s.k) for s in steps])
 
 
-def fraction_budget(steps: list[Any], free: list[int], tower_params: int, fraction: float) -> Budget:
+def fraction_budget(steps: list[Spendable], free: list[int], tower_params: int, fraction: float) -> Budget:
     """``fraction`` of the tower's ``tower_params`` spent on the ``free`` steps (the others keep
-    their widths): what their units may hold once everything else is counted, and the one
-    uniform fraction of every free layer that would hold exactly that (the reference)."""
+    their widths): what their units may hold once everything else is counted."""
     if not free:
         raise DgmrError("params_fraction has nothing to spend: the MLP widths and the head counts are both given; "
                         "drop one of them (or params_fraction)")
@@ -77,28 +77,28 @@ def fraction_budget(steps: list[Any], free: list[int], tower_params: int, fracti
     movable = sum(steps[i].unit_cost * steps[i].full for i in free)
     target = fraction * tower_params
     total = target - (tower_params - movable - fixed_cut)
-    share = total / movable
-    reference = [share * steps[i].full for i in free]
     least = tower_params - movable - fixed_cut + sum(steps[i].unit_cost * steps[i].step for i in free)
-    if share <= 0 or least > target:
+    if least > target:  # (also where nothing is left for the free layers: a unit costs > 0)
         raise DgmrError(f"params_fraction {fraction:g} keeps {target:,.0f} of the vision tower's {tower_params:,} "
                         f"parameters, but the smallest cut allowed keeps {least:,.0f} "
                         f"({least / tower_params:.1%}: embeddings, norms and one head or one neuron in every "
                         "layer); ask for more")
-    return Budget(list(free), total, reference, target=round(target))
+    return Budget(list(free), total, None, target=round(target))
 
 
-def _bounds(steps: list[Any], budget: Budget, settings: CalibrationSettings) -> tuple[list[int], list[int]]:
+def _bounds(steps: list[Spendable], budget: Budget, settings: CalibrationSettings) -> tuple[list[int], list[int]]:
     """Each step's allowed widths. A uniform request's budget keeps every MLP within the floor
     and ceiling times its requested width (they bound how far the allocation departs from
     that request) and lets an attention layer keep any head count from one to all (a head is
     too coarse a unit to scale: at three heads, half to twice a uniform 1.1 would pin every
     layer to one or two). ``params_fraction`` asks for no width at all: every layer may take
     any width from one step to its original one, and the measured errors decide."""
+    if budget.reference is None:
+        return [s.step for s in steps], [s.full for s in steps]
     lo, hi = bounds(budget.reference, [s.full for s in steps], [s.step for s in steps], settings.allocate_floor,
                     settings.allocate_ceiling)
     for j, s in enumerate(steps):
-        if not s.bounded or budget.target is not None:
+        if not s.bounded:
             lo[j], hi[j] = s.step, s.full
     return lo, hi
 
@@ -141,7 +141,7 @@ def _allocation_moments(passes: Passes, sites: list[Fitted], wanted: set[int]) -
             yield i, moms.pop(sites[i].name)
 
 
-def allocate(passes: Passes, steps: list[Any], budget: Budget, settings: CalibrationSettings,
+def allocate(passes: Passes, steps: list[Spendable], budget: Budget, settings: CalibrationSettings,
              progress: bool) -> dict[int, float]:
     """Set the width of every free step to spend ``budget`` by measured error (statistics of
     the original model); returns each free step's estimated relative error at its new width."""

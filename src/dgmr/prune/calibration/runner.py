@@ -109,16 +109,7 @@ class Runner:
             seen.append(args[0])
             raise Stop
 
-        handle = module.register_forward_pre_hook(take)
-        try:
-            with torch.no_grad(), self.autocast():
-                for x in self.data.batches:
-                    try:
-                        self._forward(x)
-                    except Stop:
-                        pass
-        finally:
-            handle.remove()
+        self.run_to(module, [(module, "pre", take)], type(module).__name__)
         return seen
 
     def forward_order(self, sites: Sequence[Site], probe: Any = None) -> list[int]:
