@@ -34,7 +34,7 @@ from .models.artifact import load, read_config, save, write_json
 from .models.families import family_of
 from .models.sources import Source, build_model, is_dgmr_dir
 from .prune import prune
-from .report.demo import cut_of, render_markdown
+from .report.demo import cut_kind, cut_of, on_frontier, render_markdown
 from .report.plots import plot_demo_accuracy_vs_flops, plot_frontier, plot_student_recovery
 
 KNN_K = 20  # fixed k for the kNN score (not picked on the test set)
@@ -268,15 +268,21 @@ class Job:
             "-global" if self.calibration and self.calibration["allocate"] == "global" else "")
 
 
+def calibrated_job(s: DemoSettings, ratio: float | None, seed: int, *, heads: int | None = None,
+                   params_fraction: float | None = None, allocate: str = "uniform") -> Job:
+    """A diversity + compensation student on ``calibration_images`` (global allocation with a
+    ``params_fraction``, which needs it)."""
+    cal = {"images": s.calibration_images, "compensate": True,
+           "allocate": "global" if params_fraction else allocate, "criterion": "diversity"}
+    return Job("diversity", ratio, seed, cal, heads, params_fraction)
+
+
 def demo_jobs(s: DemoSettings) -> list[Job]:
     jobs = [Job(c, r, s.seed + k) for r in s.ratios for c in s.criteria for k in range(s.seeds)]
-    for r, alloc in s.calibrated:
-        cal = {"images": s.calibration_images, "compensate": True, "allocate": alloc, "criterion": "diversity"}
-        jobs += [Job("diversity", r, s.seed + k, cal) for k in range(s.calibrated_seeds)]
-    for r, heads, fraction in s.head_students:
-        cal = {"images": s.calibration_images, "compensate": True, "allocate": "global" if fraction else "uniform",
-               "criterion": "diversity"}
-        jobs += [Job("diversity", r, s.seed + k, cal, heads, fraction) for k in range(s.calibrated_seeds)]
+    jobs += [calibrated_job(s, r, s.seed + k, allocate=alloc) for r, alloc in s.calibrated
+             for k in range(s.calibrated_seeds)]
+    jobs += [calibrated_job(s, r, s.seed + k, heads=heads, params_fraction=fraction)
+             for r, heads, fraction in s.head_students for k in range(s.calibrated_seeds)]
     return jobs
 
 
@@ -453,26 +459,20 @@ def frontier(teacher: nn.Module, src: Source, data: dict[str, torch.Tensor], s: 
     calibrated uniform students, and ``frontier_ratios``) against "MLP + heads" (the head
     students, and ``frontier_fractions``): docs/heads.md. One point per cut."""
     total, heads = results["teacher"]["params"], results["teacher"]["heads"]
-    points = {}
-    for a in results["summary"]:
-        if a["calibration"] is not None and a["calibration"]["allocate"] == "uniform" or a["heads_kept_fraction"] < 1 \
-                or a.get("params_fraction") is not None:
-            points[a["cut"]] = ("MLP only" if a["heads_kept_fraction"] == 1 and a.get("params_fraction") is None
-                                else "MLP + heads", a["params"], a["heads_kept_fraction"],
-                                {"knn_top1": a["knn_top1_before"], "head_top1": a["head_top1_before"]})
-    extra = [Job("diversity", r, s.seed, {"images": s.calibration_images, "compensate": True, "allocate": "uniform",
-                                           "criterion": "diversity"}) for r in s.frontier_ratios]
-    extra += [Job("diversity", r, s.seed, {"images": s.calibration_images, "compensate": True, "allocate": "uniform",
-                                           "criterion": "diversity"}, heads=h) for r, h in s.frontier_heads]
-    extra += [Job("diversity", None, s.seed, {"images": s.calibration_images, "compensate": True, "allocate": "global",
-                                              "criterion": "diversity"}, params_fraction=f) for f in s.frontier_fractions]
+    points = {a["cut"]: {"params": a["params"], "heads_kept_fraction": a["heads_kept_fraction"],
+                         "params_fraction": a.get("params_fraction"), "knn_top1": a["knn_top1_before"],
+                         "head_top1": a["head_top1_before"]} for a in results["summary"] if on_frontier(a)}
+    extra = [calibrated_job(s, r, s.seed) for r in s.frontier_ratios]
+    extra += [calibrated_job(s, r, s.seed, heads=h) for r, h in s.frontier_heads]
+    extra += [calibrated_job(s, None, s.seed, params_fraction=f) for f in s.frontier_fractions]
     for job in extra:
         student = prune_student(teacher, job, data, src)
         cost = _cost(student)
-        kind = "MLP only" if job.params_fraction is None and job.heads is None else "MLP + heads"
-        points[job.cut] = (kind, cost["params"], cost["heads"] / heads, score(student, data))
-    rows = [{"kind": kind, "cut": cut, "params": p, "params_fraction": p / total, "heads_kept_fraction": h, **sc}
-            for cut, (kind, p, h, sc) in points.items()]
+        points[job.cut] = {"params": cost["params"], "heads_kept_fraction": cost["heads"] / heads,
+                           "params_fraction": job.params_fraction, **score(student, data)}
+    rows = [{"kind": cut_kind(p), "cut": cut, "params": p["params"], "params_fraction": p["params"] / total,
+             "heads_kept_fraction": p["heads_kept_fraction"], "knn_top1": p["knn_top1"], "head_top1": p["head_top1"]}
+            for cut, p in points.items()]
     return sorted(rows, key=lambda r: (r["kind"], -r["params"]))
 
 

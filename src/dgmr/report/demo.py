@@ -37,6 +37,20 @@ def cut_of(row: dict[str, Any]) -> str:
     return row.get("cut") or f"r={row['mlp_ratio']:g}"
 
 
+def cut_kind(row: dict[str, Any]) -> str:
+    """"MLP only", or "MLP + heads" for a cut that removed heads or spent one params_fraction budget."""
+    if row.get("heads_kept_fraction", 1.0) == 1 and row.get("params_fraction") is None:
+        return "MLP only"
+    return "MLP + heads"
+
+
+def on_frontier(row: dict[str, Any]) -> bool:
+    """Whether a student (a summary row) is a point of the accuracy-against-parameters frontier:
+    calibrated, with uniform widths or cut with heads (not the MLP-only global allocation)."""
+    cal = row.get("calibration")
+    return cal is not None and (cal["allocate"] == "uniform" or cut_kind(row) == "MLP + heads")
+
+
 def frontier_lines(results: dict[str, Any]) -> list[str]:
     """The accuracy-against-parameters table (before distillation, every cut calibrated)."""
     rows = results.get("frontier") or []

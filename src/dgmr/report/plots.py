@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .demo import cut_kind, on_frontier
+
 
 def pyplot() -> Any:
     """matplotlib's pyplot on the headless Agg backend (no display on servers and CI)."""
@@ -206,11 +208,8 @@ def plot_frontier(results: dict[str, Any], path: Path) -> None:
         ax.plot(xs, ys, "-", marker=marker, mfc="none", color=color, label=f"{kind}: before distillation")
         for r, x, y in zip(pts, xs, ys):
             ax.annotate(r["cut"], (x, y), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
-    for a in results["summary"]:
-        if a["calibration"] is None or a["calibration"]["allocate"] == "global" and a.get("params_fraction") is None:
-            continue
-        kind = "MLP only" if a.get("heads_kept_fraction", 1.0) == 1 and a.get("params_fraction") is None \
-            else "MLP + heads"
+    for a in filter(on_frontier, results["summary"]):
+        kind = cut_kind(a)
         color, marker = styles[kind]
         ax.scatter([100 * a["params"] / t["params"]], [100 * a["knn_top1_after"]], marker=marker, s=40, color=color,
                    label=f"{kind}: after distillation", zorder=4)
