@@ -135,8 +135,7 @@ def _head_request(model: nn.Module, family: Family, criterion: str, heads: Any, 
     return attention, hs
 
 
-def _budget_request(model: nn.Module, family: Family, params_fraction: float, settings: CalibrationSettings,
-                    calibrated: bool) -> None:
+def _check_budget(params_fraction: float, settings: CalibrationSettings, calibrated: bool) -> None:
     """Refuse a ``params_fraction`` that cannot be spent, before anything is cut: it is spent by
     measured error, which takes calibration images and global allocation."""
     if not (math.isfinite(params_fraction) and 0 < params_fraction < 1):
@@ -229,7 +228,7 @@ def prune(
     cut_heads = heads is not None or head_fraction is not None
     width_given = any(v is not None for v in (mlp_ratio, hidden, keep_fraction, widths))
     if params_fraction is not None:
-        _budget_request(model, family, params_fraction, settings, calibrated)
+        _check_budget(params_fraction, settings, calibrated)
     sites = family.mlps(model) if width_given or not cut_heads or params_fraction is not None else []
     ks: list[Any] = [None] * len(sites)  # free: params_fraction sizes them
     if width_given or not (cut_heads or params_fraction is not None):
