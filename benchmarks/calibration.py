@@ -22,7 +22,9 @@ by one (`sweep`), the same with full forward passes up to every MLP (`full`:
 `calibration_sweep=False`, the fallback and the cost model before the sweep) and the
 weights-only prune (`plain`: the selection and the cut, which a calibrated prune does too),
 all in the same process. It reports each in forward-pass equivalents (wall-clock, and this
-process's CPU seconds), the largest weight difference between sweep and full passes, and
+process's CPU seconds), the largest weight difference between sweep and full passes,
+with `--phases` where the sweep's time goes (the first pass, the block passes, the moments
+gathered inside them, the selection, the advance, the refit, in forward passes too), and
 on a GPU the peak memory (the benchmark's model and the prune's copy included: `model_gib`
 is one of them). `--baseline-src DIR` also times the dgmr source tree DIR (an older
 checkout) in a subprocess, the same way. `--tiny` shrinks every model (depth 2, 56 px) to
@@ -34,7 +36,9 @@ try the script on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import time
 import warnings
@@ -45,6 +49,7 @@ from torch import nn
 
 import dgmr
 from dgmr.models.families import family_of
+from dgmr.prune.calibration import cut, moments, refit, runner, sweep
 
 METHODS = {
     "plain": dict(criterion="diversity"),
@@ -191,6 +196,53 @@ def forward_seconds(model: nn.Module, images: torch.Tensor, device: torch.device
         return clock.read()
 
 
+# where the sweep's time goes (docs/calibration.md, "Cost"): phase -> (owner, attribute) timed
+# around every call; the moments are gathered by hooks inside the block passes
+PHASES = {
+    "first_pass": (runner.Runner, "forward_order"),
+    "block_passes": (sweep.Walker, "run"),
+    "moments": (moments.Moments, "add"),
+    "advance": (sweep.Walker, "advance"),
+    "selection": (cut, "select_neurons"),
+    "refit": (refit, "refit_down"),
+}
+
+
+@contextlib.contextmanager
+def timed_phases(device: torch.device, spent: dict[str, float]):
+    """Adds into ``spent`` the wall-clock seconds of each of :data:`PHASES` while inside
+    (the CUDA stream synchronised around every call, so that a phase is charged its own work)."""
+    saved = []
+    for key, (owner, attr) in PHASES.items():
+        fn = getattr(owner, attr)
+        saved.append((owner, attr, fn))
+
+        def timed(*args: Any, fn=fn, key=key, **kwargs: Any) -> Any:
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(device)
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+
+        setattr(owner, attr, functools.wraps(fn)(timed))
+    try:
+        yield spent
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+def phase_row(spent: dict[str, float], total: float, forward: float) -> dict[str, float]:
+    """The phases in forward passes: the block passes without the moments gathered inside
+    them, and ``rest`` for what no phase covers."""
+    out = {k: spent.get(k, 0.0) for k in PHASES}
+    out["block_passes"] -= out["moments"]
+    out["rest"] = total - sum(out.values())
+    return {k: round(v / forward, 3) for k, v in out.items()}
+
+
 def timed_prune(model: nn.Module, images: torch.Tensor, device: torch.device,
                 **kw: Any) -> tuple[nn.Module, tuple[float, float], int]:
     """(pruned copy, (wall, CPU) seconds, peak GPU bytes or 0) of a calibrated prune at mlp_ratio=1
@@ -218,9 +270,10 @@ def measure(model: nn.Module, images: torch.Tensor, device: torch.device,
     (name -> prune keywords), in seconds and forward passes (wall and CPU)."""
     forward_seconds(model, images[:2], device)  # warm-up
     fwd = [forward_seconds(model, images, device)]
-    spent, pruned, row = {}, {}, {}
+    spent, pruned, row, phases = {}, {}, {}, {}
     for v, kw in prunes.items():
-        pruned[v], spent[v], peak = timed_prune(model, images, device, **kw)
+        with timed_phases(device, phases.setdefault(v, {})) if kw.pop("phases", False) else contextlib.nullcontext():
+            pruned[v], spent[v], peak = timed_prune(model, images, device, **kw)
         if peak:
             row[f"{v}_peak_gib"] = round(peak / 2**30, 2)
     fwd.append(forward_seconds(model, images, device))
@@ -229,6 +282,8 @@ def measure(model: nn.Module, images: torch.Tensor, device: torch.device,
     for v in prunes:
         row[f"{v}_s"], row[f"{v}_cpu_s"] = round(spent[v][0], 2), round(spent[v][1], 2)
         row[f"{v}_passes"], row[f"{v}_cpu_passes"] = round(spent[v][0] / wall, 2), round(spent[v][1] / cpu, 2)
+        if phases.get(v):
+            row[f"{v}_phases"] = phase_row(phases[v], spent[v][0], wall)
     return row, pruned
 
 
@@ -263,6 +318,8 @@ def run_speed(a: argparse.Namespace) -> list[dict[str, Any]]:
         if device.type == "cuda":
             row["gpu"] = torch.cuda.get_device_name()
         kinds = {"sweep": dict(calibration_sweep=True), "full": dict(calibration_sweep=False), "plain": dict(plain=True)}
+        if a.phases:
+            kinds["sweep"]["phases"] = True
         found, pruned = measure(model, images, device, {v: dict(kinds[v]) for v in variants})
         row.update(found)
         if "sweep" in pruned and "full" in pruned:
@@ -279,6 +336,9 @@ def run_speed(a: argparse.Namespace) -> list[dict[str, Any]]:
         if "max_rel_weight_diff" in row:
             cols.append(f"max weight diff {row['max_rel_weight_diff']:.1e}")
         print(f"{name:8s} depth {row['depth']:2d}  forward {row['forward_s']:.3f} s  " + "  ".join(cols), flush=True)
+        if "sweep_phases" in row:
+            print(f"{'':8s} sweep phases in passes: "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in row["sweep_phases"].items()), flush=True)
     return rows
 
 
@@ -305,6 +365,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64, help="with --speed: calibration images (and the forward's)")
     p.add_argument("--threads", type=int, help="with --speed: CPU threads of torch and of scipy's BLAS (default: theirs)")
     p.add_argument("--baseline-src", help="with --speed: also time the dgmr source tree at this path (its src/)")
+    p.add_argument("--phases", action="store_true",
+                   help="with --speed: break the sweep's time into its phases (first pass, block passes, moments, ...)")
     p.add_argument("--speed-worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:  # torch's and the BLAS's under scipy (geqp3 selects there): idle BLAS threads spin on a busy machine

@@ -121,7 +121,9 @@ def run_distill(teacher, student, data: Path, args, compile_mode: str, attention
                     log_every=args.log_every, save_every=0, workers=args.workers, lr=1e-5, progress=False,
                     device=args.device, tensorboard=False, compile=compile_mode, attention=attention)
         wall = time.perf_counter() - t0
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        # the training steps' rows (step 0's row holds only the val_loss before training)
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = [row for row in logged if "images_per_s" in row]
 
     def rate(skip: int) -> float:
         return (rows[-1]["images"] - rows[skip - 1]["images"]) / (rows[-1]["time"] - rows[skip - 1]["time"])

@@ -29,7 +29,7 @@ $PY benchmarks/distill_throughput.py --device "$DEV" --model "$MODEL" --batch-si
   --images "$IMAGES" --epochs 3 --workers "$WORKERS" --step-variants "$STEPS" --distill-variants "$RUNS" \
   --deadline-s "${DEADLINE:-1e9}" --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.log"
 [ "${SKIP_CALIBRATION:-0}" = 1 ] || \
-$PY benchmarks/calibration.py --speed --device "$DEV" --models "$CAL_MODELS" $CAL_ARGS --json "$OUT/calibration.json" 2>&1 \
+$PY benchmarks/calibration.py --speed --phases --device "$DEV" --models "$CAL_MODELS" $CAL_ARGS --json "$OUT/calibration.json" 2>&1 \
   | tee "$OUT/calibration.log"
 [ "${SKIP_HEADS:-0}" = 1 ] || \
 $PY benchmarks/heads.py --models none --eva $([ "$DEV" = cuda ] && echo --throughput) --json "$OUT/heads.json" 2>&1 \
