@@ -158,6 +158,37 @@ def test_old_layout_still_loads():
     assert read_config(FIXTURES / "old_layout_timm")["widths"] == {"blocks.0.mlp": 16}
 
 
+def test_a_resumed_run_an_older_dgmr_exported_leaves_no_old_layout_files(tmp_path):
+    """A run whose student an older dgmr exported (its record in config.json, the kept indices
+    and timm_config.json at the top, transformers files in hf/), resumed and exported again,
+    is the library's folder again: the old files are gone, the new ones in place."""
+    from dgmr.distill import distill
+    from dgmr.models.artifact import legacy_leftovers
+
+    from helpers import tiny_run_inputs
+
+    inputs = tiny_run_inputs(tmp_path / "in", 4)
+    run = tmp_path / "run"
+    kw = dict(steps=2, batch_size=4, lr=1e-3, log_every=1, save_every=1, workers=0, progress=False, device="cpu",
+              tensorboard=False)
+    distill(str(inputs["teacher"]), str(inputs["student"]), str(inputs["images"]), run, **kw)
+    for name in ("dgmr.json", "config.json", "README.md"):  # as the older dgmr left it: no current-layout export
+        (run / name).unlink(missing_ok=True)
+    shutil.rmtree(run / "dgmr")
+    for name in ("config.json", "kept_indices.safetensors", "timm_config.json"):
+        shutil.copyfile(FIXTURES / "old_layout_timm" / name, run / name)
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    assert sorted(p.name for p in legacy_leftovers(run)) == ["config.json", "hf", "kept_indices.safetensors",
+                                                              "timm_config.json"]
+    distill(None, None, None, run, resume=True, progress=False)
+    assert legacy_leftovers(run) == []
+    assert not any((run / n).exists() for n in ("hf", "kept_indices.safetensors", "timm_config.json"))
+    assert read_config(run)["format"] == "dgmr" and (run / "dgmr" / "kept_indices.safetensors").is_file()
+    assert json.loads((run / "config.json").read_text()).get("format") != "dgmr"  # timm's hub config now
+    assert dgmr.load(run)(torch.randn(1, 3, 32, 32)).shape[0] == 1
+
+
 def test_old_layout_card_and_eval_preprocess_warns(tmp_path, cli):
     """`dgmr card` renders a card for an old directory; dgmr eval warns that it saved no preprocessing."""
     from dgmr.evaluate.settings import FeatureSettings

@@ -32,7 +32,7 @@ from ..io import schema
 from ..io.output import (atomic_path, check_output_dir, output_lock, refuse_overlap, remove_stale_temps,
                          storage_error, sync_dir)
 from ..io.schema import metrics_row
-from ..models.artifact import CONFIG, copy_kept_indices, save
+from ..models.artifact import CONFIG, copy_kept_indices, legacy_leftovers, save
 from ..models.families import family_of
 from ..models.open import model_path
 from ..models.sources import Source, is_dgmr_dir
@@ -393,5 +393,10 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
             shutil.rmtree(dst)
         os.replace(tmp / name, dst)
     tmp.rmdir()
+    for stale in legacy_leftovers(out):  # an older dgmr's export of this run, resumed: its files would mislead
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     sync_dir(out)
     return config

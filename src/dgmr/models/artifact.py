@@ -42,7 +42,7 @@ from .card import CARD, render_card
 from .cost import count_flops
 from .families import Family, apply_heads, apply_widths, family_of, get_family
 from .record import PruneRecord
-from .sources import LEGACY_RECORD, RECORD, Source, build_model, dgmr_record_file
+from .sources import LEGACY_RECORD, RECORD, Source, build_model, dgmr_record_file, is_record_file
 
 INDICES = "dgmr/kept_indices.safetensors"
 LEGACY_INDICES = "kept_indices.safetensors"  # at the top, in directories older dgmr versions wrote
@@ -93,6 +93,22 @@ def head_counts(model: nn.Module, family: Family) -> dict[str, int]:
     the model has no attention dgmr knows), whether or not this save's record cut heads (a
     distilled student is saved without one)."""
     return {s.name: s.heads for s in family.attention(model)}
+
+
+# what only the old layout wrote at the top of a directory (besides its record in config.json)
+LEGACY_ONLY = (LEGACY_INDICES, "timm_config.json", "hf")
+
+
+def legacy_leftovers(path: str | os.PathLike) -> list[Path]:
+    """The old layout's entries in ``path`` that the current one never writes there, and an
+    old record in config.json: stale once a current-layout model is written over them (a
+    distillation run an older dgmr exported, resumed and exported again), and misleading to
+    a library that opens the folder (timm's ``local-dir:`` reads config.json)."""
+    p = Path(path)
+    found = [p / name for name in LEGACY_ONLY if (p / name).exists() or (p / name).is_symlink()]
+    if is_record_file(p / LEGACY_RECORD):  # dgmr's record belongs in dgmr.json now; config.json is the library's
+        found.append(p / LEGACY_RECORD)
+    return found
 
 
 def kept_indices_file(path: str | os.PathLike) -> Path | None:

@@ -55,16 +55,18 @@ def dgmr_record_file(path: str | os.PathLike) -> Path | None:
     """The file holding dgmr's record in ``path`` (dgmr.json, or an old layout's config.json),
     or None when ``path`` is not a dgmr directory."""
     p = Path(path)
-    for name in (RECORD, LEGACY_RECORD):
-        if not (p / name).is_file():
-            continue
-        try:
-            cfg = read_json_file(p / name, "config")
-        except DgmrError:  # unreadable, too large, not JSON: not a dgmr record
-            continue
-        if isinstance(cfg, dict) and cfg.get("format") == "dgmr":
-            return p / name
-    return None
+    return next((p / name for name in (RECORD, LEGACY_RECORD) if is_record_file(p / name)), None)
+
+
+def is_record_file(file: Path) -> bool:
+    """Whether ``file`` is a JSON file holding dgmr's record (its ``format`` is ``dgmr``)."""
+    if not file.is_file():
+        return False
+    try:
+        cfg = read_json_file(file, "config")
+    except DgmrError:  # unreadable, too large, not JSON: not a dgmr record
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") == "dgmr"
 
 
 def is_dgmr_dir(path: str | os.PathLike) -> bool:
