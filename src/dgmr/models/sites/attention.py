@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from ...core.errors import DgmrError
 from ...core.registry import Registry
 from .head_modules import HeadAttention, head_attention_from, retype_beit, retype_eva
 from .slicing import norm_tensors, sliceable_norm, take, take_cols, take_norm
+from .walk import find_sites
 
 # a row tensor's layout: which blocks of the attention width it stacks along dim 0 (q, k, v,
 # g for a gate): "qkv" for a fused projection, "q" for a q projection or a q bias alone
@@ -313,40 +314,16 @@ def _generic(path: str, m: nn.Module) -> AttentionSite | None:
     return _site(path, m, "generic", heads, hd, proj=proj, width_attrs=width_attrs)
 
 
-def _walk(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module | None, str]]:
-    """(path, module, parent, attribute) of every module under ``root``."""
-    stack: list[tuple[str, nn.Module, nn.Module | None, str]] = [(prefix, root, None, "")]
-    while stack:
-        path, m, parent, attr = stack.pop()
-        yield path, m, parent, attr
-        stack.extend(reversed([(f"{path}.{n}" if path else n, c, m, n) for n, c in m.named_children()]))
-
-
 def find_attention(root: nn.Module, exclude: re.Pattern | None = None, prefix: str = "") -> list[AttentionSite]:
     """All attention layers under ``root`` (names relative to the model when ``prefix`` is
     its path); [] when there is none. Registered kinds first (a user's before the built-ins);
     the generic fallback, not a registry entry, only when no registered kind matched anything.
     Modules whose path matches ``exclude`` (pooling heads) are skipped with everything below."""
-
-    def collect(kinds: list[AttentionKind]) -> list[AttentionSite]:
-        sites: list[AttentionSite] = []
-        skip: list[str] = []
-        for path, m, parent, attr in _walk(root, prefix):
-            if any(path == s or path.startswith(s + ".") for s in skip):
-                continue
-            if exclude is not None and path and exclude.search(path):
-                skip.append(path)
-                continue
-            for kind in kinds:
-                site = kind(path, m)
-                if site is not None:
-                    site.parent, site.attr = parent, attr
-                    sites.append(site)
-                    skip.append(path)
-                    break
-        return sites
-
-    return collect(list(ATTENTION_KINDS.values())) or collect([_generic])
+    sites = []
+    for site, parent, attr in find_sites(root, list(ATTENTION_KINDS.values()), _generic, exclude, prefix):
+        site.parent, site.attr = parent, attr
+        sites.append(site)
+    return sites
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from ...core.errors import DgmrError
 from ...core.registry import Registry
 from .slicing import Proj, norm_tensors, per_channel_groups, sliceable_norm, take_cols, take_norm, take_rows
+from .walk import find_sites, walk
 
 
 def in_dim(m: Proj) -> int:
@@ -208,12 +209,6 @@ def _generic_pair(path: str, m: nn.Module) -> MlpSite | None:
     return MlpSite(path, m, "generic", a, b)
 
 
-def _walk(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    yield prefix, root
-    for name, child in root.named_children():
-        yield from _walk(child, f"{prefix}.{name}" if prefix else name)
-
-
 def find_mlps(root: nn.Module, exclude: re.Pattern | None = None, prefix: str = "") -> list[MlpSite]:
     """All MLPs under ``root`` (names relative to the model when ``prefix`` is its path).
 
@@ -222,28 +217,10 @@ def find_mlps(root: nn.Module, exclude: re.Pattern | None = None, prefix: str = 
     registered kind matched anything. Modules whose path matches ``exclude``
     (pooling heads, say) are skipped with everything below them.
     """
-
-    def collect(kinds: list[MlpKind]) -> list[MlpSite]:
-        sites: list[MlpSite] = []
-        skip: list[str] = []
-        for path, m in _walk(root, prefix):
-            if any(path == s or path.startswith(s + ".") for s in skip):
-                continue
-            if exclude is not None and path and exclude.search(path):
-                skip.append(path)
-                continue
-            for kind in kinds:
-                site = kind(path, m)
-                if site is not None:
-                    sites.append(site)
-                    skip.append(path)
-                    break
-        return sites
-
-    sites = collect(list(MLP_KINDS.values())) or collect([_generic_pair])
+    sites = [site for site, _, _ in find_sites(root, list(MLP_KINDS.values()), _generic_pair, exclude, prefix)]
     if not sites:
         found = [f"{p or '<root>'} ({type(m).__name__}: {sum(isinstance(c, nn.Linear) for c in m.children())} Linear)"
-                 for p, m in _walk(root, prefix) if any(isinstance(c, nn.Linear) for c in m.children())]
+                 for p, m, _, _ in walk(root, prefix) if any(isinstance(c, nn.Linear) for c in m.children())]
         listing = "; ".join(found[:12]) + (f"; ... {len(found) - 12} more" if len(found) > 12 else "")
         raise DgmrError(f"no MLP found in {type(root).__name__} (known kinds: {', '.join(MLP_KINDS)}, generic "
                         f"Linear->act->Linear named mlp/ffn); modules holding Linear layers: {listing or 'none'}")
