@@ -49,7 +49,6 @@ from torch import nn
 
 import dgmr
 from dgmr.models.families import family_of
-from dgmr.prune.calibration import cut, moments, refit, runner, sweep
 
 METHODS = {
     "plain": dict(criterion="diversity"),
@@ -196,24 +195,23 @@ def forward_seconds(model: nn.Module, images: torch.Tensor, device: torch.device
         return clock.read()
 
 
-# where the sweep's time goes (docs/calibration.md, "Cost"): phase -> (owner, attribute) timed
-# around every call; the moments are gathered by hooks inside the block passes
-PHASES = {
-    "first_pass": (runner.Runner, "forward_order"),
-    "block_passes": (sweep.Walker, "run"),
-    "moments": (moments.Moments, "add"),
-    "advance": (sweep.Walker, "advance"),
-    "selection": (cut, "select_neurons"),
-    "refit": (refit, "refit_down"),
-}
+def phase_targets() -> dict[str, tuple[Any, str]]:
+    """Where the sweep's time goes (docs/calibration.md, "Cost"): phase -> (owner, attribute)
+    timed around every call; the moments are gathered by hooks inside the block passes.
+    (Imported here: an older source tree timed with --baseline-src has no sweep.)"""
+    from dgmr.prune.calibration import cut, moments, refit, runner, sweep
+
+    return {"first_pass": (runner.Runner, "forward_order"), "block_passes": (sweep.Walker, "run"),
+            "moments": (moments.Moments, "add"), "advance": (sweep.Walker, "advance"),
+            "selection": (cut, "select_neurons"), "refit": (refit, "refit_down")}
 
 
 @contextlib.contextmanager
 def timed_phases(device: torch.device, spent: dict[str, float]):
-    """Adds into ``spent`` the wall-clock seconds of each of :data:`PHASES` while inside
+    """Adds into ``spent`` the wall-clock seconds of each of :func:`phase_targets` while inside
     (the CUDA stream synchronised around every call, so that a phase is charged its own work)."""
     saved = []
-    for key, (owner, attr) in PHASES.items():
+    for key, (owner, attr) in phase_targets().items():
         fn = getattr(owner, attr)
         saved.append((owner, attr, fn))
 
@@ -237,7 +235,7 @@ def timed_phases(device: torch.device, spent: dict[str, float]):
 def phase_row(spent: dict[str, float], total: float, forward: float) -> dict[str, float]:
     """The phases in forward passes: the block passes without the moments gathered inside
     them, and ``rest`` for what no phase covers."""
-    out = {k: spent.get(k, 0.0) for k in PHASES}
+    out = {k: spent.get(k, 0.0) for k in phase_targets()}
     out["block_passes"] -= out["moments"]
     out["rest"] = total - sum(out.values())
     return {k: round(v / forward, 3) for k, v in out.items()}
