@@ -140,7 +140,7 @@ def test_demo_checks_say_when_a_promise_is_broken():
     bad = [row("diversity+comp", {}, 0.97, 0.965, 1.2), row("diversity", None, 0.94, 0.94, 1.0)]
     checks = demo_checks({"students": bad})
     assert [c["ok"] for c in checks] == [False, False, False]
-    assert "1.200" in checks[0]["figure"] and "-0.5 point" in checks[1]["figure"]
+    assert "1.200" in checks[0]["figure"] and "-0.50 point" in checks[1]["figure"]
     # with the teacher: a student starting above it may end at it; a heads student of <= 35% of the
     # params is held to 1 point of it
     teacher = {"knn_top1": 0.97, "params": 100}
