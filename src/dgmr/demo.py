@@ -535,7 +535,7 @@ def demo_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"check": f"no calibrated student ends more than {100 * KNN_DROP:g} point kNN below its start "
                                 "(or the teacher's, where it starts above it)",
                        "ok": d <= KNN_DROP + 1e-9,
-                       "figure": f"worst kNN change: {-100 * d:+.2f} point ({drop['method']} {cut_of(drop)} "
+                       "figure": f"worst kNN change: {0.0 - 100 * d:+.2f} point ({drop['method']} {cut_of(drop)} "
                                  f"seed {drop['seed']})"})
     small = [r for r in cal if teacher and r.get("heads_kept_fraction", 1.0) < 1
              and r["params"] <= HEADS_SIZE * teacher["params"]]

@@ -30,7 +30,7 @@ from ..core.errors import DgmrError
 from ..data.unlabeled import DataSource, data_paths
 from ..io import schema
 from ..io.output import (atomic_path, check_output_dir, output_lock, refuse_overlap, remove_stale_temps,
-                         storage_error, sync_dir)
+                         storage_error, sync_dir, temp_name)
 from ..io.schema import metrics_row
 from ..models.artifact import CONFIG, copy_kept_indices, legacy_leftovers, save
 from ..models.families import family_of
@@ -393,10 +393,23 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
             shutil.rmtree(dst)
         os.replace(tmp / name, dst)
     tmp.rmdir()
-    for stale in legacy_leftovers(out):  # an older dgmr's export of this run, resumed: its files would mislead
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
+    _remove_leftovers(out)
     sync_dir(out)
     return config
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove an older dgmr's export of this run (resumed and exported again): its files would
+    mislead a library opening the folder. Each is first renamed to a temporary name, so that a
+    kill mid-removal leaves no half-deleted ``hf/`` where it is looked for (the next resume
+    removes the rest: :func:`~dgmr.io.output.remove_stale_temps`)."""
+    try:
+        for stale in legacy_leftovers(out):
+            gone = temp_name(stale, suffix=False)
+            os.replace(stale, gone)
+            if gone.is_dir() and not gone.is_symlink():
+                shutil.rmtree(gone)
+            else:
+                gone.unlink()
+    except OSError as e:
+        raise storage_error(out, e, "the old layout's files in") from None

@@ -1,4 +1,4 @@
-"""Finding the sites of one kind in a model: every module, in forward-definition order,
+"""Finding the sites of one kind in a model: every module, in module-registration order,
 tried against the registered kinds of that site (a user's before the built-ins), the generic
 fallback only when no registered kind matched anything. The MLP and attention finders
 (:func:`~dgmr.models.sites.mlp.find_mlps`, :func:`~dgmr.models.sites.attention.find_attention`)
