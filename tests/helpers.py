@@ -131,12 +131,26 @@ def tiny_teacher_student(root: Path, **model_kwargs) -> tuple[Path, Path]:
     return root / "teacher", root / "student"
 
 
+def _run_inputs(root: Path) -> dict[str, Path]:
+    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+
+
 def tiny_run_inputs(root: Path, per_class: int = 4) -> dict[str, Path]:
     """What a tiny distillation run reads: :func:`tiny_teacher_student` plus 2 x ``per_class``
     noise images (36 px) under ``root/images``."""
     tiny_teacher_student(root)
     image_folder(root / "images", ["a", "b"], per_class, style="noise", size=(36, 36))
-    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+    return _run_inputs(root)
+
+
+def varied_run_inputs(root: Path) -> dict[str, Path]:
+    """:func:`tiny_teacher_student` plus 24 smooth random images (low-frequency noise
+    upsampled) of various sizes, in ImageFolder-style nesting whose labels a distillation
+    ignores: 000.png in dog/, 001.png in cat/, ..."""
+    tiny_teacher_student(root)
+    image_folder(root / "images", ["dog", "cat"], 12, style="noise", cells=(5, 6), interleave=True,
+                 size=lambda i: (40 + i % 3 * 8, 36 + i % 4 * 6), name="{i:03d}.png")
+    return _run_inputs(root)
 
 
 class MeanColor(nn.Module):

@@ -21,7 +21,7 @@ from dgmr.data.unlabeled import TrainTransform, sample_generator
 from dgmr.distill import DistillSettings, distill, feature_loss, load_checkpoint, lr_at, wd_at
 from dgmr.models.sources import build_model, parse_spec
 
-from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, run_cli, tiny_teacher_student
+from helpers import TINY_VIT_KWARGS, TINY_VIT_SPEC, image_folder, run_cli, tiny_teacher_student, varied_run_inputs
 
 TINY = TINY_VIT_KWARGS
 SPEC = TINY_VIT_SPEC
@@ -34,17 +34,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random-init teacher saved unpruned, its r=1 student, and 24 images + 2 corrupt + 1 non-image."""
-    root = tmp_path_factory.mktemp("distill")
-    tiny_teacher_student(root)
-    # smooth random images (low-frequency noise upsampled), various sizes, in ImageFolder-style
-    # nesting (the labels are ignored): 000.png in dog/, 001.png in cat/, ...
-    image_folder(root / "images", ["dog", "cat"], 12, style="noise", cells=(5, 6), interleave=True,
-                 size=lambda i: (40 + i % 3 * 8, 36 + i % 4 * 6), name="{i:03d}.png")
+    inputs = varied_run_inputs(tmp_path_factory.mktemp("distill"))
+    root = inputs["root"]
     (root / "images" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     good = (root / "images" / "cat" / "001.png").read_bytes()
     (root / "images" / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "images" / "README.txt").write_text("not an image")
-    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+    return inputs
 
 
 class _Stop(Exception):

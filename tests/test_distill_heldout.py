@@ -18,18 +18,14 @@ from dgmr.distill.rundir import MetricsLog
 from dgmr.distill.settings import DistillSettings
 from dgmr.distill.validation import ValLoss
 
-from helpers import image_folder, run_cli, tiny_teacher_student
+from helpers import run_cli, varied_run_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("heldout")
-    tiny_teacher_student(root)
-    image_folder(root / "images", ["dog", "cat"], 12, style="noise", cells=(5, 6), interleave=True,
-                 size=lambda i: (40 + i % 3 * 8, 36 + i % 4 * 6), name="{i:03d}.png")
-    return {"root": root, "teacher": root / "teacher", "student": root / "student", "images": root / "images"}
+    return varied_run_inputs(tmp_path_factory.mktemp("heldout"))
 
 
 def _args(tiny) -> list[str]:
