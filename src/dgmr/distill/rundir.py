@@ -29,8 +29,8 @@ from ..core import dist as D
 from ..core.errors import DgmrError
 from ..data.unlabeled import DataSource, data_paths
 from ..io import schema
-from ..io.output import (atomic_path, check_output_dir, output_lock, refuse_overlap, remove_stale_temps,
-                         storage_error, sync_dir, temp_name)
+from ..io.output import (atomic_path, check_output_dir, discard, output_lock, refuse_overlap, remove_stale_temps,
+                         storage_error, sync_dir)
 from ..io.schema import metrics_row
 from ..models.artifact import CONFIG, copy_kept_indices, legacy_leftovers, save
 from ..models.families import family_of
@@ -389,27 +389,14 @@ def export_student(student: nn.Module, out: Path, src: Source | None, student_cf
     names = sorted(p.name for p in tmp.iterdir() if p.name != CONFIG) + [CONFIG]
     for name in names:
         dst = out / name
-        if dst.is_dir() and not dst.is_symlink():
-            shutil.rmtree(dst)
+        if dst.is_dir() and not dst.is_symlink():  # a folder cannot be replaced in one rename
+            discard(dst)
         os.replace(tmp / name, dst)
     tmp.rmdir()
-    _remove_leftovers(out)
-    sync_dir(out)
-    return config
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Remove an older dgmr's export of this run (resumed and exported again): its files would
-    mislead a library opening the folder. Each is first renamed to a temporary name, so that a
-    kill mid-removal leaves no half-deleted ``hf/`` where it is looked for (the next resume
-    removes the rest: :func:`~dgmr.io.output.remove_stale_temps`)."""
-    try:
+    try:  # an older dgmr's export of this run, resumed: its files would mislead a library opening the folder
         for stale in legacy_leftovers(out):
-            gone = temp_name(stale, suffix=False)
-            os.replace(stale, gone)
-            if gone.is_dir() and not gone.is_symlink():
-                shutil.rmtree(gone)
-            else:
-                gone.unlink()
+            discard(stale)
     except OSError as e:
         raise storage_error(out, e, "the old layout's files in") from None
+    sync_dir(out)
+    return config

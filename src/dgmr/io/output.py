@@ -403,6 +403,15 @@ def _unlink(p: Path) -> None:
             p.unlink()
 
 
+def discard(path: str | os.PathLike) -> None:
+    """Remove a file, link or folder without leaving half of it at its name: it is renamed to
+    a temporary name first, so a kill during the removal leaves only that name, which
+    :func:`remove_stale_temps` removes later. The rename's OSError is raised."""
+    gone = temp_name(path, suffix=False)
+    os.replace(path, gone)
+    _unlink(gone)
+
+
 # ---------------------------------------------------------------------------------------
 # atomic files and directories
 
